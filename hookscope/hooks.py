@@ -1,0 +1,259 @@
+"""Hook registration with guaranteed removal.
+
+A call plans, per :class:`~hookscope.addresses.Slot`, which user hooks run there, whether
+the value is cached, stashed (for a derived site) or needs its gradient. Slots are grouped
+by the module event they live on (one module's output, or its input), and each group gets
+exactly one torch hook, so a full cache of a 6-layer model costs a few dozen Python calls.
+:func:`installed` registers those hooks and removes exactly them (and nothing of the
+user's) when its block ends, however it ends: a hook that raises, a forward that raises,
+a KeyboardInterrupt.
+
+At an event the module tensor ``T`` is viewed as each slot's tensor; a user hook receives
+that view (or the view of one head/neuron) and may return a replacement. The first
+replacement clones ``T`` so values cached earlier keep what the forward actually saw, then
+writes through the view, so only the addressed head or neuron changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+from torch import Tensor, nn
+
+from hookscope.adapters.base import Tap, output_tensor, submodule
+from hookscope.addresses import _SLOT_ORDER, Address, Slot
+from hookscope.errors import HookError
+
+__all__ = ["HookFn", "SlotPlan", "Run", "installed"]
+
+HookFn = Callable[[Tensor, Address], "Tensor | None"]
+
+
+@dataclass
+class SlotPlan:
+    """What happens at one slot during a forward pass."""
+
+    slot: Slot
+    tap: Tap
+    axis: int = -1
+    hooks: list[tuple[Address, int | None, HookFn]] = field(default_factory=list)
+    record: bool = False
+    stash: bool = False
+    grad: bool = False
+    w_o: Callable[[], tuple[Tensor, Tensor | None]] | None = None  # for 'result'
+    n_heads: int = 0
+
+
+@dataclass
+class Run:
+    """Per-call state: cached values, stashed values for derived sites, gradients."""
+
+    acts: dict[Slot, Tensor] = field(default_factory=dict)
+    stash: dict[Slot, Tensor] = field(default_factory=dict)
+    detach: bool = True
+    #: (plan, tensor the forward used) pairs whose gradients :meth:`gradients` computes
+    grad_targets: list[tuple[SlotPlan, Tensor]] = field(default_factory=list)
+
+    def gradients(self, value: Tensor) -> dict[Slot, Tensor]:
+        """d value / d slot for every slot planned with ``grad``; no parameter .grad is touched."""
+        tensors: list[Tensor] = []
+        where: dict[int, int] = {}
+        for _, t in self.grad_targets:
+            if id(t) not in where:
+                where[id(t)] = len(tensors)
+                tensors.append(t)
+        found = torch.autograd.grad(value, tensors, allow_unused=True) if tensors else ()
+        grads: dict[Slot, Tensor] = {}
+        for plan, t in self.grad_targets:
+            g = found[where[id(t)]]
+            g = torch.zeros_like(t) if g is None else g
+            view = plan.tap.view if plan.tap.special == "" and plan.tap.view is not None else _identity
+            grads[plan.slot] = view(g).detach()
+        return grads
+
+
+class _Event:
+    """The tensor at one module event; cloned on the first write."""
+
+    __slots__ = ("tensor", "changed")
+
+    def __init__(self, tensor: Tensor):
+        self.tensor = tensor
+        self.changed = False
+
+    def writable(self) -> Tensor:
+        if not self.changed:
+            self.tensor = self.tensor.clone()
+            self.changed = True
+        return self.tensor
+
+
+def _identity(t: Tensor) -> Tensor:
+    return t
+
+
+def _check_replacement(ret: object, act: Tensor, address: Address) -> Tensor:
+    if not isinstance(ret, Tensor):
+        raise HookError(
+            f"hook on {address} returned {type(ret).__name__}; return a tensor of shape "
+            f"{tuple(act.shape)} to replace the activation, or None to leave it"
+        )
+    if ret.shape != act.shape:
+        raise HookError(
+            f"hook on {address} returned shape {tuple(ret.shape)} but the activation has shape {tuple(act.shape)}"
+        )
+    return ret
+
+
+def _run_hooks(plan: SlotPlan, ev: _Event, view: Callable[[Tensor], Tensor]) -> None:
+    for address, pos, fn in plan.hooks:
+        whole = view(ev.tensor)
+        act = whole if pos is None else whole.select(plan.axis, pos)
+        ret = fn(act, address)
+        if ret is None or ret is act:
+            continue
+        ret = _check_replacement(ret, act, address)
+        whole = view(ev.writable())
+        target = whole if pos is None else whole.select(plan.axis, pos)
+        target.copy_(ret)
+
+
+def _record(plan: SlotPlan, ev: _Event, run: Run, view: Callable[[Tensor], Tensor]) -> None:
+    if not (plan.record or plan.stash):
+        return
+    value = view(ev.tensor)
+    if plan.stash:
+        run.stash[plan.slot] = value
+    if plan.record:
+        if plan.tap.clone_on_record:
+            value = value.clone()
+        run.acts[plan.slot] = value.detach() if run.detach else value
+
+
+def _process_plain(plan: SlotPlan, ev: _Event, run: Run, args: tuple) -> None:
+    view = plan.tap.view or _identity
+    _run_hooks(plan, ev, view)
+    _record(plan, ev, run, view)
+
+
+def _process_resid_mid(plan: SlotPlan, ev: _Event, run: Run, args: tuple) -> None:
+    """resid_mid = attn_out + resid_pre (the block's own addition, hence exact)."""
+    assert plan.tap.stash is not None
+    resid_pre = run.stash[plan.tap.stash]
+    mid = _Event(ev.tensor + resid_pre)
+    original = mid.tensor
+    _run_hooks(plan, mid, _identity)
+    _record(plan, mid, run, _identity)
+    if mid.changed and not torch.equal(mid.tensor, original):
+        ev.tensor = mid.tensor - resid_pre
+        ev.changed = True
+
+
+def _process_result(plan: SlotPlan, ev: _Event, run: Run, args: tuple) -> None:
+    """Per-head results z_h @ W_O[h] from the output projection's input."""
+    assert plan.w_o is not None
+    w, b = plan.w_o()
+    z = args[0].unflatten(-1, (plan.n_heads, -1))
+    res = _Event(torch.einsum("...hd,hdm->...hm", z, w))
+    _run_hooks(plan, res, _identity)
+    _record(plan, res, run, _identity)
+    if res.changed or plan.grad:
+        if plan.grad:
+            _want_grad(res, [plan], run)
+        out = res.tensor.sum(-2)
+        ev.tensor = out + b if b is not None else out
+        ev.changed = True
+
+
+_PROCESS = {"": _process_plain, "pattern": _process_plain, "resid_mid": _process_resid_mid, "result": _process_result}
+
+
+def _want_grad(ev: _Event, plans: list[SlotPlan], run: Run) -> None:
+    if not torch.is_grad_enabled():
+        return
+    if not ev.tensor.requires_grad:  # frozen weights: make this tensor the graph's leaf
+        ev.tensor = ev.tensor.detach().requires_grad_(True)
+        ev.changed = True
+    run.grad_targets += [(plan, ev.tensor) for plan in plans]
+
+
+def _process_group(plans: list[SlotPlan], ev: _Event, run: Run, args: tuple) -> None:
+    for plan in plans:
+        _PROCESS[plan.tap.special](plan, ev, run, args)
+    grads = [p for p in plans if p.grad and p.tap.special != "result"]
+    if grads:
+        _want_grad(ev, grads, run)
+
+
+def _replace_output(output: object, new: Tensor) -> object:
+    if isinstance(output, Tensor):
+        return new
+    if isinstance(output, tuple):
+        return (new, *output[1:])
+    if isinstance(output, list):
+        return [new, *output[1:]]
+    for key, value in output.items():  # type: ignore[attr-defined]  # ModelOutput
+        if isinstance(value, Tensor):
+            output[key] = new  # type: ignore[index]
+            return output
+    raise HookError(f"cannot replace the tensor inside a {type(output).__name__}")
+
+
+def _forward_hook(plans: list[SlotPlan], run: Run, module: nn.Module, args: tuple, output: object):
+    ev = _Event(output_tensor(output))
+    _process_group(plans, ev, run, args)
+    return _replace_output(output, ev.tensor) if ev.changed else None
+
+
+def _pre_hook(plans: list[SlotPlan], run: Run, module: nn.Module, args: tuple, kwargs: dict):
+    tap = plans[0].tap
+    if len(args) > tap.arg:
+        ev = _Event(args[tap.arg])
+    elif tap.kwarg is not None and tap.kwarg in kwargs:
+        ev = _Event(kwargs[tap.kwarg])
+    else:
+        raise HookError(
+            f"{type(module).__name__} was called without its input {tap.kwarg or tap.arg!r}; "
+            f"cannot read {', '.join(str(p.slot.kind) for p in plans)}"
+        )
+    _process_group(plans, ev, run, args)
+    if not ev.changed:
+        return None
+    if len(args) > tap.arg:
+        return (*args[: tap.arg], ev.tensor, *args[tap.arg + 1 :]), kwargs
+    return args, {**kwargs, tap.kwarg: ev.tensor}
+
+
+def _pattern_handler(plans: list[SlotPlan], run: Run, pattern: Tensor) -> Tensor:
+    ev = _Event(pattern)
+    _process_group(plans, ev, run, ())
+    return ev.tensor
+
+
+@contextmanager
+def installed(root: nn.Module, plans: list[SlotPlan], run: Run) -> Iterator[Run]:
+    """Register one torch hook per module event for ``plans``; remove exactly them on exit."""
+    groups: dict[tuple[str, str, int], list[SlotPlan]] = {}
+    for plan in sorted(plans, key=lambda p: (p.slot.layer, _SLOT_ORDER.get(p.slot.kind, 0))):
+        groups.setdefault((plan.tap.module, plan.tap.event, plan.tap.arg), []).append(plan)
+    with ExitStack() as stack:
+        pattern: dict[nn.Module, Callable[[Tensor], Tensor]] = {}
+        for (path, event, _), group in groups.items():
+            module = submodule(root, path)
+            if event == "output":
+                handle = module.register_forward_hook(partial(_forward_hook, group, run))
+            elif event == "input":
+                handle = module.register_forward_pre_hook(partial(_pre_hook, group, run), with_kwargs=True)
+            else:
+                pattern[module] = partial(_pattern_handler, group, run)
+                continue
+            stack.callback(handle.remove)
+        if pattern:
+            from hookscope.adapters.hf_attention import pattern_handlers
+
+            stack.enter_context(pattern_handlers(root, pattern))
+        yield run

@@ -1,0 +1,419 @@
+"""HookedModel: any torch module, its internals named by typed addresses.
+
+>>> model = HookedModel.from_pretrained("EleutherAI/pythia-70m")   # or a local folder
+>>> logits, cache = model.run_with_cache("When Mary and John went to the store")
+>>> cache["resid_post.3"].shape                                   # [batch, pos, d_model]
+>>> model.run_with_hooks(tokens, hooks=[("neuron.2.187", lambda act, address: act * 0)])
+>>> with model.hooks([(Residual(1, "post"), fn)]):
+...     model(tokens)
+>>> vision = HookedModel.wrap(my_cnn)                              # adapter auto-detected
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from hookscope.adapters import make_adapter
+from hookscope.adapters.base import Adapter
+from hookscope.adapters.transformer import TransformerAdapter
+from hookscope.addresses import (
+    KINDS,
+    Address,
+    AttentionHead,
+    Dimensions,
+    MLPNeuron,
+    Selection,
+    Slot,
+    iter_addresses,
+    parse,
+    slot_address,
+)
+from hookscope.cache import ActivationCache, Layout
+from hookscope.errors import (
+    AddressError,
+    InputError,
+    ModelLoadError,
+    format_choices,
+    suggestion,
+)
+from hookscope.hooks import HookFn, Run, SlotPlan, installed
+
+__all__ = ["HookedModel"]
+
+HookSpec = tuple[Any, HookFn]
+#: slot kinds cached when run_with_cache gets names=None (per-head 'result' is opt-in)
+_DEFAULT_EXCLUDED = ("result", "module")
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+class _Dims(Dimensions):
+    def __init__(self, adapter: Adapter):
+        self.adapter = adapter
+        self.n_layers = adapter.n_layers
+
+    def n_heads(self, layer: int, site: str) -> int:
+        self.adapter.check_slot(Slot(site, layer))
+        return self.adapter.n_heads(layer, site)
+
+    def n_neurons(self, layer: int, site: str) -> int:
+        self.adapter.check_slot(Slot(f"neuron_{site}", layer))
+        return self.adapter.n_neurons(layer, site)
+
+
+class HookedModel:
+    """A wrapped model with address-based caching and hooks (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, adapter: Adapter, tokenizer: Any = None):
+        self.model = model
+        self.adapter = adapter
+        self.tokenizer = tokenizer
+        self._dims = _Dims(adapter)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def wrap(cls, module: nn.Module, tokenizer: Any = None, adapter: str = "auto") -> HookedModel:
+        """Wrap any torch module; the adapter is detected from its class or config.
+
+        Unknown architectures get the ``module`` adapter: only ``module:<path>`` addresses.
+        """
+        return cls(module, make_adapter(module, adapter), tokenizer)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        tokenizer: bool = True,
+        adapter: str = "auto",
+        **hf_kwargs: Any,
+    ) -> HookedModel:
+        """Load a Hugging Face model (hub name or local folder) through transformers.
+
+        The model is put in eval mode. ``dtype`` is a torch dtype or one of float32, float16,
+        bfloat16, float64. A folder without tokenizer files gives ``tokenizer=None``.
+        """
+        import transformers
+
+        torch_dtype = _dtype(dtype)
+        try:
+            config = transformers.AutoConfig.from_pretrained(name_or_path, **hf_kwargs)
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(
+                f"could not load a model config from {name_or_path!r}: {err}. Pass a local folder made by "
+                "save_pretrained, or make the Hugging Face hub (or its cache) reachable."
+            ) from None
+        archs = " ".join(getattr(config, "architectures", None) or [])
+        auto = transformers.AutoModelForMaskedLM if "MaskedLM" in archs else transformers.AutoModelForCausalLM
+        try:
+            model = auto.from_pretrained(name_or_path, dtype=torch_dtype, **hf_kwargs)
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(f"could not load weights from {name_or_path!r}: {err}") from None
+        model.eval()
+        if device is not None:
+            model.to(device)
+        tok = None
+        if tokenizer:
+            try:
+                tok = transformers.AutoTokenizer.from_pretrained(name_or_path, **hf_kwargs)
+            except (OSError, ValueError, TypeError):
+                tok = None
+        return cls(model, make_adapter(model, adapter), tok)
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def cfg(self):
+        """Sizes: n_layers, d_model, n_heads, n_kv_heads, d_head, d_mlp, d_vocab."""
+        return self.adapter.dims
+
+    @property
+    def n_layers(self) -> int:
+        return self.adapter.n_layers
+
+    @property
+    def device(self) -> torch.device:
+        p = next(self.model.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        p = next(self.model.parameters(), None)
+        return p.dtype if p is not None else torch.float32
+
+    def __repr__(self) -> str:
+        return f"HookedModel({self.adapter.describe()})"
+
+    def addresses(self, kind: str | None = None, *, units: bool = False) -> list[Address]:
+        """Addresses this model exposes, in forward order.
+
+        Layer-level addresses by default (``head.3``, ``neuron.2``, ``resid_post.3``); with
+        ``units=True`` every head and neuron as well. ``kind`` filters by the grammar's first
+        word: embed, resid_pre, resid_mid, resid_post, attn_out, mlp_out, head, neuron, logits.
+        """
+        if kind is not None and kind not in KINDS:
+            raise AddressError(f"unknown kind {kind!r}; choose one of {format_choices(KINDS)}." + suggestion(kind, KINDS))
+        found: list[Address] = []
+        for slot in self._all_slots():
+            base = slot_address(slot)
+            name = str(base).split(".")[0]
+            if kind is not None and name != kind:
+                continue
+            found.append(base)
+            if units and isinstance(base, AttentionHead):
+                n = self.adapter.n_heads(slot.layer, slot.kind)
+                found += [AttentionHead(slot.layer, h, base.site) for h in range(n)]
+            elif units and isinstance(base, MLPNeuron):
+                n = self.adapter.n_neurons(slot.layer, base.site)
+                found += [MLPNeuron(slot.layer, i, base.site) for i in range(n)]
+        return sorted(found)
+
+    def resolve(self, spec: Any) -> list[Address]:
+        """Expand addresses / strings / selections (or a list of them) and check each exists."""
+        return list(iter_addresses(spec, self._dims, allow=self.adapter.check))
+
+    # ------------------------------------------------------------------ tokens
+    def _need_tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            raise InputError("this model has no tokenizer; pass token ids (a LongTensor [batch, pos])")
+        return self.tokenizer
+
+    def _tokenize(self, text: str | Sequence[str]) -> dict[str, Tensor]:
+        tok = self._need_tokenizer()
+        if isinstance(text, str):
+            text = [text]
+        if not text or not all(isinstance(t, str) for t in text):
+            raise InputError("text input must be a string or a non-empty list of strings")
+        pad = tok.pad_token is None
+        if pad:
+            tok.pad_token = tok.eos_token
+        try:
+            enc = tok(list(text), return_tensors="pt", padding=True)
+        finally:
+            if pad:
+                tok.pad_token = None
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def to_tokens(self, text: str | Sequence[str]) -> Tensor:
+        """Token ids [batch, pos] (right-padded when strings differ in length)."""
+        return self._tokenize(text)["input_ids"].to(self.device)
+
+    def to_string(self, tokens: Tensor | Sequence[int]) -> str | list[str]:
+        """Decode ids: [pos] -> str, [batch, pos] -> list of str."""
+        tok = self._need_tokenizer()
+        t = torch.as_tensor(tokens)
+        if t.ndim == 2:
+            return [tok.decode(row) for row in t.tolist()]
+        return tok.decode(t.tolist())
+
+    def to_str_tokens(self, text: str | Tensor) -> list[str]:
+        """Each token of one sequence as a string."""
+        tok = self._need_tokenizer()
+        ids = self.to_tokens(text)[0] if isinstance(text, str) else torch.as_tensor(text).reshape(-1)
+        return [tok.decode([i]) for i in ids.tolist()]
+
+    # ------------------------------------------------------------------ forward
+    def _prepare(self, inputs: Any, kwargs: dict) -> tuple[tuple, dict]:
+        is_hf = hasattr(self.model, "config") and hasattr(self.model.config, "model_type")
+        if isinstance(inputs, (str, list, tuple)) and (isinstance(inputs, str) or all(isinstance(x, str) for x in inputs)):
+            enc = self._tokenize(inputs)
+            kwargs = {**{k: v.to(self.device) for k, v in enc.items()}, **kwargs}
+            inputs = kwargs.pop("input_ids")
+        elif isinstance(inputs, Mapping):
+            kwargs = {**{k: v for k, v in inputs.items() if k != "input_ids"}, **kwargs}
+            if "input_ids" not in inputs:
+                raise InputError(f"a dict input needs 'input_ids'; got keys {sorted(inputs)}")
+            inputs = inputs["input_ids"]
+        if not isinstance(inputs, Tensor):
+            raise InputError(
+                f"model input must be a tensor, a string or a list of strings, got {type(inputs).__name__}"
+            )
+        token_model = isinstance(self.adapter, TransformerAdapter) and self.adapter.spec.token_input
+        if token_model and inputs.ndim == 1:
+            inputs = inputs.unsqueeze(0)
+        self.adapter.check_input(inputs)
+        inputs = inputs.to(self.device)
+        if is_hf:
+            kwargs.setdefault("use_cache", False)
+        return (inputs,), kwargs
+
+    def _forward(self, inputs: Any, kwargs: dict) -> Any:
+        args, kw = self._prepare(inputs, kwargs)
+        out = self.model(*args, **kw)
+        logits = getattr(out, "logits", None)
+        return logits if isinstance(logits, Tensor) else out
+
+    def __call__(self, inputs: Any, **kwargs: Any) -> Any:
+        """Run the model. Language models return logits [batch, pos, vocab]."""
+        return self._forward(inputs, kwargs)
+
+    forward = __call__
+
+    # ------------------------------------------------------------------ planning
+    def _all_slots(self) -> list[Slot]:
+        slots = []
+        for kind in self.adapter.slot_kinds():
+            if kind in ("embed", "logits"):
+                slots.append(Slot(kind))
+            elif kind != "module":
+                slots += [Slot(kind, layer) for layer in range(self.n_layers)]
+        return slots
+
+    def _slots_of(self, item: Address | Selection) -> list[Slot]:
+        if isinstance(item, Address):
+            self.adapter.check(item)
+            return [item.slot]
+        layers = item.layers.values(self.n_layers, "layer")
+        out = []
+        for layer in layers:
+            if item.kind in ("head", "neuron"):
+                kind = item.site if item.kind == "head" else f"neuron_{item.site}"
+                slot = Slot(kind, layer)
+                self.adapter.check_slot(slot)
+                if item.units is not None and not item.units.is_all:
+                    n = self._dims.n_heads(layer, item.site) if item.kind == "head" else self._dims.n_neurons(layer, item.site)
+                    item.units.values(n, item.kind)  # range check
+            else:
+                slot = Slot(item.kind, layer)
+                self.adapter.check_slot(slot)
+            out.append(slot)
+        return out
+
+    def _cache_request(self, names: Any) -> tuple[list[Slot], list[Address | Selection] | None]:
+        if names is None:
+            return [s for s in self._all_slots() if s.kind not in _DEFAULT_EXCLUDED], None
+        specs = [names] if isinstance(names, (str, Address, Selection)) else list(names)
+        requested: list[Address | Selection] = []
+        slots: list[Slot] = []
+        for spec in specs:
+            item = parse(spec)
+            requested.append(item)
+            slots += self._slots_of(item)
+        return list(dict.fromkeys(slots)), requested
+
+    def _plans(self, hooks: Sequence[HookSpec], record: Sequence[Slot] = (), grad: Sequence[Slot] = ()) -> list[SlotPlan]:
+        plans: dict[Slot, SlotPlan] = {}
+
+        def plan_for(slot: Slot) -> SlotPlan:
+            plan = plans.get(slot)
+            if plan is None:
+                tap = self.adapter.tap(slot)
+                plan = SlotPlan(slot, tap)
+                if slot.kind in self.adapter.unit_axes or slot.kind.startswith("neuron_"):
+                    plan.axis = self.adapter.unit_axis(slot)
+                if tap.special == "result":
+                    plan.w_o = lambda layer=slot.layer: self.adapter.w_o(layer)  # type: ignore[attr-defined]
+                    plan.n_heads = int(self.adapter.dims.n_heads)  # type: ignore[arg-type]
+                plans[slot] = plan
+            return plan
+
+        for entry in _check_hooks(hooks):
+            spec, fn = entry
+            for address in iter_addresses(spec, self._dims, allow=self.adapter.check):
+                pos = None if address.index is None else self.adapter.unit_index(address.slot, address.index)
+                plan_for(address.slot).hooks.append((address, pos, fn))
+        for slot in record:
+            plan_for(slot).record = True
+        for slot in grad:
+            plan_for(slot).grad = True
+        for plan in list(plans.values()):
+            if plan.tap.stash is not None:
+                plan_for(plan.tap.stash).stash = True
+        return list(plans.values())
+
+    def _layout(self, slots: Sequence[Slot]) -> Layout:
+        axes, units = {}, {}
+        for s in slots:
+            if s.kind in ("q", "k", "v", "z", "result", "pattern"):
+                axes[s], units[s] = self.adapter.unit_axis(s), self.adapter.n_heads(s.layer, s.kind)
+            elif s.kind.startswith("neuron_"):
+                axes[s], units[s] = self.adapter.unit_axis(s), self.adapter.n_neurons(s.layer, s.kind[7:])
+        group = self.adapter.kv_group if isinstance(self.adapter, TransformerAdapter) else 1
+        return Layout(self.n_layers, axes, units, group)
+
+    # ------------------------------------------------------------------ public runs
+    def run_with_cache(
+        self,
+        inputs: Any,
+        names: Any = None,
+        *,
+        hooks: Sequence[HookSpec] = (),
+        backward: Callable[[Any], Tensor] | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        **kwargs: Any,
+    ) -> tuple[Any, ActivationCache]:
+        """Run once and return ``(output, ActivationCache)`` holding only what ``names`` selects.
+
+        ``names``: an address, a selection string (``"resid_post.*"``, ``"head.*.*"``) or a
+        list; ``None`` caches every layer-level tensor except per-head ``result``. ``hooks``
+        run too (the cache holds values after them). Runs under ``torch.no_grad()`` unless
+        ``backward`` is given: then ``backward(output)`` must be a scalar and the cache's
+        ``.grads`` (and ``cache.grad(address)``) hold its gradient at every cached address.
+        ``device``/``dtype`` move the cache once at the end.
+        """
+        slots, requested = self._cache_request(names)
+        plans = self._plans(hooks, record=slots, grad=slots if backward is not None else ())
+        run = Run()
+        value = None
+        grads = None
+        grad_mode = torch.enable_grad() if backward is not None else torch.no_grad()
+        with grad_mode:
+            with installed(self.model, plans, run):
+                out = self._forward(inputs, kwargs)
+            if backward is not None:
+                value = backward(out)
+                if not isinstance(value, Tensor) or value.numel() != 1:
+                    raise InputError(
+                        f"backward must return a scalar tensor, got "
+                        f"{tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__}"
+                    )
+                grads = run.gradients(value.reshape(()))
+        layout = self._layout(slots)
+        grad_cache = ActivationCache(grads, layout, requested) if grads is not None else None
+        cache = ActivationCache(run.acts, layout, requested, grad_cache, value.detach() if value is not None else None)
+        if device is not None or dtype is not None:
+            cache = cache.to(device, dtype)
+        if isinstance(out, Tensor):
+            out = out.detach()
+        return out, cache
+
+    def run_with_hooks(self, inputs: Any, hooks: Sequence[HookSpec], **kwargs: Any) -> Any:
+        """Run with ``hooks = [(address_or_selection, fn), ...]``; ``fn(activation, address)``
+        may return a replacement of the same shape (or None to leave it). Hooks are removed
+        when the call returns or raises."""
+        with installed(self.model, self._plans(hooks), Run()):
+            return self._forward(inputs, kwargs)
+
+    @contextmanager
+    def hooks(self, hooks: Sequence[HookSpec]) -> Iterator[HookedModel]:
+        """Keep ``hooks`` on the model for the ``with`` block (every call inside uses them)."""
+        with installed(self.model, self._plans(hooks), Run()):
+            yield self
+
+
+def _check_hooks(hooks: Any) -> list[HookSpec]:
+    if isinstance(hooks, tuple) and len(hooks) == 2 and callable(hooks[1]):
+        hooks = [hooks]
+    try:
+        entries = list(hooks)
+    except TypeError:
+        raise InputError(f"hooks must be a list of (address, fn) pairs, got {type(hooks).__name__}") from None
+    for entry in entries:
+        if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and callable(entry[1])):
+            raise InputError(f"each hook must be an (address, fn) pair with a callable fn, got {entry!r}")
+    return entries  # type: ignore[return-value]
+
+
+def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise InputError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}." + suggestion(dtype, _DTYPES))
+    return _DTYPES[dtype]
+
