@@ -557,13 +557,11 @@ def parse(text: str | Address | Selection) -> Address | Selection:
             f"an address must be a string, an Address or a Selection, got {type(text).__name__}"
         )
     raw = text.strip()
-    if raw in ("embed", "logits"):
-        return Embed() if raw == "embed" else Logits()
     if raw.startswith("module:"):
         return Module(raw[len("module:") :])
-    alias = _tl_alias(raw)
-    if alias is not None:
-        raw = alias
+    raw = _tl_alias(raw) or raw
+    if raw in ("embed", "logits"):
+        return Embed() if raw == "embed" else Logits()
     parts = raw.split(".")
     kind = parts[0]
     if kind not in KINDS or kind in ("embed", "logits", "module"):

@@ -1,0 +1,136 @@
+"""Small models built offline with seeded random weights, for tests and benchmarks.
+
+Nothing here touches the network: configs are written out, weights are random under a
+fixed seed, and the tokenizer is a byte-level BPE trained on a few sentences.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+PYTHIA_70M = dict(
+    hidden_size=512,
+    num_hidden_layers=6,
+    num_attention_heads=8,
+    intermediate_size=2048,
+    vocab_size=50304,
+    rotary_pct=0.25,
+    rotary_emb_base=10000,
+    max_position_embeddings=2048,
+    layer_norm_eps=1e-5,
+    use_parallel_residual=True,
+    hidden_act="gelu",
+    tie_word_embeddings=False,
+    bos_token_id=0,
+    eos_token_id=0,
+)
+
+CORPUS = [
+    "When Mary and John went to the store, John gave a drink to Mary.",
+    "When Alice and Bob went to the park, Bob gave a ball to Alice.",
+    "The keys to the cabinet are on the table. The key to the cabinets is on the table.",
+    "Then, Tom and Anna had a long argument, and afterwards Tom said to Anna.",
+    "The quick brown fox jumps over the lazy dog. 0123456789",
+]
+
+
+def make_tokenizer():
+    """A byte-level BPE tokenizer (vocabulary of a few hundred) as a transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+def pythia_like(seed: int = 0, **overrides):
+    """GPT-NeoX with pythia-70m's exact configuration and seeded random weights."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(seed)
+    return GPTNeoXForCausalLM(GPTNeoXConfig(**{**PYTHIA_70M, **overrides})).eval()
+
+
+def save_pythia_like(folder: Path, seed: int = 0) -> Path:
+    """``save_pretrained`` a pythia-70m-shaped model and the test tokenizer into ``folder``."""
+    pythia_like(seed).save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def tiny_gpt2(seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=500, n_positions=64)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_llama_gqa(seed: int = 0):
+    """Llama with grouped-query attention: 4 query heads sharing 2 k/v heads."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=500,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_neox(seed: int = 0, parallel: bool = True):
+    return pythia_like(
+        seed,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        vocab_size=500,
+        use_parallel_residual=parallel,
+    )
+
+
+def tiny_mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16), nn.Tanh(), nn.Linear(16, 10)
+    ).eval()
+
+
+def tiny_cnn(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(4, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(6 * 4 * 4, 20),
+        nn.ReLU(),
+        nn.Linear(20, 10),
+    ).eval()
+
+
+def tiny_vit(seed: int = 0):
+    from hookscope.models import ViT
+
+    torch.manual_seed(seed)
+    return ViT(image_size=8, patch_size=2, in_channels=1, d_model=32, n_layers=2, n_heads=4, d_mlp=64).eval()
