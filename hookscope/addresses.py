@@ -342,7 +342,7 @@ class MLPNeuron(Address):
         return text if self.site == "post" else f"{text}.{self.site}"
 
 
-_MODULE_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
+_MODULE_PATH = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
 
 
 @dataclass(frozen=True, eq=True, repr=False)

@@ -124,11 +124,8 @@ class Adapter:
         raise SiteUnavailableError(self._unavailable(slot.kind))
 
     def tap(self, slot: Slot) -> Tap:
-        if slot.kind == "module":
-            submodule(self.root, slot.path)
-            return Tap(slot.path, "output")
         self.check_slot(slot)
-        return self._tap(slot)
+        return Tap(slot.path) if slot.kind == "module" else self._tap(slot)
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -158,6 +155,9 @@ class Adapter:
         )
 
     def check_slot(self, slot: Slot) -> None:
+        if slot.kind == "module":
+            submodule(self.root, slot.path)
+            return
         if slot.kind not in self.slot_kinds():
             raise SiteUnavailableError(self._unavailable(slot.kind) + self._why_missing(slot.kind))
         if slot.layer >= 0 and slot.layer >= self.n_layers:
@@ -173,9 +173,6 @@ class Adapter:
         """Raise a HookscopeError unless ``address`` names a real tensor of this model."""
         slot = address.slot
         self.check_slot(slot)
-        if slot.kind == "module":
-            submodule(self.root, slot.path)
-            return
         if address.index is None:
             return
         if address.kind == "head":

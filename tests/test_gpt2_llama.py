@@ -1,0 +1,142 @@
+"""GPT-2 and a grouped-query-attention Llama against plain Hugging Face, via raw torch hooks."""
+
+import copy
+
+import pytest
+import torch
+
+import builders
+import hookscope as hs
+
+
+def _capture(hf, paths, inputs=True):
+    """Record, with plain torch hooks, the input (or output) of each module path."""
+    seen, handles = {}, []
+    for path in paths:
+        mod = hf.get_submodule(path)
+        if inputs:
+            handles.append(mod.register_forward_pre_hook(lambda m, args, p=path: seen.setdefault(p, args[0])))
+        else:
+            handles.append(mod.register_forward_hook(lambda m, args, out, p=path: seen.setdefault(p, out)))
+    return seen, handles
+
+
+def _eager(hf):
+    """A copy of ``hf`` on Hugging Face's own eager attention (its config is a copy too)."""
+    eager = copy.deepcopy(hf)
+    eager.config._attn_implementation = "eager"
+    return eager.eval()
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    hf = builders.tiny_gpt2()
+    return hf, hs.HookedModel.wrap(hf)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    hf = builders.tiny_llama_gqa()
+    return hf, hs.HookedModel.wrap(hf)
+
+
+TOKS = torch.randint(0, 500, (2, 11), generator=torch.Generator().manual_seed(3))
+
+
+def test_gpt2_sites_match_hf(gpt2):
+    hf, model = gpt2
+    assert model.adapter.name == "gpt2"
+    seen, handles = _capture(hf, ["transformer.h.1.ln_2", "transformer.h.1.mlp.c_proj", "transformer.h.1.attn.c_proj"])
+    try:
+        with torch.no_grad():
+            ref = hf(TOKS, output_hidden_states=True)
+    finally:
+        for h in handles:
+            h.remove()
+    names = ["embed", "resid_pre.*", "resid_mid.*", "resid_post.*", "head.*", "head.*.q", "head.*.v", "neuron.*", "logits"]
+    logits, cache = model.run_with_cache(TOKS, names=names)
+    assert torch.equal(logits, ref.logits)
+    assert torch.equal(cache["embed"], hf.transformer.wte(TOKS))
+    assert torch.equal(cache["resid_pre.0"], ref.hidden_states[0])  # token + position embedding
+    assert torch.equal(cache["resid_post.0"], ref.hidden_states[1])
+    assert torch.equal(cache["resid_mid.1"], seen["transformer.h.1.ln_2"])
+    assert torch.equal(cache["neuron.1"], seen["transformer.h.1.mlp.c_proj"])
+    assert torch.equal(cache["head.1"].flatten(-2), seen["transformer.h.1.attn.c_proj"])
+    with torch.no_grad():
+        fused = hf.transformer.h[1].attn.c_attn(hf.transformer.h[1].ln_1(cache["resid_pre.1"]))
+    q, k, v = fused.split(64, dim=-1)  # GPT-2: [all q | all k | all v]
+    assert torch.equal(cache["head.1.q"], q.view(2, 11, 4, 16))
+    assert torch.equal(cache["head.1.2.v"], v.view(2, 11, 4, 16)[:, :, 2])
+
+
+def test_gpt2_pattern_matches_eager_attentions(gpt2):
+    hf, model = gpt2
+    with torch.no_grad():
+        ref = _eager(hf)(TOKS, output_attentions=True, use_cache=False)
+    logits, cache = model.run_with_cache(TOKS, names="head.*.pattern")
+    assert torch.equal(logits, ref.logits)
+    for layer in range(2):
+        assert torch.equal(cache[f"head.{layer}.pattern"], ref.attentions[layer])
+    assert hf.config._attn_implementation == "sdpa"
+
+
+def test_gpt2_result_uses_conv1d_layout(gpt2):
+    hf, model = gpt2
+    _, cache = model.run_with_cache(TOKS, names=["head.0", "head.0.result", "attn_out.0"])
+    w = hf.transformer.h[0].attn.c_proj.weight  # Conv1D: [in, out]
+    torch.testing.assert_close(cache["head.0.3.result"], cache["head.0.3"] @ w[48:64], atol=1e-6, rtol=1e-6)
+
+
+def test_llama_sites_match_hf(llama):
+    hf, model = llama
+    assert model.cfg.n_heads == 4 and model.cfg.n_kv_heads == 2
+    paths_in = ["model.layers.0.post_attention_layernorm", "model.layers.0.mlp.down_proj", "model.layers.0.self_attn.o_proj"]
+    seen, handles = _capture(hf, paths_in)
+    out_seen, more = _capture(hf, ["model.layers.0.self_attn.k_proj", "model.layers.0.mlp.gate_proj"], inputs=False)
+    try:
+        with torch.no_grad():
+            ref = hf(TOKS, output_hidden_states=True)
+    finally:
+        for h in handles + more:
+            h.remove()
+    logits, cache = model.run_with_cache(TOKS, names=["resid_pre.*", "resid_mid.0", "head.0", "head.0.k", "neuron.0", "neuron.0.pre"])
+    assert torch.equal(logits, ref.logits)
+    assert torch.equal(cache["resid_pre.1"], ref.hidden_states[1])
+    assert torch.equal(cache["resid_mid.0"], seen["model.layers.0.post_attention_layernorm"])
+    assert torch.equal(cache["neuron.0"], seen["model.layers.0.mlp.down_proj"])
+    assert torch.equal(cache["neuron.0.pre"], out_seen["model.layers.0.mlp.gate_proj"])
+    assert torch.equal(cache["head.0"].flatten(-2), seen["model.layers.0.self_attn.o_proj"])
+    k = out_seen["model.layers.0.self_attn.k_proj"].view(2, 11, 2, 16)
+    assert cache["head.0.k"].shape == (2, 11, 2, 16)  # k/v heads
+    # query heads 0,1 share k/v head 0; heads 2,3 share k/v head 1 (HF repeat_kv grouping)
+    for h in range(4):
+        assert torch.equal(cache[f"head.0.{h}.k"], k[:, :, h // 2])
+
+
+def test_llama_pattern_matches_eager(llama):
+    hf, model = llama
+    with torch.no_grad():
+        ref = _eager(hf)(TOKS, output_attentions=True, use_cache=False)
+    logits, cache = model.run_with_cache(TOKS, names="head.*.pattern")
+    assert torch.equal(logits, ref.logits)
+    for layer in range(2):
+        assert torch.equal(cache[f"head.{layer}.pattern"], ref.attentions[layer])
+
+
+def test_llama_gqa_key_write_reaches_its_query_group(llama):
+    hf, model = llama
+    _, clean = model.run_with_cache(TOKS, names="head.1.pattern")
+    _, after = model.run_with_cache(TOKS, names="head.1.pattern", hooks=[("head.1.1.k", lambda act, a: act * 2)])
+    changed = [not torch.equal(after[f"head.1.{h}.pattern"], clean[f"head.1.{h}.pattern"]) for h in range(4)]
+    assert changed == [True, True, False, False]  # k/v head 0 serves query heads 0 and 1
+
+
+def test_llama_resid_mid_write(llama):
+    hf, model = llama
+    _, after = model.run_with_cache(
+        TOKS, names=["resid_mid.0", "resid_post.0", "mlp_out.0"], hooks=[("resid_mid.0", lambda act, a: act * 0)]
+    )
+    assert torch.all(after["resid_mid.0"] == 0)
+    # the MLP then reads zeros: RMSNorm(0) = 0, so the block output is the MLP's bias-free output of 0
+    torch.testing.assert_close(after["mlp_out.0"], torch.zeros_like(after["mlp_out.0"]))
+    torch.testing.assert_close(after["resid_post.0"], after["mlp_out.0"])
