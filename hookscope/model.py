@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -36,6 +36,7 @@ from hookscope.addresses import (
 from hookscope.cache import ActivationCache, Layout
 from hookscope.errors import (
     AddressError,
+    AddressParseError,
     InputError,
     ModelLoadError,
     format_choices,
@@ -287,7 +288,14 @@ class HookedModel:
     def _cache_request(self, names: Any) -> tuple[list[Slot], list[Address | Selection] | None]:
         if names is None:
             return [s for s in self._all_slots() if s.kind not in _DEFAULT_EXCLUDED], None
-        specs = [names] if isinstance(names, (str, Address, Selection)) else list(names)
+        if isinstance(names, (str, Address, Selection)):
+            specs = [names]
+        elif isinstance(names, Iterable):
+            specs = list(names)
+        else:
+            raise AddressParseError(
+                f"expected an address, a selection string or a list of them, got {type(names).__name__}"
+            )
         requested: list[Address | Selection] = []
         slots: list[Slot] = []
         for spec in specs:

@@ -148,7 +148,7 @@ class Adapter:
 
     # ------------------------------------------------------------------ checks
     def _unavailable(self, kind: str) -> str:
-        have = sorted({_kind_name(k) for k in self.slot_kinds()}) + ["module:<path>"]
+        have = sorted({_kind_name(k) for k in self.slot_kinds()} - {"module:<path>"}) + ["module:<path>"]
         return (
             f"{_kind_name(kind)} does not exist on this {self.name} model; "
             f"available here: {format_choices(have, 20)}"

@@ -66,4 +66,12 @@ def make_adapter(root: nn.Module, name: str = "auto") -> Adapter:
         raise AdapterError(
             f"unknown adapter {name!r}; choose one of: auto, {format_choices(ADAPTERS)}." + suggestion(name, ADAPTERS)
         )
-    return ADAPTERS[name](root)
+    try:
+        return ADAPTERS[name](root)
+    except (AttributeError, KeyError, TypeError, IndexError) as err:
+        if isinstance(err, AdapterError):
+            raise
+        raise AdapterError(
+            f"{type(root).__name__} does not look like a {name} model ({type(err).__name__}: {err}); "
+            f"the detected adapter would be {detect(root)!r}"
+        ) from None

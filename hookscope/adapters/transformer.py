@@ -203,11 +203,17 @@ class TransformerAdapter(Adapter):
     def check_input(self, inputs: Tensor) -> None:
         if self.spec.token_input:
             check_token_input(inputs, self.dims.d_vocab)
-        elif not isinstance(inputs, Tensor) or not inputs.dtype.is_floating_point:
-            raise InputError(
-                f"{self.name} expects a float image tensor [batch, channels, height, width], got "
-                f"{getattr(inputs, 'dtype', type(inputs).__name__)}"
+        else:
+            extra = self.dims.extra
+            want = (extra.get("in_channels", "channels"), extra.get("image_size", "height"), extra.get("image_size", "width"))
+            shape_ok = isinstance(inputs, Tensor) and inputs.ndim == 4 and all(
+                isinstance(w, str) or got == w for got, w in zip(inputs.shape[1:], want)
             )
+            if not isinstance(inputs, Tensor) or not inputs.dtype.is_floating_point or not shape_ok:
+                got = f"shape {tuple(inputs.shape)}, dtype {inputs.dtype}" if isinstance(inputs, Tensor) else type(inputs).__name__
+                if isinstance(inputs, Tensor) and inputs.dtype.is_floating_point:
+                    got = f"shape {tuple(inputs.shape)}"
+                raise InputError(f"{self.name} expects a float image tensor [batch, {', '.join(map(str, want))}], got {got}")
 
     def describe(self) -> str:
         d = self.dims

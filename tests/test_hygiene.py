@@ -1,0 +1,114 @@
+"""No hookscope hook, handler or attention switch is left on a model after any call, however it ends."""
+
+import pytest
+import torch
+from torch import nn
+
+import builders
+import hookscope as hs
+from hookscope.adapters import hf_attention
+
+
+def _hook_count(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@pytest.fixture
+def neox():
+    hf = builders.tiny_neox()
+    own = hf.gpt_neox.layers[0].mlp.register_forward_hook(lambda m, a, o: None)  # the user's own hook
+    yield hf, hs.HookedModel.wrap(hf)
+    own.remove()
+
+
+TOKS = torch.randint(0, 500, (1, 6), generator=torch.Generator().manual_seed(0))
+
+
+def _clean(hf, before):
+    assert _hook_count(hf) == before
+    assert hf.config._attn_implementation == "sdpa"
+    assert hf_attention._HANDLERS == {}
+
+
+def _boom(act, address):
+    raise ValueError("user bug")
+
+
+def _interrupt(act, address):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("site", ["resid_post.0", "head.1.2", "head.1.2.pattern", "head.0.1.result", "neuron.1.3"])
+@pytest.mark.parametrize("fn, exc", [(_boom, ValueError), (_interrupt, KeyboardInterrupt)])
+def test_raising_hook_leaves_nothing(neox, site, fn, exc):
+    hf, model = neox
+    before = _hook_count(hf)
+    assert before == 1
+    with pytest.raises(exc):
+        model.run_with_hooks(TOKS, hooks=[("resid_pre.0", lambda a, _: None), (site, fn)])
+    _clean(hf, before)
+    with pytest.raises(exc):
+        model.run_with_cache(TOKS, hooks=[(site, fn)])
+    _clean(hf, before)
+    # the user's own hook is still there and still works
+    assert len(hf.gpt_neox.layers[0].mlp._forward_hooks) == 1
+
+
+def test_forward_that_raises_leaves_nothing(neox):
+    hf, model = neox
+    before = _hook_count(hf)
+    broken = hf.gpt_neox.layers[1].mlp.register_forward_pre_hook(lambda m, a: (_ for _ in ()).throw(RuntimeError("forward broke")))
+    try:
+        with pytest.raises(RuntimeError, match="forward broke"):
+            model.run_with_cache(TOKS)  # pattern included: attention switched to hookscope's
+        assert hf.config._attn_implementation == "sdpa" and hf_attention._HANDLERS == {}
+        assert _hook_count(hf) == before + 1
+    finally:
+        broken.remove()
+    _clean(hf, before)
+
+
+def test_context_manager_removes_on_exit_and_on_error(neox):
+    hf, model = neox
+    before = _hook_count(hf)
+    seen = []
+    with model.hooks([("resid_post.1", lambda act, a: seen.append(a)), ("head.0.pattern", lambda act, a: None)]):
+        assert _hook_count(hf) > before
+        assert hf.config._attn_implementation == hf_attention.NAME
+        model(TOKS)
+        model(TOKS)
+    assert len(seen) == 2
+    _clean(hf, before)
+    with pytest.raises(ZeroDivisionError):
+        with model.hooks([("resid_post.1", lambda act, a: None)]):
+            1 / 0
+    _clean(hf, before)
+
+
+def test_bad_replacement_raises_hook_error_and_cleans_up(neox):
+    hf, model = neox
+    before = _hook_count(hf)
+    with pytest.raises(hs.HookError, match=r"returned shape \(3,\) but the activation has shape \(1, 6, 16\)"):
+        model.run_with_hooks(TOKS, hooks=[("head.0.1", lambda act, a: torch.zeros(3))])
+    _clean(hf, before)
+    with pytest.raises(hs.HookError, match="returned int"):
+        model.run_with_hooks(TOKS, hooks=[("resid_post.0", lambda act, a: 3)])
+    _clean(hf, before)
+
+
+def test_nested_pattern_contexts_restore_in_order(neox):
+    hf, model = neox
+    with model.hooks([("head.0.pattern", lambda act, a: None)]):
+        _, cache = model.run_with_cache(TOKS, names="head.1.pattern")
+        assert hf.config._attn_implementation == hf_attention.NAME
+        assert len(hf_attention._HANDLERS) == 1
+    _clean(hf, 1)
+    assert cache["head.1.pattern"].shape == (1, 4, 6, 6)
+
+
+def test_vision_hooks_removed(neox):
+    net = builders.tiny_cnn()
+    model = hs.HookedModel.wrap(net)
+    with pytest.raises(ValueError):
+        model.run_with_hooks(torch.zeros(1, 1, 8, 8), hooks=[("neuron.*.*", _boom)])
+    assert _hook_count(net) == 0
