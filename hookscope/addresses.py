@@ -112,7 +112,9 @@ def _check_index(name: str, value: object, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int):
-        raise AddressError(f"{name} must be a non-negative int, got {value!r} ({type(value).__name__})")
+        raise AddressError(
+            f"{name} must be a non-negative int, got {value!r} ({type(value).__name__})"
+        )
     if value < 0:
         raise AddressRangeError(f"{name} must be >= 0, got {value}")
 
@@ -338,7 +340,9 @@ class MLPNeuron(Address):
         return self.layer
 
     def __str__(self) -> str:
-        text = f"neuron.{self.layer}" if self.neuron is None else f"neuron.{self.layer}.{self.neuron}"
+        text = (
+            f"neuron.{self.layer}" if self.neuron is None else f"neuron.{self.layer}.{self.neuron}"
+        )
         return text if self.site == "post" else f"{text}.{self.site}"
 
 
@@ -409,7 +413,9 @@ class _Index:
         assert self.lo is not None and self.hi is not None
         if self.hi >= size:
             raise AddressRangeError(
-                f"{what} {self.hi} out of range: valid {what}s are 0-{size - 1}" if size else f"there are no {what}s"
+                f"{what} {self.hi} out of range: valid {what}s are 0-{size - 1}"
+                if size
+                else f"there are no {what}s"
             )
         return list(range(self.lo, self.hi + 1))
 
@@ -449,7 +455,9 @@ class Selection:
                     out.append(AttentionHead(layer, None, self.site))
                 else:
                     n = dims.n_heads(layer, self.site)
-                    out += [AttentionHead(layer, h, self.site) for h in self.units.values(n, "head")]
+                    out += [
+                        AttentionHead(layer, h, self.site) for h in self.units.values(n, "head")
+                    ]
             elif self.kind == "neuron":
                 if self.units is None:
                     out.append(MLPNeuron(layer, None, self.site))
@@ -565,7 +573,9 @@ def parse(text: str | Address | Selection) -> Address | Selection:
     parts = raw.split(".")
     kind = parts[0]
     if kind not in KINDS or kind in ("embed", "logits", "module"):
-        raise AddressParseError(f"unknown address {text!r}; {_grammar_help()}." + suggestion(kind, KINDS))
+        raise AddressParseError(
+            f"unknown address {text!r}; {_grammar_help()}." + suggestion(kind, KINDS)
+        )
     if len(parts) < 2:
         raise AddressParseError(f"{text!r} needs a layer index, e.g. '{kind}.0'; {_grammar_help()}")
     layers = _parse_index(parts[1], "layer", text)
@@ -597,7 +607,9 @@ def parse(text: str | Address | Selection) -> Address | Selection:
             )
         rest = rest[1:]
     if rest:
-        raise AddressParseError(f"{text!r} has trailing parts {'.'.join(rest)!r}; {_grammar_help()}")
+        raise AddressParseError(
+            f"{text!r} has trailing parts {'.'.join(rest)!r}; {_grammar_help()}"
+        )
     concrete_layer = not layers.is_all and layers.lo == layers.hi
     concrete_unit = units is None or (not units.is_all and units.lo == units.hi)
     if not (concrete_layer and concrete_unit):

@@ -27,7 +27,12 @@ from hookscope.errors import AddressError, CacheKeyError, InputError, format_cho
 
 __all__ = ["ActivationCache", "Layout"]
 
-_STACK_ALIASES = {"head": "z", "neuron": "neuron_post", "neuron_post": "neuron_post", "neuron_pre": "neuron_pre"}
+_STACK_ALIASES = {
+    "head": "z",
+    "neuron": "neuron_post",
+    "neuron_post": "neuron_post",
+    "neuron_pre": "neuron_pre",
+}
 
 
 @dataclass(frozen=True)
@@ -101,7 +106,9 @@ class ActivationCache(Mapping):
             return tensor
         n = self._layout.units.get(slot, 0)
         if address.index >= n:
-            raise CacheKeyError(f"{address}: index {address.index} out of range, layer has {n} (0-{n - 1})")
+            raise CacheKeyError(
+                f"{address}: index {address.index} out of range, layer has {n} (0-{n - 1})"
+            )
         return tensor.select(self._layout.axes[slot], self._layout.position(slot, address.index))
 
     def __contains__(self, key: object) -> bool:
@@ -150,13 +157,16 @@ class ActivationCache(Mapping):
         have = sorted({s.kind for s in self._acts if s.layer >= 0})
         if slot_kind not in have:
             raise CacheKeyError(
-                f"cannot stack {kind!r}: cached kinds are {format_choices(have)}." + suggestion(slot_kind, have)
+                f"cannot stack {kind!r}: cached kinds are {format_choices(have)}."
+                + suggestion(slot_kind, have)
             )
         by_layer = {s.layer: t for s, t in self._acts.items() if s.kind == slot_kind}
         wanted = sorted(by_layer) if layers is None else list(layers)
         missing = [layer for layer in wanted if layer not in by_layer]
         if missing:
-            raise CacheKeyError(f"{kind} is not cached at layers {missing}; cached layers: {sorted(by_layer)}")
+            raise CacheKeyError(
+                f"{kind} is not cached at layers {missing}; cached layers: {sorted(by_layer)}"
+            )
         shapes = {tuple(by_layer[layer].shape) for layer in wanted}
         if len(shapes) > 1:
             raise InputError(f"cannot stack {kind}: shapes differ across layers ({sorted(shapes)})")
@@ -165,17 +175,26 @@ class ActivationCache(Mapping):
     def grad(self, key: object) -> Tensor:
         """Gradient of the ``backward`` value with respect to this address's activation."""
         if self.grads is None:
-            raise CacheKeyError("no gradients: pass backward=metric to run_with_cache to cache them")
+            raise CacheKeyError(
+                "no gradients: pass backward=metric to run_with_cache to cache them"
+            )
         return self.grads[key]
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> ActivationCache:
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> ActivationCache:
         """A copy of the cache on ``device`` / in ``dtype`` (floating tensors only change dtype)."""
 
         def move(t: Tensor) -> Tensor:
-            return t.to(device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else None)
+            return t.to(
+                device=device,
+                dtype=dtype if (dtype is not None and t.is_floating_point()) else None,
+            )
 
         grads = self.grads.to(device, dtype) if self.grads is not None else None
-        out = ActivationCache({s: move(t) for s, t in self._acts.items()}, self._layout, self._requested, grads)
+        out = ActivationCache(
+            {s: move(t) for s, t in self._acts.items()}, self._layout, self._requested, grads
+        )
         out.backward_value = self.backward_value
         return out
 
@@ -207,9 +226,13 @@ class ActivationCache(Mapping):
     def __repr__(self) -> str:
         lines = [f"ActivationCache: {len(self._acts)} tensors, {self.nbytes / 2**20:.2f} MiB"]
         for s, t in list(self._acts.items())[:24]:
-            lines.append(f"  {str(slot_address(s)):<22} {str(list(t.shape)):<24} {str(t.dtype).replace('torch.', '')}")
+            lines.append(
+                f"  {str(slot_address(s)):<22} {str(list(t.shape)):<24} {str(t.dtype).replace('torch.', '')}"
+            )
         if len(self._acts) > 24:
             lines.append(f"  ... ({len(self._acts) - 24} more)")
         if self.grads is not None:
-            lines.append(f"  with gradients of the backward value ({len(self.grads.slots)} tensors)")
+            lines.append(
+                f"  with gradients of the backward value ({len(self.grads.slots)} tensors)"
+            )
         return "\n".join(lines)

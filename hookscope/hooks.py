@@ -71,7 +71,9 @@ class Run:
         for plan, t in self.grad_targets:
             g = found[where[id(t)]]
             g = torch.zeros_like(t) if g is None else g
-            view = plan.tap.view if plan.tap.special == "" and plan.tap.view is not None else _identity
+            view = (
+                plan.tap.view if plan.tap.special == "" and plan.tap.view is not None else _identity
+            )
             grads[plan.slot] = view(g).detach()
         return grads
 
@@ -169,7 +171,12 @@ def _process_result(plan: SlotPlan, ev: _Event, run: Run, args: tuple) -> None:
         ev.changed = True
 
 
-_PROCESS = {"": _process_plain, "pattern": _process_plain, "resid_mid": _process_resid_mid, "result": _process_result}
+_PROCESS = {
+    "": _process_plain,
+    "pattern": _process_plain,
+    "resid_mid": _process_resid_mid,
+    "result": _process_result,
+}
 
 
 def _want_grad(ev: _Event, plans: list[SlotPlan], run: Run) -> None:
@@ -247,7 +254,9 @@ def installed(root: nn.Module, plans: list[SlotPlan], run: Run) -> Iterator[Run]
             if event == "output":
                 handle = module.register_forward_hook(partial(_forward_hook, group, run))
             elif event == "input":
-                handle = module.register_forward_pre_hook(partial(_pre_hook, group, run), with_kwargs=True)
+                handle = module.register_forward_pre_hook(
+                    partial(_pre_hook, group, run), with_kwargs=True
+                )
             else:
                 pattern[module] = partial(_pattern_handler, group, run)
                 continue

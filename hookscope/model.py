@@ -49,7 +49,12 @@ __all__ = ["HookedModel"]
 HookSpec = tuple[Any, HookFn]
 #: slot kinds cached when run_with_cache gets names=None (per-head 'result' is opt-in)
 _DEFAULT_EXCLUDED = ("result", "module")
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
 
 
 class _Dims(Dimensions):
@@ -111,7 +116,11 @@ class HookedModel:
                 "save_pretrained, or make the Hugging Face hub (or its cache) reachable."
             ) from None
         archs = " ".join(getattr(config, "architectures", None) or [])
-        auto = transformers.AutoModelForMaskedLM if "MaskedLM" in archs else transformers.AutoModelForCausalLM
+        auto = (
+            transformers.AutoModelForMaskedLM
+            if "MaskedLM" in archs
+            else transformers.AutoModelForCausalLM
+        )
         try:
             model = auto.from_pretrained(name_or_path, dtype=torch_dtype, **hf_kwargs)
         except (OSError, ValueError) as err:
@@ -158,7 +167,10 @@ class HookedModel:
         word: embed, resid_pre, resid_mid, resid_post, attn_out, mlp_out, head, neuron, logits.
         """
         if kind is not None and kind not in KINDS:
-            raise AddressError(f"unknown kind {kind!r}; choose one of {format_choices(KINDS)}." + suggestion(kind, KINDS))
+            raise AddressError(
+                f"unknown kind {kind!r}; choose one of {format_choices(KINDS)}."
+                + suggestion(kind, KINDS)
+            )
         found: list[Address] = []
         for slot in self._all_slots():
             base = slot_address(slot)
@@ -181,7 +193,9 @@ class HookedModel:
     # ------------------------------------------------------------------ tokens
     def _need_tokenizer(self) -> Any:
         if self.tokenizer is None:
-            raise InputError("this model has no tokenizer; pass token ids (a LongTensor [batch, pos])")
+            raise InputError(
+                "this model has no tokenizer; pass token ids (a LongTensor [batch, pos])"
+            )
         return self.tokenizer
 
     def _tokenize(self, text: str | Sequence[str]) -> dict[str, Tensor]:
@@ -215,13 +229,17 @@ class HookedModel:
     def to_str_tokens(self, text: str | Tensor) -> list[str]:
         """Each token of one sequence as a string."""
         tok = self._need_tokenizer()
-        ids = self.to_tokens(text)[0] if isinstance(text, str) else torch.as_tensor(text).reshape(-1)
+        ids = (
+            self.to_tokens(text)[0] if isinstance(text, str) else torch.as_tensor(text).reshape(-1)
+        )
         return [tok.decode([i]) for i in ids.tolist()]
 
     # ------------------------------------------------------------------ forward
     def _prepare(self, inputs: Any, kwargs: dict) -> tuple[tuple, dict]:
         is_hf = hasattr(self.model, "config") and hasattr(self.model.config, "model_type")
-        if isinstance(inputs, (str, list, tuple)) and (isinstance(inputs, str) or all(isinstance(x, str) for x in inputs)):
+        if isinstance(inputs, (str, list, tuple)) and (
+            isinstance(inputs, str) or all(isinstance(x, str) for x in inputs)
+        ):
             enc = self._tokenize(inputs)
             kwargs = {**{k: v.to(self.device) for k, v in enc.items()}, **kwargs}
             inputs = kwargs.pop("input_ids")
@@ -277,7 +295,11 @@ class HookedModel:
                 slot = Slot(kind, layer)
                 self.adapter.check_slot(slot)
                 if item.units is not None and not item.units.is_all:
-                    n = self._dims.n_heads(layer, item.site) if item.kind == "head" else self._dims.n_neurons(layer, item.site)
+                    n = (
+                        self._dims.n_heads(layer, item.site)
+                        if item.kind == "head"
+                        else self._dims.n_neurons(layer, item.site)
+                    )
                     item.units.values(n, item.kind)  # range check
             else:
                 slot = Slot(item.kind, layer)
@@ -304,7 +326,9 @@ class HookedModel:
             slots += self._slots_of(item)
         return list(dict.fromkeys(slots)), requested
 
-    def _plans(self, hooks: Sequence[HookSpec], record: Sequence[Slot] = (), grad: Sequence[Slot] = ()) -> list[SlotPlan]:
+    def _plans(
+        self, hooks: Sequence[HookSpec], record: Sequence[Slot] = (), grad: Sequence[Slot] = ()
+    ) -> list[SlotPlan]:
         plans: dict[Slot, SlotPlan] = {}
 
         def plan_for(slot: Slot) -> SlotPlan:
@@ -323,7 +347,11 @@ class HookedModel:
         for entry in _check_hooks(hooks):
             spec, fn = entry
             for address in iter_addresses(spec, self._dims, allow=self.adapter.check):
-                pos = None if address.index is None else self.adapter.unit_index(address.slot, address.index)
+                pos = (
+                    None
+                    if address.index is None
+                    else self.adapter.unit_index(address.slot, address.index)
+                )
                 plan_for(address.slot).hooks.append((address, pos, fn))
         for slot in record:
             plan_for(slot).record = True
@@ -340,7 +368,10 @@ class HookedModel:
             if s.kind in ("q", "k", "v", "z", "result", "pattern"):
                 axes[s], units[s] = self.adapter.unit_axis(s), self.adapter.n_heads(s.layer, s.kind)
             elif s.kind.startswith("neuron_"):
-                axes[s], units[s] = self.adapter.unit_axis(s), self.adapter.n_neurons(s.layer, s.kind[7:])
+                axes[s], units[s] = (
+                    self.adapter.unit_axis(s),
+                    self.adapter.n_neurons(s.layer, s.kind[7:]),
+                )
         group = self.adapter.kv_group if isinstance(self.adapter, TransformerAdapter) else 1
         return Layout(self.n_layers, axes, units, group)
 
@@ -384,7 +415,9 @@ class HookedModel:
                 grads = run.gradients(value.reshape(()))
         layout = self._layout(slots)
         grad_cache = ActivationCache(grads, layout, requested) if grads is not None else None
-        cache = ActivationCache(run.acts, layout, requested, grad_cache, value.detach() if value is not None else None)
+        cache = ActivationCache(
+            run.acts, layout, requested, grad_cache, value.detach() if value is not None else None
+        )
         if device is not None or dtype is not None:
             cache = cache.to(device, dtype)
         if isinstance(out, Tensor):
@@ -411,10 +444,14 @@ def _check_hooks(hooks: Any) -> list[HookSpec]:
     try:
         entries = list(hooks)
     except TypeError:
-        raise InputError(f"hooks must be a list of (address, fn) pairs, got {type(hooks).__name__}") from None
+        raise InputError(
+            f"hooks must be a list of (address, fn) pairs, got {type(hooks).__name__}"
+        ) from None
     for entry in entries:
         if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and callable(entry[1])):
-            raise InputError(f"each hook must be an (address, fn) pair with a callable fn, got {entry!r}")
+            raise InputError(
+                f"each hook must be an (address, fn) pair with a callable fn, got {entry!r}"
+            )
     return entries  # type: ignore[return-value]
 
 
@@ -422,6 +459,8 @@ def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in _DTYPES:
-        raise InputError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}." + suggestion(dtype, _DTYPES))
+        raise InputError(
+            f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}."
+            + suggestion(dtype, _DTYPES)
+        )
     return _DTYPES[dtype]
-

@@ -52,7 +52,9 @@ def make_tokenizer():
         show_progress=False,
     )
     tok.train_from_iterator(CORPUS * 4, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>"
+    )
 
 
 def pythia_like(seed: int = 0, **overrides):
@@ -133,4 +135,6 @@ def tiny_vit(seed: int = 0):
     from hookscope.models import ViT
 
     torch.manual_seed(seed)
-    return ViT(image_size=8, patch_size=2, in_channels=1, d_model=32, n_layers=2, n_heads=4, d_mlp=64).eval()
+    return ViT(
+        image_size=8, patch_size=2, in_channels=1, d_model=32, n_layers=2, n_heads=4, d_mlp=64
+    ).eval()

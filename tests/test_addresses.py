@@ -27,7 +27,9 @@ addresses = st.one_of(
     st.builds(hs.MLPOut, idx),
     st.builds(hs.AttentionHead, idx, st.one_of(st.none(), idx), st.sampled_from(HEAD_SITES)),
     st.builds(hs.MLPNeuron, idx, st.one_of(st.none(), idx), st.sampled_from(NEURON_SITES)),
-    st.builds(hs.Module, st.from_regex(r"[a-z_][a-z0-9_]{0,6}(\.[a-z0-9_]{1,4}){0,3}", fullmatch=True)),
+    st.builds(
+        hs.Module, st.from_regex(r"[a-z_][a-z0-9_]{0,6}(\.[a-z0-9_]{1,4}){0,3}", fullmatch=True)
+    ),
 )
 
 
@@ -102,9 +104,15 @@ def test_canonical_string_drops_default_site():
         ("resid_post.0-5", [hs.Residual(i) for i in range(6)]),
         ("resid_pre.*", [hs.Residual(i, "pre") for i in range(6)]),
         ("head.3.*", [hs.AttentionHead(3, h) for h in range(8)]),
-        ("head.1-2.0-1.pattern", [hs.AttentionHead(l, h, "pattern") for l in (1, 2) for h in (0, 1)]),
+        (
+            "head.1-2.0-1.pattern",
+            [hs.AttentionHead(l, h, "pattern") for l in (1, 2) for h in (0, 1)],
+        ),
         ("head.*", [hs.AttentionHead(layer) for layer in range(6)]),
-        ("blocks.*.attn.hook_pattern", [hs.AttentionHead(layer, None, "pattern") for layer in range(6)]),
+        (
+            "blocks.*.attn.hook_pattern",
+            [hs.AttentionHead(layer, None, "pattern") for layer in range(6)],
+        ),
         ("neuron.2.10-12.pre", [hs.MLPNeuron(2, i, "pre") for i in (10, 11, 12)]),
     ],
 )
@@ -179,7 +187,9 @@ def test_addresses_are_frozen_and_hashable():
     ],
 )
 def test_parse_errors_name_the_problem(text, message):
-    with pytest.raises(hs.AddressParseError if not text.startswith("module") else hs.AddressError, match=message):
+    with pytest.raises(
+        hs.AddressParseError if not text.startswith("module") else hs.AddressError, match=message
+    ):
         hs.parse(text)
 
 

@@ -5,8 +5,9 @@ import copy
 import pytest
 import torch
 
-import builders
 import hookscope as hs
+
+import builders
 
 
 def _capture(hf, paths, inputs=True):
@@ -15,9 +16,13 @@ def _capture(hf, paths, inputs=True):
     for path in paths:
         mod = hf.get_submodule(path)
         if inputs:
-            handles.append(mod.register_forward_pre_hook(lambda m, args, p=path: seen.setdefault(p, args[0])))
+            handles.append(
+                mod.register_forward_pre_hook(lambda m, args, p=path: seen.setdefault(p, args[0]))
+            )
         else:
-            handles.append(mod.register_forward_hook(lambda m, args, out, p=path: seen.setdefault(p, out)))
+            handles.append(
+                mod.register_forward_hook(lambda m, args, out, p=path: seen.setdefault(p, out))
+            )
     return seen, handles
 
 
@@ -46,14 +51,26 @@ TOKS = torch.randint(0, 500, (2, 11), generator=torch.Generator().manual_seed(3)
 def test_gpt2_sites_match_hf(gpt2):
     hf, model = gpt2
     assert model.adapter.name == "gpt2"
-    seen, handles = _capture(hf, ["transformer.h.1.ln_2", "transformer.h.1.mlp.c_proj", "transformer.h.1.attn.c_proj"])
+    seen, handles = _capture(
+        hf, ["transformer.h.1.ln_2", "transformer.h.1.mlp.c_proj", "transformer.h.1.attn.c_proj"]
+    )
     try:
         with torch.no_grad():
             ref = hf(TOKS, output_hidden_states=True)
     finally:
         for h in handles:
             h.remove()
-    names = ["embed", "resid_pre.*", "resid_mid.*", "resid_post.*", "head.*", "head.*.q", "head.*.v", "neuron.*", "logits"]
+    names = [
+        "embed",
+        "resid_pre.*",
+        "resid_mid.*",
+        "resid_post.*",
+        "head.*",
+        "head.*.q",
+        "head.*.v",
+        "neuron.*",
+        "logits",
+    ]
     logits, cache = model.run_with_cache(TOKS, names=names)
     assert torch.equal(logits, ref.logits)
     assert torch.equal(cache["embed"], hf.transformer.wte(TOKS))
@@ -84,22 +101,32 @@ def test_gpt2_result_uses_conv1d_layout(gpt2):
     hf, model = gpt2
     _, cache = model.run_with_cache(TOKS, names=["head.0", "head.0.result", "attn_out.0"])
     w = hf.transformer.h[0].attn.c_proj.weight  # Conv1D: [in, out]
-    torch.testing.assert_close(cache["head.0.3.result"], cache["head.0.3"] @ w[48:64], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(
+        cache["head.0.3.result"], cache["head.0.3"] @ w[48:64], atol=1e-6, rtol=1e-6
+    )
 
 
 def test_llama_sites_match_hf(llama):
     hf, model = llama
     assert model.cfg.n_heads == 4 and model.cfg.n_kv_heads == 2
-    paths_in = ["model.layers.0.post_attention_layernorm", "model.layers.0.mlp.down_proj", "model.layers.0.self_attn.o_proj"]
+    paths_in = [
+        "model.layers.0.post_attention_layernorm",
+        "model.layers.0.mlp.down_proj",
+        "model.layers.0.self_attn.o_proj",
+    ]
     seen, handles = _capture(hf, paths_in)
-    out_seen, more = _capture(hf, ["model.layers.0.self_attn.k_proj", "model.layers.0.mlp.gate_proj"], inputs=False)
+    out_seen, more = _capture(
+        hf, ["model.layers.0.self_attn.k_proj", "model.layers.0.mlp.gate_proj"], inputs=False
+    )
     try:
         with torch.no_grad():
             ref = hf(TOKS, output_hidden_states=True)
     finally:
         for h in handles + more:
             h.remove()
-    logits, cache = model.run_with_cache(TOKS, names=["resid_pre.*", "resid_mid.0", "head.0", "head.0.k", "neuron.0", "neuron.0.pre"])
+    logits, cache = model.run_with_cache(
+        TOKS, names=["resid_pre.*", "resid_mid.0", "head.0", "head.0.k", "neuron.0", "neuron.0.pre"]
+    )
     assert torch.equal(logits, ref.logits)
     assert torch.equal(cache["resid_pre.1"], ref.hidden_states[1])
     assert torch.equal(cache["resid_mid.0"], seen["model.layers.0.post_attention_layernorm"])
@@ -126,15 +153,22 @@ def test_llama_pattern_matches_eager(llama):
 def test_llama_gqa_key_write_reaches_its_query_group(llama):
     hf, model = llama
     _, clean = model.run_with_cache(TOKS, names="head.1.pattern")
-    _, after = model.run_with_cache(TOKS, names="head.1.pattern", hooks=[("head.1.1.k", lambda act, a: act * 2)])
-    changed = [not torch.equal(after[f"head.1.{h}.pattern"], clean[f"head.1.{h}.pattern"]) for h in range(4)]
+    _, after = model.run_with_cache(
+        TOKS, names="head.1.pattern", hooks=[("head.1.1.k", lambda act, a: act * 2)]
+    )
+    changed = [
+        not torch.equal(after[f"head.1.{h}.pattern"], clean[f"head.1.{h}.pattern"])
+        for h in range(4)
+    ]
     assert changed == [True, True, False, False]  # k/v head 0 serves query heads 0 and 1
 
 
 def test_llama_resid_mid_write(llama):
     hf, model = llama
     _, after = model.run_with_cache(
-        TOKS, names=["resid_mid.0", "resid_post.0", "mlp_out.0"], hooks=[("resid_mid.0", lambda act, a: act * 0)]
+        TOKS,
+        names=["resid_mid.0", "resid_post.0", "mlp_out.0"],
+        hooks=[("resid_mid.0", lambda act, a: act * 0)],
     )
     assert torch.all(after["resid_mid.0"] == 0)
     # the MLP then reads zeros: RMSNorm(0) = 0, so the block output is the MLP's bias-free output of 0

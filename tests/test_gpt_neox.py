@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-import builders
 import hookscope as hs
+
+import builders
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +19,15 @@ def hf_eager(pythia_dir):
 def clean(pythia):
     g = torch.Generator().manual_seed(1)
     toks = torch.randint(0, 50304, (2, 9), generator=g)
-    no_pattern = ["embed", "resid_pre.*", "resid_post.*", "attn_out.*", "mlp_out.*", "head.*", "head.*.q"]
+    no_pattern = [
+        "embed",
+        "resid_pre.*",
+        "resid_post.*",
+        "attn_out.*",
+        "mlp_out.*",
+        "head.*",
+        "head.*.q",
+    ]
     no_pattern += ["head.*.k", "head.*.v", "neuron.*", "neuron.*.pre", "logits"]
     logits, cache = pythia.run_with_cache(toks, names=no_pattern)
     eager_logits, full = pythia.run_with_cache(toks)  # names=None: pattern too (eager attention)
@@ -27,7 +36,13 @@ def clean(pythia):
 
 def test_config_is_pythia_70m(pythia):
     c = pythia.model.config
-    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.intermediate_size, c.vocab_size) == (
+    assert (
+        c.hidden_size,
+        c.num_hidden_layers,
+        c.num_attention_heads,
+        c.intermediate_size,
+        c.vocab_size,
+    ) == (
         512,
         6,
         8,
@@ -76,7 +91,9 @@ def test_heads_through_w_o_sum_to_attention_output(pythia_hf, clean):
         dense = pythia_hf.gpt_neox.layers[layer].attention.dense
         z = cache[f"head.{layer}"]  # [batch, pos, 8, 64]
         per_head = [z[:, :, h] @ dense.weight[:, h * 64 : (h + 1) * 64].T for h in range(8)]
-        torch.testing.assert_close(sum(per_head) + dense.bias, cache[f"attn_out.{layer}"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            sum(per_head) + dense.bias, cache[f"attn_out.{layer}"], atol=1e-5, rtol=1e-5
+        )
         assert torch.equal(cache[f"head.{layer}.3"], z[:, :, 3])
 
 
@@ -87,7 +104,9 @@ def test_result_site_is_per_head_output(pythia, pythia_hf, clean):
     for h in (0, 5):
         expected = cache[f"head.2.{h}"] @ dense.weight[:, h * 64 : (h + 1) * 64].T
         torch.testing.assert_close(res[f"head.2.{h}.result"], expected, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(res["head.2.result"].sum(2) + dense.bias, cache["attn_out.2"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        res["head.2.result"].sum(2) + dense.bias, cache["attn_out.2"], atol=1e-5, rtol=1e-5
+    )
 
 
 def test_qkv_are_the_interleaved_projection(pythia_hf, clean):
@@ -128,7 +147,12 @@ def _self_patch_addresses(model):
 def test_patching_any_site_with_its_own_value_changes_nothing(pythia, clean):
     toks, logits, _, eager_logits, _ = clean
     # caching a pattern switches attention to eager, so values come from a run on the same path
-    _, fast = pythia.run_with_cache(toks, names=[a for a in pythia.addresses() if getattr(a, "site", "") not in ("pattern", "result")])
+    _, fast = pythia.run_with_cache(
+        toks,
+        names=[
+            a for a in pythia.addresses() if getattr(a, "site", "") not in ("pattern", "result")
+        ],
+    )
     _, eager = pythia.run_with_cache(toks, names="head.*.pattern")
     _, result = pythia.run_with_cache(toks, names="head.*.result")
     for address in _self_patch_addresses(pythia):
@@ -145,7 +169,9 @@ def test_patching_any_site_with_its_own_value_changes_nothing(pythia, clean):
 def test_writing_one_head_changes_only_that_head(pythia, pythia_hf, clean):
     toks, _, cache, *_ = clean
     _, after = pythia.run_with_cache(
-        toks, names=["head.3", "attn_out.3", "resid_pre.3"], hooks=[("head.3.5", lambda act, a: torch.zeros_like(act))]
+        toks,
+        names=["head.3", "attn_out.3", "resid_pre.3"],
+        hooks=[("head.3.5", lambda act, a: torch.zeros_like(act))],
     )
     assert torch.equal(after["resid_pre.3"], cache["resid_pre.3"])
     for h in range(8):
@@ -155,12 +181,16 @@ def test_writing_one_head_changes_only_that_head(pythia, pythia_hf, clean):
             assert torch.equal(after[f"head.3.{h}"], cache[f"head.3.{h}"])
     dense = pythia_hf.gpt_neox.layers[3].attention.dense
     removed = cache["head.3.5"] @ dense.weight[:, 5 * 64 : 6 * 64].T
-    torch.testing.assert_close(after["attn_out.3"], cache["attn_out.3"] - removed, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        after["attn_out.3"], cache["attn_out.3"] - removed, atol=1e-5, rtol=1e-5
+    )
 
 
 def test_writing_one_query_changes_only_that_heads_pattern(pythia, clean):
     toks, _, _, _, full = clean
-    _, after = pythia.run_with_cache(toks, names=["head.1.pattern"], hooks=[("head.1.2.q", lambda act, a: act * 3)])
+    _, after = pythia.run_with_cache(
+        toks, names=["head.1.pattern"], hooks=[("head.1.2.q", lambda act, a: act * 3)]
+    )
     for h in range(8):
         same = torch.equal(after[f"head.1.{h}.pattern"], full[f"head.1.{h}.pattern"])
         assert same == (h != 2), h
@@ -169,7 +199,9 @@ def test_writing_one_query_changes_only_that_heads_pattern(pythia, clean):
 def test_writing_one_neuron_changes_only_that_neuron(pythia, pythia_hf, clean):
     toks, _, cache, *_ = clean
     _, after = pythia.run_with_cache(
-        toks, names=["neuron.2", "mlp_out.2"], hooks=[(hs.MLPNeuron(2, 187), lambda act, a: act * 0)]
+        toks,
+        names=["neuron.2", "mlp_out.2"],
+        hooks=[(hs.MLPNeuron(2, 187), lambda act, a: act * 0)],
     )
     mask = torch.ones(2048, dtype=torch.bool)
     mask[187] = False
@@ -210,10 +242,14 @@ def test_sequential_neox_has_exact_resid_mid():
     delta = torch.randn(64, generator=torch.Generator().manual_seed(2))
     _, a = model.run_with_cache(toks, names=["resid_mid.1", "mlp_out.1", "resid_post.1"])
     _, b = model.run_with_cache(
-        toks, names=["resid_mid.1", "mlp_out.1", "resid_post.1"], hooks=[("resid_mid.1", lambda act, _: act + delta)]
+        toks,
+        names=["resid_mid.1", "mlp_out.1", "resid_post.1"],
+        hooks=[("resid_mid.1", lambda act, _: act + delta)],
     )
     torch.testing.assert_close(b["resid_mid.1"], a["resid_mid.1"] + delta, atol=1e-6, rtol=0)
-    torch.testing.assert_close(b["resid_post.1"], b["resid_mid.1"] + b["mlp_out.1"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        b["resid_post.1"], b["resid_mid.1"] + b["mlp_out.1"], atol=1e-6, rtol=0
+    )
 
 
 def test_string_input_and_tokenizer_round_trip(pythia):

@@ -4,9 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-import builders
 import hookscope as hs
 from hookscope.adapters import hf_attention
+
+import builders
 
 
 def _hook_count(model: nn.Module) -> int:
@@ -16,7 +17,9 @@ def _hook_count(model: nn.Module) -> int:
 @pytest.fixture
 def neox():
     hf = builders.tiny_neox()
-    own = hf.gpt_neox.layers[0].mlp.register_forward_hook(lambda m, a, o: None)  # the user's own hook
+    own = hf.gpt_neox.layers[0].mlp.register_forward_hook(
+        lambda m, a, o: None
+    )  # the user's own hook
     yield hf, hs.HookedModel.wrap(hf)
     own.remove()
 
@@ -38,7 +41,9 @@ def _interrupt(act, address):
     raise KeyboardInterrupt
 
 
-@pytest.mark.parametrize("site", ["resid_post.0", "head.1.2", "head.1.2.pattern", "head.0.1.result", "neuron.1.3"])
+@pytest.mark.parametrize(
+    "site", ["resid_post.0", "head.1.2", "head.1.2.pattern", "head.0.1.result", "neuron.1.3"]
+)
 @pytest.mark.parametrize("fn, exc", [(_boom, ValueError), (_interrupt, KeyboardInterrupt)])
 def test_raising_hook_leaves_nothing(neox, site, fn, exc):
     hf, model = neox
@@ -57,7 +62,9 @@ def test_raising_hook_leaves_nothing(neox, site, fn, exc):
 def test_forward_that_raises_leaves_nothing(neox):
     hf, model = neox
     before = _hook_count(hf)
-    broken = hf.gpt_neox.layers[1].mlp.register_forward_pre_hook(lambda m, a: (_ for _ in ()).throw(RuntimeError("forward broke")))
+    broken = hf.gpt_neox.layers[1].mlp.register_forward_pre_hook(
+        lambda m, a: (_ for _ in ()).throw(RuntimeError("forward broke"))
+    )
     try:
         with pytest.raises(RuntimeError, match="forward broke"):
             model.run_with_cache(TOKS)  # pattern included: attention switched to hookscope's
@@ -72,7 +79,9 @@ def test_context_manager_removes_on_exit_and_on_error(neox):
     hf, model = neox
     before = _hook_count(hf)
     seen = []
-    with model.hooks([("resid_post.1", lambda act, a: seen.append(a)), ("head.0.pattern", lambda act, a: None)]):
+    with model.hooks(
+        [("resid_post.1", lambda act, a: seen.append(a)), ("head.0.pattern", lambda act, a: None)]
+    ):
         assert _hook_count(hf) > before
         assert hf.config._attn_implementation == hf_attention.NAME
         model(TOKS)
@@ -88,7 +97,9 @@ def test_context_manager_removes_on_exit_and_on_error(neox):
 def test_bad_replacement_raises_hook_error_and_cleans_up(neox):
     hf, model = neox
     before = _hook_count(hf)
-    with pytest.raises(hs.HookError, match=r"returned shape \(3,\) but the activation has shape \(1, 6, 16\)"):
+    with pytest.raises(
+        hs.HookError, match=r"returned shape \(3,\) but the activation has shape \(1, 6, 16\)"
+    ):
         model.run_with_hooks(TOKS, hooks=[("head.0.1", lambda act, a: torch.zeros(3))])
     _clean(hf, before)
     with pytest.raises(hs.HookError, match="returned int"):

@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import builders
 import hookscope as hs
+
+import builders
 
 X_FLAT = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
 
@@ -78,7 +79,9 @@ def test_cnn_values_by_hand(cnn):
     torch.testing.assert_close(cache["resid_post.1"], pooled)  # block output feature map
     assert cache["resid_post.1"].shape == (3, 6, 4, 4)
     torch.testing.assert_close(cache["resid_pre.2"], pooled.flatten(1))
-    torch.testing.assert_close(cache["neuron.2"], (pooled.flatten(1) @ fc.weight.T + fc.bias).relu())
+    torch.testing.assert_close(
+        cache["neuron.2"], (pooled.flatten(1) @ fc.weight.T + fc.bias).relu()
+    )
     assert torch.equal(logits, net(X_FLAT))
     # patch one channel: zero channel 3 of conv layer 1
     relu1 = pre1.relu()
@@ -90,7 +93,9 @@ def test_cnn_values_by_hand(cnn):
     )
     torch.testing.assert_close(out, expected)
     assert torch.all(after["resid_post.1"][:, 3] == 0)
-    torch.testing.assert_close(after["resid_post.1"][:, [0, 1, 2, 4, 5]], pooled[:, [0, 1, 2, 4, 5]])
+    torch.testing.assert_close(
+        after["resid_post.1"][:, [0, 1, 2, 4, 5]], pooled[:, [0, 1, 2, 4, 5]]
+    )
 
 
 def test_vit_values_by_hand(vit):
@@ -112,7 +117,9 @@ def test_vit_values_by_hand(vit):
     z = (pattern @ v).transpose(1, 2)  # [b, pos, h, d_head]
     torch.testing.assert_close(cache["head.0"], z)
     w = blk.attn.out_proj.weight
-    per_head = sum(z[:, :, h] @ w[:, h * 8 : (h + 1) * 8].T for h in range(4)) + blk.attn.out_proj.bias
+    per_head = (
+        sum(z[:, :, h] @ w[:, h * 8 : (h + 1) * 8].T for h in range(4)) + blk.attn.out_proj.bias
+    )
     torch.testing.assert_close(cache["attn_out.0"], per_head)
     assert torch.equal(cache["resid_mid.0"], cache["resid_pre.0"] + cache["attn_out.0"])
     assert torch.equal(cache["resid_post.0"], cache["resid_mid.0"] + cache["mlp_out.0"])
@@ -121,8 +128,20 @@ def test_vit_values_by_hand(vit):
 
 
 SHAPES = {
-    "mlp": {"resid_pre.0": (3, 64), "resid_post.0": (3, 32), "neuron.1.3": (3,), "neuron.0": (3, 32), "logits": (3, 10)},
-    "cnn": {"resid_pre.0": (3, 1, 8, 8), "neuron.0": (3, 4, 8, 8), "neuron.1.5": (3, 8, 8), "resid_post.1": (3, 6, 4, 4), "neuron.2.1": (3,)},
+    "mlp": {
+        "resid_pre.0": (3, 64),
+        "resid_post.0": (3, 32),
+        "neuron.1.3": (3,),
+        "neuron.0": (3, 32),
+        "logits": (3, 10),
+    },
+    "cnn": {
+        "resid_pre.0": (3, 1, 8, 8),
+        "neuron.0": (3, 4, 8, 8),
+        "neuron.1.5": (3, 8, 8),
+        "resid_post.1": (3, 6, 4, 4),
+        "neuron.2.1": (3,),
+    },
     "vit": {
         "embed": (3, 16, 32),
         "resid_pre.0": (3, 17, 32),
@@ -147,13 +166,23 @@ def test_documented_shapes(name, request):
         assert tuple(cache[address].shape) == shape, address
 
 
+def _noise(act, address):
+    """Shift plus seeded noise: a constant alone is removed exactly by LayerNorm, and noise
+    alone may leave a ReLU pre-activation negative."""
+    return act + 3.0 + torch.randn(act.shape, generator=torch.Generator().manual_seed(0))
+
+
 @pytest.mark.parametrize("name", ["mlp", "cnn", "vit"])
 def test_every_address_readable_and_writable(name, request):
     net, model = request.getfixturevalue(name)
     every = model.addresses()
     assert len(every) > 5
-    _, cache = model.run_with_cache(X_FLAT, names=[a for a in every if getattr(a, "site", "") != "result"])
-    _, result = model.run_with_cache(X_FLAT, names=[a for a in every if getattr(a, "site", "") == "result"] or None)
+    _, cache = model.run_with_cache(
+        X_FLAT, names=[a for a in every if getattr(a, "site", "") != "result"]
+    )
+    _, result = model.run_with_cache(
+        X_FLAT, names=[a for a in every if getattr(a, "site", "") == "result"] or None
+    )
     clean = net(X_FLAT)
     units = [a for a in model.addresses(units=True) if a.index is not None][::7]
     for address in every + units:
@@ -163,10 +192,7 @@ def test_every_address_readable_and_writable(name, request):
         torch.testing.assert_close(same, clean, atol=1e-5, rtol=1e-5, msg=str(address))
         if getattr(address, "site", "") != "result":
             assert torch.equal(same, clean), address
-        # shift plus seeded noise: a constant alone is removed exactly by LayerNorm,
-        # noise alone may leave a ReLU pre-activation negative
-        noise = lambda act, a: act + 3.0 + torch.randn(act.shape, generator=torch.Generator().manual_seed(0))  # noqa: E731
-        changed = model.run_with_hooks(X_FLAT, hooks=[(address, noise)])
+        changed = model.run_with_hooks(X_FLAT, hooks=[(address, _noise)])
         assert not torch.allclose(changed, clean), address
 
 
@@ -180,7 +206,10 @@ def test_module_escape_hatch(cnn):
 
 def test_unavailable_sites_on_vision(mlp, cnn):
     for _, model in (mlp, cnn):
-        with pytest.raises(hs.SiteUnavailableError, match="head.L.H does not exist on this (mlp|cnn) model; available here"):
+        with pytest.raises(
+            hs.SiteUnavailableError,
+            match="head.L.H does not exist on this (mlp|cnn) model; available here",
+        ):
             model.run_with_cache(X_FLAT, names="head.0.1")
         with pytest.raises(hs.SiteUnavailableError, match="embed does not exist"):
             model.run_with_cache(X_FLAT, names="embed")

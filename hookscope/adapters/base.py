@@ -148,7 +148,9 @@ class Adapter:
 
     # ------------------------------------------------------------------ checks
     def _unavailable(self, kind: str) -> str:
-        have = sorted({_kind_name(k) for k in self.slot_kinds()} - {"module:<path>"}) + ["module:<path>"]
+        have = sorted({_kind_name(k) for k in self.slot_kinds()} - {"module:<path>"}) + [
+            "module:<path>"
+        ]
         return (
             f"{_kind_name(kind)} does not exist on this {self.name} model; "
             f"available here: {format_choices(have, 20)}"
@@ -223,10 +225,14 @@ def check_token_input(inputs: Tensor, vocab: int | None) -> None:
             "pass strings to have the tokenizer make them"
         )
     if inputs.ndim != 2:
-        raise InputError(f"token ids must be [batch, pos] or [pos], got shape {tuple(inputs.shape)}")
+        raise InputError(
+            f"token ids must be [batch, pos] or [pos], got shape {tuple(inputs.shape)}"
+        )
     if inputs.shape[1] == 0:
         raise InputError("token ids are empty (0 positions)")
     if inputs.numel() and vocab is not None:
         lo, hi = int(inputs.min()), int(inputs.max())
         if lo < 0 or hi >= vocab:
-            raise InputError(f"token ids must lie in 0-{vocab - 1} (vocabulary size {vocab}); found {lo}..{hi}")
+            raise InputError(
+                f"token ids must lie in 0-{vocab - 1} (vocabulary size {vocab}); found {lo}..{hi}"
+            )

@@ -81,7 +81,9 @@ def _register() -> None:
 
 
 @contextmanager
-def pattern_handlers(root: nn.Module, handlers: dict[nn.Module, Callable[[Tensor], Tensor]]) -> Iterator[None]:
+def pattern_handlers(
+    root: nn.Module, handlers: dict[nn.Module, Callable[[Tensor], Tensor]]
+) -> Iterator[None]:
     """Route ``root``'s attention through :func:`hookscope_attention` with these handlers.
 
     The config's attention implementation and the handler table are restored on exit,

@@ -52,7 +52,11 @@ def detect(root: nn.Module) -> str:
     if isinstance(root, ViT):
         return "vit"
     if is_sequential(root):
-        return "cnn" if any(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) for m in root.modules()) else "mlp"
+        return (
+            "cnn"
+            if any(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) for m in root.modules())
+            else "mlp"
+        )
     return "module"
 
 
@@ -64,7 +68,8 @@ def make_adapter(root: nn.Module, name: str = "auto") -> Adapter:
         name = detect(root)
     if name not in ADAPTERS:
         raise AdapterError(
-            f"unknown adapter {name!r}; choose one of: auto, {format_choices(ADAPTERS)}." + suggestion(name, ADAPTERS)
+            f"unknown adapter {name!r}; choose one of: auto, {format_choices(ADAPTERS)}."
+            + suggestion(name, ADAPTERS)
         )
     try:
         return ADAPTERS[name](root)

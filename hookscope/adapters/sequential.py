@@ -147,7 +147,10 @@ class SequentialAdapter(Adapter):
             return Tap(b.last)
         if slot.kind == "neuron_pre":
             return Tap(b.compute, clone_on_record=b.inplace_after_compute)
-        return Tap(b.activation or b.compute, clone_on_record=b.activation is None and b.inplace_after_compute)
+        return Tap(
+            b.activation or b.compute,
+            clone_on_record=b.activation is None and b.inplace_after_compute,
+        )
 
     def check_input(self, inputs: Tensor) -> None:
         if not isinstance(inputs, Tensor) or not inputs.is_floating_point():

@@ -82,7 +82,16 @@ def _first_existing(root: nn.Module, paths: str | tuple[str, ...]) -> str:
 class TransformerAdapter(Adapter):
     """Adapter for a transformer described by a :class:`TransformerSpec`."""
 
-    unit_axes = {"q": 2, "k": 2, "v": 2, "z": 2, "result": 2, "pattern": 1, "neuron_pre": -1, "neuron_post": -1}
+    unit_axes = {
+        "q": 2,
+        "k": 2,
+        "v": 2,
+        "z": 2,
+        "result": 2,
+        "pattern": 1,
+        "neuron_pre": -1,
+        "neuron_post": -1,
+    }
 
     def __init__(self, root: nn.Module, spec: TransformerSpec):
         self.spec = spec
@@ -97,7 +106,9 @@ class TransformerAdapter(Adapter):
         self.has_resid_mid = bool(spec.sequential_residual(root))
         n = len(submodule(root, self.layers_path))  # type: ignore[arg-type]
         if n != self.dims.n_layers:
-            raise AdapterError(f"{spec.name}: config says {self.dims.n_layers} layers, module has {n}")
+            raise AdapterError(
+                f"{spec.name}: config says {self.dims.n_layers} layers, module has {n}"
+            )
         kinds = ["embed", "resid_pre", "resid_post", "attn_out", "mlp_out"]
         kinds += ["q", "k", "v", "z", "result", "pattern", "neuron_pre", "neuron_post"]
         if self.has_resid_mid:
@@ -163,7 +174,9 @@ class TransformerAdapter(Adapter):
             return Tap(self.layer_path(layer, self.spec.attn))
         if kind == "resid_mid":
             return Tap(
-                self.layer_path(layer, self.spec.attn), special="resid_mid", stash=Slot("resid_pre", layer)
+                self.layer_path(layer, self.spec.attn),
+                special="resid_mid",
+                stash=Slot("resid_pre", layer),
             )
         if kind == "mlp_out":
             return Tap(self.layer_path(layer, self.spec.mlp))
@@ -172,7 +185,13 @@ class TransformerAdapter(Adapter):
         if kind == "neuron_post":
             return Tap(self.layer_path(layer, self.spec.mlp_post), "input", 0, "input")
         if kind == "z":
-            return Tap(self.layer_path(layer, self.spec.attn_out_proj), "input", 0, "input", view=_heads(h, dh))
+            return Tap(
+                self.layer_path(layer, self.spec.attn_out_proj),
+                "input",
+                0,
+                "input",
+                view=_heads(h, dh),
+            )
         if kind == "result":
             return Tap(self.layer_path(layer, self.spec.attn_out_proj), special="result")
         if kind == "pattern":
@@ -205,15 +224,30 @@ class TransformerAdapter(Adapter):
             check_token_input(inputs, self.dims.d_vocab)
         else:
             extra = self.dims.extra
-            want = (extra.get("in_channels", "channels"), extra.get("image_size", "height"), extra.get("image_size", "width"))
-            shape_ok = isinstance(inputs, Tensor) and inputs.ndim == 4 and all(
-                isinstance(w, str) or got == w for got, w in zip(inputs.shape[1:], want)
+            want = (
+                extra.get("in_channels", "channels"),
+                extra.get("image_size", "height"),
+                extra.get("image_size", "width"),
+            )
+            shape_ok = (
+                isinstance(inputs, Tensor)
+                and inputs.ndim == 4
+                and all(
+                    isinstance(w, str) or got == w
+                    for got, w in zip(inputs.shape[1:], want, strict=True)
+                )
             )
             if not isinstance(inputs, Tensor) or not inputs.dtype.is_floating_point or not shape_ok:
-                got = f"shape {tuple(inputs.shape)}, dtype {inputs.dtype}" if isinstance(inputs, Tensor) else type(inputs).__name__
+                got = (
+                    f"shape {tuple(inputs.shape)}, dtype {inputs.dtype}"
+                    if isinstance(inputs, Tensor)
+                    else type(inputs).__name__
+                )
                 if isinstance(inputs, Tensor) and inputs.dtype.is_floating_point:
                     got = f"shape {tuple(inputs.shape)}"
-                raise InputError(f"{self.name} expects a float image tensor [batch, {', '.join(map(str, want))}], got {got}")
+                raise InputError(
+                    f"{self.name} expects a float image tensor [batch, {', '.join(map(str, want))}], got {got}"
+                )
 
     def describe(self) -> str:
         d = self.dims

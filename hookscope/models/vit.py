@@ -18,7 +18,9 @@ class PatchEmbed(nn.Module):
     def __init__(self, image_size: int, patch_size: int, in_channels: int, d_model: int):
         super().__init__()
         if image_size % patch_size:
-            raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+            raise ValueError(
+                f"image_size {image_size} is not a multiple of patch_size {patch_size}"
+            )
         self.n_patches = (image_size // patch_size) ** 2
         self.proj = nn.Conv2d(in_channels, d_model, kernel_size=patch_size, stride=patch_size)
 
@@ -97,7 +99,9 @@ class ViT(nn.Module):
         )
         self.patch_embed = PatchEmbed(image_size, patch_size, in_channels, d_model)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d_model))
-        self.pos_embed = nn.Parameter(torch.randn(1, 1 + self.patch_embed.n_patches, d_model) * 0.02)
+        self.pos_embed = nn.Parameter(
+            torch.randn(1, 1 + self.patch_embed.n_patches, d_model) * 0.02
+        )
         self.blocks = nn.ModuleList([Block(d_model, n_heads, d_mlp) for _ in range(n_layers)])
         self.ln_final = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, n_classes)

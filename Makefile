@@ -1,0 +1,36 @@
+# The two commands a newcomer needs (see README.md):
+#   make demo   set up .venv and run the main job (examples/quickstart.py)
+#   make test   set up .venv and run the test suite
+# Both install the CPU build of torch pinned in constraints.txt, never a CUDA build.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-all bench venv clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/quickstart.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider
+
+# every marker, including slow tests and real pretrained models (when installed)
+test-all: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -m ""
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_forward.py
+	$(PY) benchmarks/bench_analysis.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
