@@ -174,3 +174,56 @@ def test_llama_resid_mid_write(llama):
     # the MLP then reads zeros: RMSNorm(0) = 0, so the block output is the MLP's bias-free output of 0
     torch.testing.assert_close(after["mlp_out.0"], torch.zeros_like(after["mlp_out.0"]))
     torch.testing.assert_close(after["resid_post.0"], after["mlp_out.0"])
+
+
+def _family_member(kind):
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    common = dict(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        vocab_size=500,
+        max_position_embeddings=64,
+    )
+    if kind == "mistral":
+        return MistralForCausalLM(MistralConfig(**common)).eval()
+    return Qwen2ForCausalLM(Qwen2Config(**common)).eval()  # Qwen2: biases on q/k/v
+
+
+@pytest.mark.parametrize("kind", ["mistral", "qwen2"])
+def test_llama_family_members(kind):
+    hf = _family_member(kind)
+    model = hs.HookedModel.wrap(hf)
+    assert model.adapter.name == "llama" and model.cfg.n_kv_heads == 1
+    seen, handles = _capture(hf, ["model.layers.1.self_attn.v_proj"], inputs=False)
+    try:
+        with torch.no_grad():
+            ref = hf(TOKS, output_hidden_states=True, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    logits, cache = model.run_with_cache(TOKS, names=["resid_pre.*", "head.1.v"])
+    assert torch.equal(logits, ref.logits)
+    assert torch.equal(cache["resid_pre.1"], ref.hidden_states[1])
+    for h in range(4):  # one k/v head shared by all four query heads
+        assert torch.equal(cache[f"head.1.{h}.v"], seen["model.layers.1.self_attn.v_proj"])
+    with torch.no_grad():
+        eager = _eager(hf)(TOKS, output_attentions=True, use_cache=False)
+    _, pat = model.run_with_cache(TOKS, names="head.*.pattern")
+    assert torch.equal(pat["head.1.pattern"], eager.attentions[1])
+
+
+def test_from_pretrained_dtype_and_offline_hub_name(pythia_dir, monkeypatch):
+    model = hs.HookedModel.from_pretrained(str(pythia_dir), dtype="float64")
+    assert model.dtype == torch.float64
+    _, cache = model.run_with_cache(torch.tensor([[1, 2, 3]]), names="resid_post.0")
+    assert cache["resid_post.0"].dtype == torch.float64
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(
+        hs.ModelLoadError, match="could not load a model config from 'EleutherAI/pythia-70m'"
+    ):
+        hs.HookedModel.from_pretrained("EleutherAI/pythia-70m")
