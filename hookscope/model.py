@@ -248,6 +248,8 @@ class HookedModel:
             if "input_ids" not in inputs:
                 raise InputError(f"a dict input needs 'input_ids'; got keys {sorted(inputs)}")
             inputs = inputs["input_ids"]
+        if isinstance(inputs, (list, tuple)) and _is_int_nest(inputs):
+            inputs = torch.tensor(inputs, dtype=torch.long)
         if not isinstance(inputs, Tensor):
             raise InputError(
                 f"model input must be a tensor, a string or a list of strings, got {type(inputs).__name__}"
@@ -436,6 +438,18 @@ class HookedModel:
         """Keep ``hooks`` on the model for the ``with`` block (every call inside uses them)."""
         with installed(self.model, self._plans(hooks), Run()):
             yield self
+
+
+def _is_int_nest(x: Any) -> bool:
+    """A non-empty list of ints, or of equal-length lists of ints (token ids)."""
+    if not x:
+        return False
+    if all(isinstance(i, int) and not isinstance(i, bool) for i in x):
+        return True
+    return (
+        all(isinstance(r, (list, tuple)) and r and _is_int_nest(r) for r in x)
+        and len({len(r) for r in x}) == 1
+    )
 
 
 def _check_hooks(hooks: Any) -> list[HookSpec]:

@@ -102,6 +102,17 @@ def test_bad_hook_specs(neox):
         neox.run_with_hooks(TOKS, hooks=5)
 
 
+def test_token_lists_and_position_limit():
+    gpt2 = hs.HookedModel.wrap(builders.tiny_gpt2())
+    assert torch.equal(gpt2([[1, 2, 3]]), gpt2(torch.tensor([[1, 2, 3]])))
+    with pytest.raises(
+        hs.InputError, match="65 positions exceed this gpt2 model's 64 learned position embeddings"
+    ):
+        gpt2(torch.zeros(1, 65, dtype=torch.long))
+    with pytest.raises(hs.InputError, match="must be a tensor"):
+        gpt2([[1, 2], [3]])  # ragged
+
+
 def test_vision_shape_errors():
     cnn = hs.HookedModel.wrap(builders.tiny_cnn())
     with pytest.raises(

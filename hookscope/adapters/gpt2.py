@@ -17,6 +17,7 @@ def _dims(root) -> Dims:
         d_head=c.n_embd // c.n_head,
         d_mlp=c.n_inner if c.n_inner is not None else 4 * c.n_embd,
         d_vocab=c.vocab_size,
+        extra={"max_positions": c.n_positions},  # learned absolute positions
     )
 
 

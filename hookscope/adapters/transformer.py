@@ -222,6 +222,12 @@ class TransformerAdapter(Adapter):
     def check_input(self, inputs: Tensor) -> None:
         if self.spec.token_input:
             check_token_input(inputs, self.dims.d_vocab)
+            limit = self.dims.extra.get("max_positions")
+            if limit is not None and inputs.shape[-1] > limit:
+                raise InputError(
+                    f"{inputs.shape[-1]} positions exceed this {self.name} model's {limit} learned "
+                    f"position embeddings; pass at most {limit} tokens"
+                )
         else:
             extra = self.dims.extra
             want = (
