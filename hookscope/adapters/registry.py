@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from hookscope.adapters import gpt2, gpt_neox, llama, vit
+from hookscope.adapters import bert, gemma3, gpt2, gpt_neox, llama, vit
 from hookscope.adapters.base import Adapter, ModuleAdapter
 from hookscope.adapters.sequential import SequentialAdapter, is_sequential
 from hookscope.adapters.transformer import TransformerAdapter, TransformerSpec
@@ -24,6 +24,8 @@ ADAPTERS: dict[str, Callable[[nn.Module], Adapter]] = {
     "gpt_neox": _spec(gpt_neox.SPEC),
     "gpt2": _spec(gpt2.SPEC),
     "llama": _spec(llama.SPEC),
+    "gemma3": _spec(gemma3.SPEC),
+    "bert": _spec(bert.SPEC),
     "vit": _spec(vit.SPEC),
     "mlp": SequentialAdapter,
     "cnn": SequentialAdapter,
@@ -38,6 +40,8 @@ HF_MODEL_TYPES = {
     "mistral": "llama",
     "qwen2": "llama",
     "qwen3": "llama",
+    "gemma3_text": "gemma3",
+    "bert": "bert",
 }
 
 

@@ -66,6 +66,9 @@ class TransformerSpec:
     dims: Callable[[nn.Module], Dims]
     sequential_residual: Callable[[nn.Module], bool] = lambda root: True
     pattern_module: str | None = None  # relative to a layer; None = HF attention function
+    attn_out_module: str | None = None  # what adds into the residual, if not ``attn`` (post-norms)
+    mlp_out_module: str | None = None  # likewise for the MLP
+    resid_mid_module: str | None = None  # post-LN blocks (BERT): resid_mid is this module's output
     token_input: bool = True
     missing_note: str = ""  # appended to the error for resid_mid when absent
 
@@ -103,7 +106,9 @@ class TransformerAdapter(Adapter):
             self.unembed_path: str | None = _first_existing(root, spec.unembed)
         except AdapterError:  # a base model without its head: no logits address
             self.unembed_path = None
-        self.has_resid_mid = bool(spec.sequential_residual(root))
+        self.has_resid_mid = spec.resid_mid_module is not None or bool(
+            spec.sequential_residual(root)
+        )
         n = len(submodule(root, self.layers_path))  # type: ignore[arg-type]
         if n != self.dims.n_layers:
             raise AdapterError(
@@ -170,16 +175,19 @@ class TransformerAdapter(Adapter):
             return Tap(self.layer_path(layer), "input", 0, "hidden_states")
         if kind == "resid_post":
             return Tap(self.layer_path(layer))
+        attn_out = self.spec.attn_out_module or self.spec.attn
         if kind == "attn_out":
-            return Tap(self.layer_path(layer, self.spec.attn))
+            return Tap(self.layer_path(layer, attn_out))
         if kind == "resid_mid":
+            if self.spec.resid_mid_module is not None:
+                return Tap(self.layer_path(layer, self.spec.resid_mid_module))
             return Tap(
-                self.layer_path(layer, self.spec.attn),
+                self.layer_path(layer, attn_out),
                 special="resid_mid",
                 stash=Slot("resid_pre", layer),
             )
         if kind == "mlp_out":
-            return Tap(self.layer_path(layer, self.spec.mlp))
+            return Tap(self.layer_path(layer, self.spec.mlp_out_module or self.spec.mlp))
         if kind == "neuron_pre":
             return Tap(self.layer_path(layer, self.spec.mlp_pre))
         if kind == "neuron_post":
