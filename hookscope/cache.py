@@ -71,7 +71,7 @@ class ActivationCache(Mapping):
         grads: ActivationCache | None = None,
         backward_value: Tensor | None = None,
     ):
-        self._acts = dict(sorted(acts.items(), key=lambda kv: slot_address(kv[0])._sort_key()))
+        self._acts = acts  # filled by the hooks, so already in forward order
         self._layout = layout
         self._requested = requested
         self._keys: list[Address] | None = None

@@ -28,7 +28,7 @@ from hookscope.adapters.base import Tap, output_tensor, submodule
 from hookscope.addresses import _SLOT_ORDER, Address, Slot
 from hookscope.errors import HookError
 
-__all__ = ["HookFn", "SlotPlan", "Run", "installed"]
+__all__ = ["HookFn", "SlotPlan", "Run", "Wiring", "wire", "installed"]
 
 HookFn = Callable[[Tensor, Address], "Tensor | None"]
 
@@ -133,7 +133,7 @@ def _record(plan: SlotPlan, ev: _Event, run: Run, view: Callable[[Tensor], Tenso
     if plan.record:
         if plan.tap.clone_on_record:
             value = value.clone()
-        run.acts[plan.slot] = value.detach() if run.detach else value
+        run.acts[plan.slot] = value.detach() if (run.detach and value.requires_grad) else value
 
 
 def _process_plain(plan: SlotPlan, ev: _Event, run: Run, args: tuple) -> None:
@@ -241,15 +241,25 @@ def _pattern_handler(plans: list[SlotPlan], run: Run, pattern: Tensor) -> Tensor
     return ev.tensor
 
 
-@contextmanager
-def installed(root: nn.Module, plans: list[SlotPlan], run: Run) -> Iterator[Run]:
-    """Register one torch hook per module event for ``plans``; remove exactly them on exit."""
+Wiring = list[tuple[str, str, list[SlotPlan]]]
+
+
+def wire(plans: list[SlotPlan]) -> Wiring:
+    """Group plans by module event (one torch hook each), in forward order within a module.
+
+    A wiring holds no per-call state, so a caller may build it once and reuse it."""
     groups: dict[tuple[str, str, int], list[SlotPlan]] = {}
     for plan in sorted(plans, key=lambda p: (p.slot.layer, _SLOT_ORDER.get(p.slot.kind, 0))):
         groups.setdefault((plan.tap.module, plan.tap.event, plan.tap.arg), []).append(plan)
+    return [(path, event, group) for (path, event, _), group in groups.items()]
+
+
+@contextmanager
+def installed(root: nn.Module, wiring: Wiring, run: Run) -> Iterator[Run]:
+    """Register one torch hook per module event of ``wiring``; remove exactly them on exit."""
     with ExitStack() as stack:
         pattern: dict[nn.Module, Callable[[Tensor], Tensor]] = {}
-        for (path, event, _), group in groups.items():
+        for path, event, group in wiring:
             module = submodule(root, path)
             if event == "output":
                 handle = module.register_forward_hook(partial(_forward_hook, group, run))

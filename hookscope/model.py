@@ -42,7 +42,7 @@ from hookscope.errors import (
     format_choices,
     suggestion,
 )
-from hookscope.hooks import HookFn, Run, SlotPlan, installed
+from hookscope.hooks import HookFn, Run, SlotPlan, Wiring, installed, wire
 
 __all__ = ["HookedModel"]
 
@@ -79,6 +79,7 @@ class HookedModel:
         self.adapter = adapter
         self.tokenizer = tokenizer
         self._dims = _Dims(adapter)
+        self._plan_memo: dict[tuple, tuple] = {}
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -377,6 +378,27 @@ class HookedModel:
         group = self.adapter.kv_group if isinstance(self.adapter, TransformerAdapter) else 1
         return Layout(self.n_layers, axes, units, group)
 
+    def _prepare_cache(
+        self, names: Any, hooks: Sequence[HookSpec], backward: bool
+    ) -> tuple[list[Slot], list[Address | Selection] | None, Wiring, Layout]:
+        """Plan a cached run; without user hooks the plan is memoised per (names, backward)."""
+        key = None
+        if not hooks:
+            try:
+                key = (_names_key(names), backward)
+            except TypeError:
+                key = None
+            if key is not None and key in self._plan_memo:
+                return self._plan_memo[key]
+        slots, requested = self._cache_request(names)
+        plans = self._plans(hooks, record=slots, grad=slots if backward else ())
+        prepared = (slots, requested, wire(plans), self._layout(slots))
+        if key is not None:
+            if len(self._plan_memo) >= 64:
+                self._plan_memo.clear()
+            self._plan_memo[key] = prepared
+        return prepared
+
     # ------------------------------------------------------------------ public runs
     def run_with_cache(
         self,
@@ -398,14 +420,13 @@ class HookedModel:
         ``.grads`` (and ``cache.grad(address)``) hold its gradient at every cached address.
         ``device``/``dtype`` move the cache once at the end.
         """
-        slots, requested = self._cache_request(names)
-        plans = self._plans(hooks, record=slots, grad=slots if backward is not None else ())
+        slots, requested, wiring, layout = self._prepare_cache(names, hooks, backward is not None)
         run = Run()
         value = None
         grads = None
         grad_mode = torch.enable_grad() if backward is not None else torch.no_grad()
         with grad_mode:
-            with installed(self.model, plans, run):
+            with installed(self.model, wiring, run):
                 out = self._forward(inputs, kwargs)
             if backward is not None:
                 value = backward(out)
@@ -415,7 +436,6 @@ class HookedModel:
                         f"{tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__}"
                     )
                 grads = run.gradients(value.reshape(()))
-        layout = self._layout(slots)
         grad_cache = ActivationCache(grads, layout, requested) if grads is not None else None
         cache = ActivationCache(
             run.acts, layout, requested, grad_cache, value.detach() if value is not None else None
@@ -430,14 +450,25 @@ class HookedModel:
         """Run with ``hooks = [(address_or_selection, fn), ...]``; ``fn(activation, address)``
         may return a replacement of the same shape (or None to leave it). Hooks are removed
         when the call returns or raises."""
-        with installed(self.model, self._plans(hooks), Run()):
+        with installed(self.model, wire(self._plans(hooks)), Run()):
             return self._forward(inputs, kwargs)
 
     @contextmanager
     def hooks(self, hooks: Sequence[HookSpec]) -> Iterator[HookedModel]:
         """Keep ``hooks`` on the model for the ``with`` block (every call inside uses them)."""
-        with installed(self.model, self._plans(hooks), Run()):
+        with installed(self.model, wire(self._plans(hooks)), Run()):
             yield self
+
+
+def _names_key(names: Any) -> tuple:
+    """A hashable key for a ``names`` argument (raises TypeError for unhashable input)."""
+    if names is None:
+        return (None,)
+    if isinstance(names, (str, Address, Selection)):
+        return (str(names),)
+    if isinstance(names, (list, tuple)):
+        return tuple(str(n) if isinstance(n, (str, Address, Selection)) else hash(n) for n in names)
+    raise TypeError("not memoisable")
 
 
 def _is_int_nest(x: Any) -> bool:

@@ -123,3 +123,21 @@ def test_vision_hooks_removed(neox):
     with pytest.raises(ValueError):
         model.run_with_hooks(torch.zeros(1, 1, 8, 8), hooks=[("neuron.*.*", _boom)])
     assert _hook_count(net) == 0
+
+
+def test_memoised_plan_follows_a_replaced_submodule():
+    hf = builders.tiny_neox()
+    model = hs.HookedModel.wrap(hf)
+    _, first = model.run_with_cache(TOKS, names="mlp_out.0")
+    replacement = builders.tiny_neox(seed=5).gpt_neox.layers[0].mlp
+    hf.gpt_neox.layers[0].mlp = replacement
+    _, second = model.run_with_cache(TOKS, names="mlp_out.0")  # same names: the memoised plan
+    with torch.no_grad():
+        expected = replacement(hf.gpt_neox.layers[0].post_attention_layernorm(second_resid(model)))
+    assert not torch.equal(first["mlp_out.0"], second["mlp_out.0"])
+    torch.testing.assert_close(second["mlp_out.0"], expected)
+    assert _hook_count(hf) == 0
+
+
+def second_resid(model):
+    return model.run_with_cache(TOKS, names="resid_pre.0")[1]["resid_pre.0"]

@@ -60,18 +60,20 @@ class Tap:
 
 
 def submodule(root: nn.Module, path: str) -> nn.Module:
-    """``root.get_submodule(path)`` with a hookscope error naming close paths."""
-    if path == "":
-        return root
+    """The submodule at dotted ``path`` (walked through ``_modules`` on every call, so a
+    replaced submodule is always the one found), with a hookscope error naming close paths."""
+    module = root
     try:
-        return root.get_submodule(path)
-    except AttributeError:
-        names = [n for n, _ in root.named_modules() if n]
+        for part in path.split(".") if path else ():
+            module = module._modules[part]  # type: ignore[assignment]
+    except (KeyError, TypeError):
         from hookscope.errors import suggestion
 
+        names = [n for n, _ in root.named_modules() if n]
         raise SiteUnavailableError(
             f"module {path!r} does not exist in {type(root).__name__}." + suggestion(path, names)
         ) from None
+    return module
 
 
 def output_tensor(output: object) -> Tensor:
