@@ -99,12 +99,15 @@ class HookedModel:
         dtype: str | torch.dtype | None = None,
         tokenizer: bool = True,
         adapter: str = "auto",
+        head: str = "auto",
         **hf_kwargs: Any,
     ) -> HookedModel:
         """Load a Hugging Face model (hub name or local folder) through transformers.
 
         The model is put in eval mode. ``dtype`` is a torch dtype or one of float32, float16,
-        bfloat16, float64. A folder without tokenizer files gives ``tokenizer=None``.
+        bfloat16, float64. A folder without tokenizer files gives ``tokenizer=None``. ``head``
+        picks the model class: ``causal_lm``, ``masked_lm``, ``none`` (the bare encoder/decoder,
+        no logits) or ``auto`` (from the config's ``architectures``; causal LM if unnamed).
         """
         import transformers
 
@@ -116,12 +119,7 @@ class HookedModel:
                 f"could not load a model config from {name_or_path!r}: {err}. Pass a local folder made by "
                 "save_pretrained, or make the Hugging Face hub (or its cache) reachable."
             ) from None
-        archs = " ".join(getattr(config, "architectures", None) or [])
-        auto = (
-            transformers.AutoModelForMaskedLM
-            if "MaskedLM" in archs
-            else transformers.AutoModelForCausalLM
-        )
+        auto = _auto_class(transformers, config, head)
         try:
             model = auto.from_pretrained(name_or_path, dtype=torch_dtype, **hf_kwargs)
         except (OSError, ValueError) as err:
@@ -498,6 +496,29 @@ def _check_hooks(hooks: Any) -> list[HookSpec]:
                 f"each hook must be an (address, fn) pair with a callable fn, got {entry!r}"
             )
     return entries  # type: ignore[return-value]
+
+
+_HEADS = ("auto", "causal_lm", "masked_lm", "none")
+
+
+def _auto_class(transformers: Any, config: Any, head: str) -> Any:
+    if head not in _HEADS:
+        raise InputError(
+            f"unknown head {head!r}; choose one of {', '.join(_HEADS)}." + suggestion(head, _HEADS)
+        )
+    if head == "auto":
+        archs = " ".join(getattr(config, "architectures", None) or [])
+        if "MaskedLM" in archs:
+            head = "masked_lm"
+        elif archs and "CausalLM" not in archs and "LMHead" not in archs:
+            head = "none"
+        else:
+            head = "causal_lm"
+    return {
+        "causal_lm": transformers.AutoModelForCausalLM,
+        "masked_lm": transformers.AutoModelForMaskedLM,
+        "none": transformers.AutoModel,
+    }[head]
 
 
 def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
