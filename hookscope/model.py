@@ -199,22 +199,24 @@ class HookedModel:
 
     def _tokenize(self, text: str | Sequence[str]) -> dict[str, Tensor]:
         tok = self._need_tokenizer()
-        if isinstance(text, str):
-            text = [text]
+        text = [text] if isinstance(text, str) else list(text)
         if not text or not all(isinstance(t, str) for t in text):
             raise InputError("text input must be a string or a non-empty list of strings")
-        pad = tok.pad_token is None
+        pad, side = tok.pad_token is None, tok.padding_side
         if pad:
             tok.pad_token = tok.eos_token
+        tok.padding_side = "right"  # positions then mean the same in every row
         try:
             enc = tok(list(text), return_tensors="pt", padding=True)
         finally:
+            tok.padding_side = side
             if pad:
                 tok.pad_token = None
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
     def to_tokens(self, text: str | Sequence[str]) -> Tensor:
-        """Token ids [batch, pos] (right-padded when strings differ in length)."""
+        """Token ids [batch, pos]; strings of different lengths are right-padded (whatever the
+        tokenizer's own padding side), so position p is the p-th token of every row."""
         return self._tokenize(text)["input_ids"].to(self.device)
 
     def to_string(self, tokens: Tensor | Sequence[int]) -> str | list[str]:
@@ -236,9 +238,7 @@ class HookedModel:
     # ------------------------------------------------------------------ forward
     def _prepare(self, inputs: Any, kwargs: dict) -> tuple[tuple, dict]:
         is_hf = hasattr(self.model, "config") and hasattr(self.model.config, "model_type")
-        if isinstance(inputs, (str, list, tuple)) and (
-            isinstance(inputs, str) or all(isinstance(x, str) for x in inputs)
-        ):
+        if _is_texts(inputs):
             enc = self._tokenize(inputs)
             kwargs = {**{k: v.to(self.device) for k, v in enc.items()}, **kwargs}
             inputs = kwargs.pop("input_ids")
@@ -456,6 +456,15 @@ class HookedModel:
         """Keep ``hooks`` on the model for the ``with`` block (every call inside uses them)."""
         with installed(self.model, wire(self._plans(hooks)), Run()):
             yield self
+
+
+def _is_texts(x: Any) -> bool:
+    """A string, or a sized sequence of strings (list, tuple, a datasets column, ...)."""
+    if isinstance(x, str):
+        return True
+    if isinstance(x, (Tensor, Mapping)) or not hasattr(x, "__len__") or not hasattr(x, "__iter__"):
+        return False
+    return len(x) > 0 and all(isinstance(t, str) for t in x)
 
 
 def _names_key(names: Any) -> tuple:

@@ -268,3 +268,20 @@ def test_batch_of_strings_is_padded_and_masked(pythia):
     single = pythia(texts[1])
     n = single.shape[1]
     torch.testing.assert_close(batch[1, :n], single[0], atol=1e-5, rtol=1e-5)
+
+
+def test_any_sequence_of_strings_and_right_padding(pythia):
+    from datasets import Dataset
+
+    texts = ["When Mary and John went to the store", "The quick brown fox"]
+    column = Dataset.from_dict({"text": texts})["text"]
+    assert torch.equal(pythia(column), pythia(texts))
+    tok = pythia.tokenizer
+    tok.padding_side = "left"
+    try:
+        ids = pythia.to_tokens(texts)
+        assert tok.padding_side == "left"  # the tokenizer's own setting is left as it was
+    finally:
+        tok.padding_side = "right"
+    short = pythia.to_tokens(texts[1])[0]
+    assert torch.equal(ids[1, : len(short)], short)  # right-padded: the text starts at position 0
