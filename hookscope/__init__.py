@@ -5,6 +5,7 @@ Typed component addresses (:class:`Residual`, :class:`AttentionHead`, :class:`ML
 them. See README.md for a tour.
 """
 
+from hookscope import analysis
 from hookscope.addresses import (
     Address,
     AttentionHead,
@@ -37,6 +38,7 @@ from hookscope.models import ViT
 __version__ = "0.1.0"
 
 __all__ = [
+    "analysis",
     "Address",
     "ActivationCache",
     "AdapterError",
