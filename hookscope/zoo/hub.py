@@ -52,13 +52,20 @@ def _how_to_get(repo_id: str) -> str:
     )
 
 
-def load_from_hub(repo_id: str, revision: str | None = None, **kwargs: Any) -> HookedModel:
-    """``HookedModel.from_pretrained(repo_id)`` from the cache, or the hub when reachable."""
-    extra = {"revision": revision} if revision is not None else {}
+def _from_cache(repo_id: str, extra: dict, kwargs: dict) -> HookedModel | None:
+    """The model from the local Hugging Face cache, or None when it is not there."""
     try:
         return HookedModel.from_pretrained(repo_id, local_files_only=True, **extra, **kwargs)
     except ModelLoadError:
-        pass
+        return None
+
+
+def load_from_hub(repo_id: str, revision: str | None = None, **kwargs: Any) -> HookedModel:
+    """``HookedModel.from_pretrained(repo_id)`` from the cache, or the hub when reachable."""
+    extra = {"revision": revision} if revision is not None else {}
+    cached = _from_cache(repo_id, extra, kwargs)
+    if cached is not None:
+        return cached
     where = f"{repo_id}" + (f" (revision {revision})" if revision else "")
     if _offline():
         raise ModelLoadError(
