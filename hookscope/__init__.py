@@ -5,7 +5,7 @@ Typed component addresses (:class:`Residual`, :class:`AttentionHead`, :class:`ML
 them. See README.md for a tour.
 """
 
-from hookscope import analysis
+from hookscope import analysis, data, zoo
 from hookscope.addresses import (
     Address,
     AttentionHead,
@@ -39,6 +39,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "analysis",
+    "data",
+    "zoo",
     "Address",
     "ActivationCache",
     "AdapterError",

