@@ -1,0 +1,13 @@
+"""Causal interventions: activation patching with structured metrics.
+
+>>> from hookscope import interventions as iv
+>>> metric = iv.logit_diff(pairs["correct"], pairs["incorrect"])
+>>> res = iv.activation_patching(model, clean=..., corrupted=..., metric=metric, sites="head.*.*")
+>>> res.scores; res.top(10); res.to_pandas(); res.plot()
+"""
+
+from hookscope.interventions.metrics import Metric, logit, logit_diff, loss, prob
+from hookscope.interventions.patching import activation_patching
+from hookscope.interventions.result import PatchingResult
+
+__all__ = ["Metric", "PatchingResult", "activation_patching", "logit", "logit_diff", "loss", "prob"]

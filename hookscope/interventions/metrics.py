@@ -1,0 +1,152 @@
+"""Metrics on model outputs for patching and ablation.
+
+A *structured* metric (:class:`Metric`) knows what it measures, so sweeps can normalise it:
+``score = (m(patched) - m(corrupted)) / (m(clean) - m(corrupted))``. Denoising then reads
+0 for the unpatched corrupted run and 1 for full recovery; noising reads 1 for the unpatched
+clean run and 0 for full destruction ("fraction of clean behaviour kept"). A plain callable
+``metric(output) -> scalar tensor`` is used raw, unnormalised (as TransformerLens' patching
+functions do).
+
+Outputs are logits ``[batch, pos, vocab]`` (language models) or ``[batch, classes]``
+(classifiers; pass ``position=None``). ``position`` is an int (same for every row) or a
+LongTensor ``[batch]`` (each row's answer position, e.g. ``ioi_tokens(...).end_pos``).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from hookscope.errors import InputError
+
+__all__ = ["Metric", "logit_diff", "logit", "prob", "loss"]
+
+TokenIds = int | Sequence[int] | Tensor
+Position = int | Sequence[int] | Tensor | None
+
+
+def _ids(ids: TokenIds, what: str) -> Tensor:
+    t = torch.as_tensor(ids)
+    if t.is_floating_point() or t.ndim > 1:
+        raise InputError(
+            f"{what} must be a token id or a list/1-D tensor of ids, got {tuple(t.shape)} {t.dtype}"
+        )
+    return t.long()
+
+
+def _at_position(output: Tensor, position: Position) -> Tensor:
+    """[batch, vocab] logits at each row's position (``output`` itself when position is None)."""
+    if position is None:
+        if output.ndim != 2:
+            raise InputError(
+                f"position=None needs [batch, classes] output, got shape {tuple(output.shape)}"
+            )
+        return output
+    if output.ndim != 3:
+        raise InputError(
+            f"output must be [batch, pos, vocab] to read a position, got shape {tuple(output.shape)}"
+        )
+    if isinstance(position, int):
+        return output[:, position]
+    pos = torch.as_tensor(position, device=output.device).long()
+    if pos.shape != (output.shape[0],):
+        raise InputError(
+            f"position must be an int or one per row ({output.shape[0]}), got shape {tuple(pos.shape)}"
+        )
+    return output[torch.arange(output.shape[0], device=output.device), pos]
+
+
+def _gather(logits: Tensor, ids: Tensor) -> Tensor:
+    ids = ids.to(logits.device)
+    if ids.ndim == 0:
+        return logits[:, ids]
+    if ids.shape[0] != logits.shape[0]:
+        raise InputError(f"{ids.shape[0]} answer ids for a batch of {logits.shape[0]}")
+    return logits.gather(1, ids[:, None])[:, 0]
+
+
+class Metric(ABC):
+    """A structured metric: ``per_example(output) -> [batch]``, ``__call__`` the batch mean."""
+
+    name = "metric"
+
+    @abstractmethod
+    def per_example(self, output: Tensor) -> Tensor:
+        """The metric of each row of ``output``: [batch]."""
+
+    def __call__(self, output: Tensor) -> Tensor:
+        return self.per_example(output).mean()
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+class _LogitDiff(Metric):
+    def __init__(self, correct: TokenIds, incorrect: TokenIds, position: Position):
+        self.correct, self.incorrect = _ids(correct, "correct"), _ids(incorrect, "incorrect")
+        self.position = position
+        self.name = "logit_diff"
+
+    def per_example(self, output: Tensor) -> Tensor:
+        at = _at_position(output, self.position)
+        return _gather(at, self.correct) - _gather(at, self.incorrect)
+
+
+class _Logit(Metric):
+    def __init__(self, token: TokenIds, position: Position, probability: bool):
+        self.token, self.position, self.probability = _ids(token, "token"), position, probability
+        self.name = "prob" if probability else "logit"
+
+    def per_example(self, output: Tensor) -> Tensor:
+        at = _at_position(output, self.position)
+        if self.probability:
+            at = at.float().softmax(-1)
+        return _gather(at, self.token)
+
+
+class _Loss(Metric):
+    def __init__(self, tokens: Tensor, positions: Sequence[int] | None):
+        self.tokens = torch.as_tensor(tokens).long()
+        if self.tokens.ndim != 2:
+            raise InputError(
+                f"loss needs the token ids [batch, pos], got shape {tuple(self.tokens.shape)}"
+            )
+        self.positions = positions
+        self.name = "loss"
+
+    def per_example(self, output: Tensor) -> Tensor:
+        if output.ndim != 3 or output.shape[:2] != self.tokens.shape:
+            raise InputError(
+                f"loss: output {tuple(output.shape)} does not match tokens {tuple(self.tokens.shape)}"
+            )
+        logp = output[:, :-1].float().log_softmax(-1)
+        nll = -logp.gather(-1, self.tokens[:, 1:, None].to(output.device))[..., 0]  # [batch, pos-1]
+        if self.positions is not None:
+            nll = nll[:, list(self.positions)]
+        return nll.mean(-1)
+
+
+def logit_diff(correct: TokenIds, incorrect: TokenIds, position: Position = -1) -> Metric:
+    """logit[correct] - logit[incorrect] at ``position`` (per row), averaged over the batch."""
+    return _LogitDiff(correct, incorrect, position)
+
+
+def logit(token: TokenIds, position: Position = -1) -> Metric:
+    """The logit of ``token`` at ``position``, averaged over the batch."""
+    return _Logit(token, position, probability=False)
+
+
+def prob(token: TokenIds, position: Position = -1) -> Metric:
+    """The softmax probability of ``token`` at ``position``, averaged over the batch."""
+    return _Logit(token, position, probability=True)
+
+
+def loss(tokens: Tensor, positions: Sequence[int] | None = None) -> Metric:
+    """Next-token cross-entropy of ``tokens`` [batch, pos] (at the given predicting positions).
+
+    Lower is better; normalisation still maps corrupted to 0 and clean to 1.
+    """
+    return _Loss(tokens, positions)

@@ -1,0 +1,212 @@
+"""Activation patching: put one run's activation into another run, one site at a time.
+
+``direction="denoise"`` runs the corrupted input and patches in clean activations;
+``"noise"`` runs the clean input and patches in corrupted ones. Each (site, position) job
+is one patched run; jobs are stacked along the batch (``chunk_size`` patched runs per
+forward, each a copy of the input batch), so a sweep of N jobs costs about N / chunk_size
+forwards instead of N. The per-job metric is computed on that job's rows only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from hookscope.adapters.transformer import TransformerAdapter
+from hookscope.addresses import Address, Selection, Slot, parse, slot_address
+from hookscope.errors import InputError, format_choices
+from hookscope.interventions.metrics import Metric
+from hookscope.interventions.result import PatchingResult
+from hookscope.model import HookedModel
+
+__all__ = ["activation_patching"]
+
+DIRECTIONS = ("denoise", "noise")
+
+
+def _sweep_dims(sites: Any, model: HookedModel) -> tuple[list[str], list[int]]:
+    """Axis names and sizes of a sweep over ``sites`` (before any position axis)."""
+    item = parse(sites) if isinstance(sites, (str, Address, Selection)) else None
+    if isinstance(item, Selection):
+        names, sizes = [], []
+        layers = item.layers.values(model.n_layers, "layer")
+        if len(layers) > 1 or item.layers.is_all:
+            names.append("layer")
+            sizes.append(len(layers))
+        if item.units is not None:
+            unit = "head" if item.kind == "head" else "neuron"
+            n = len(item.expand(model._dims)) // max(1, len(layers))
+            if n > 1 or item.units.is_all:
+                names.append(unit)
+                sizes.append(n)
+        return names, sizes
+    if isinstance(item, Address):
+        return [], []
+    return ["site"], [len(model.resolve(sites))]
+
+
+def _position_axis(model: HookedModel, slot: Slot) -> int | None:
+    if isinstance(model.adapter, TransformerAdapter):
+        return 2 if slot.kind == "pattern" else 1
+    return None
+
+
+def _as_tokens(model: HookedModel, inputs: Any) -> Tensor:
+    if isinstance(inputs, Tensor):
+        return (
+            inputs.unsqueeze(0) if inputs.ndim == 1 and not inputs.is_floating_point() else inputs
+        )
+    return model.to_tokens(inputs)
+
+
+def _metric_value(metric: Callable[[Tensor], Tensor] | Metric, output: Tensor) -> float:
+    value = metric(output)
+    if not isinstance(value, Tensor) or value.numel() != 1:
+        raise InputError(
+            f"metric must return a scalar tensor, got "
+            f"{tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__}"
+        )
+    return float(value)
+
+
+def activation_patching(
+    model: HookedModel,
+    clean: Any,
+    corrupted: Any,
+    metric: Metric | Callable[[Tensor], Tensor],
+    sites: Any = "resid_pre.*",
+    positions: str | Sequence[int] = "all",
+    direction: str = "denoise",
+    chunk_size: int | None = None,
+    progress: bool = True,
+) -> PatchingResult:
+    """Patch each site (and position) from the source run into the base run; score each.
+
+    ``sites``: an address, a selection (``"head.*.*"``, ``"resid_pre.*"``) or a list.
+    ``positions``: ``"all"`` (every position at once), ``"each"`` (a sweep) or a list of
+    positions. Structured metrics (:mod:`hookscope.interventions.metrics`) are normalised
+    (corrupted 0, clean 1); a plain callable ``metric(output) -> scalar`` is reported raw.
+    ``chunk_size``: patched runs stacked per forward (memory grows with it; default keeps
+    a forward under ~4096 tokens). Scores are shaped by the sweep: e.g. ``[layer, head]``
+    for ``head.*.*``, ``[layer, pos]`` for ``resid_pre.*`` with ``positions="each"``.
+    """
+    if direction not in DIRECTIONS:
+        raise InputError(
+            f"direction must be one of {format_choices(DIRECTIONS)}, got {direction!r}"
+        )
+    clean_t, corrupted_t = _as_tokens(model, clean), _as_tokens(model, corrupted)
+    if clean_t.shape != corrupted_t.shape:
+        raise InputError(
+            f"clean and corrupted inputs must have the same shape, got {tuple(clean_t.shape)} and "
+            f"{tuple(corrupted_t.shape)} (prompts of equal token length)"
+        )
+    addresses = model.resolve(sites)
+    if not addresses:
+        raise InputError(f"sites {sites!r} selects no address")
+    names, sizes = _sweep_dims(sites, model)
+    slot_names = list(dict.fromkeys(slot_address(a.slot) for a in addresses))
+    clean_out, clean_cache = model.run_with_cache(clean_t, names=slot_names)
+    corrupted_out, corrupted_cache = model.run_with_cache(corrupted_t, names=slot_names)
+    base_t, source = (
+        (corrupted_t, clean_cache) if direction == "denoise" else (clean_t, corrupted_cache)
+    )
+    m_clean, m_corrupted = _metric_value(metric, clean_out), _metric_value(metric, corrupted_out)
+    normalised = isinstance(metric, Metric)
+    if normalised and m_clean == m_corrupted:
+        raise InputError(
+            f"the metric is equal on clean and corrupted runs ({m_clean:.6g}); normalised scores are "
+            "undefined — use inputs that differ in the metric, or a plain callable metric"
+        )
+
+    n_pos = clean_t.shape[1] if clean_t.ndim >= 2 else 0
+    if positions == "all":
+        pos_list: list[int | None] = [None]
+    elif positions == "each":
+        pos_list = list(range(n_pos))
+    else:
+        pos_list = [int(p) for p in positions]  # type: ignore[union-attr]
+        bad = [p for p in pos_list if not -n_pos <= p < n_pos]
+        if bad:
+            raise InputError(f"positions {bad} out of range for inputs of {n_pos} positions")
+    if pos_list != [None] and any(_position_axis(model, a.slot) is None for a in addresses):
+        raise InputError(
+            f"{model.adapter.name} activations have no position axis; use positions='all'"
+        )
+    jobs = [(a, p) for a in addresses for p in pos_list]
+
+    batch = base_t.shape[0]
+    tokens_per_run = batch * max(1, n_pos if not base_t.is_floating_point() else 1)
+    k = chunk_size or max(1, 4096 // tokens_per_run)
+    if k < 1:
+        raise InputError(f"chunk_size must be >= 1, got {chunk_size}")
+    raw: list[float] = []
+    chunks = range(0, len(jobs), k)
+    for start in tqdm(chunks, desc="patching", disable=not progress or len(chunks) < 2):
+        part = jobs[start : start + k]
+        hooks = _patch_hooks(model, part, source, batch)
+        stacked = base_t.repeat(len(part), *([1] * (base_t.ndim - 1)))
+        with torch.no_grad():
+            out = model.run_with_hooks(stacked, hooks=hooks)
+        raw += [_metric_value(metric, out[i * batch : (i + 1) * batch]) for i in range(len(part))]
+
+    flat = torch.tensor(raw, dtype=torch.float64)
+    if normalised:
+        flat = (flat - m_corrupted) / (m_clean - m_corrupted)
+    shape = sizes + ([len(pos_list)] if pos_list != [None] else [])
+    dims = tuple(names + (["pos"] if pos_list != [None] else []))
+    scores = flat.reshape(shape) if shape else flat.reshape(())
+    return PatchingResult(
+        scores=scores,
+        dims=dims,
+        jobs=jobs,
+        flat=flat,
+        direction=direction,
+        metric=getattr(metric, "name", getattr(metric, "__name__", "metric")),
+        normalised=normalised,
+        baselines={"clean": m_clean, "corrupted": m_corrupted},
+    )
+
+
+def _patch_hooks(model: HookedModel, part: list[tuple[Address, int | None]], source, batch: int):
+    """One hook per slot: write the source value of each job's unit/position into its rows."""
+    by_slot: dict[Slot, list[tuple[int, Address, int | None]]] = {}
+    for i, (address, pos) in enumerate(part):
+        by_slot.setdefault(address.slot, []).append((i, address, pos))
+    hooks = []
+    for slot, entries in by_slot.items():
+        value = source[slot_address(slot)]  # [batch, ...]
+        pos_axis = _position_axis(model, slot)
+        unit_axis = (
+            model.adapter.unit_axis(slot)
+            if slot.kind in model.adapter.unit_axes or slot.kind.startswith("neuron_")
+            else None
+        )
+
+        def write(
+            act: Tensor,
+            _address: Address,
+            entries=entries,
+            value=value,
+            pos_axis=pos_axis,
+            unit_axis=unit_axis,
+        ):
+            out = act.clone()
+            for i, address, pos in entries:
+                index: list[Any] = [slice(None)] * act.ndim
+                if pos is not None:
+                    index[pos_axis] = pos  # type: ignore[index]
+                if address.index is not None:
+                    index[unit_axis % act.ndim] = model.adapter.unit_index(
+                        address.slot, address.index
+                    )  # type: ignore[operator]
+                rows = list(index)
+                rows[0] = slice(i * batch, (i + 1) * batch)
+                out[tuple(rows)] = value[tuple(index)]
+            return out
+
+        hooks.append((slot_address(slot), write))
+    return hooks

@@ -1,0 +1,97 @@
+"""PatchingResult: scores of a sweep over addresses (and positions), ranked, tabled, plotted."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from hookscope.addresses import Address
+
+__all__ = ["PatchingResult"]
+
+
+@dataclass
+class PatchingResult:
+    """Scores of a patching / attribution sweep.
+
+    ``scores`` is shaped by the sweep (``dims`` names each axis, e.g. ``("layer", "head")``
+    for ``head.*.*`` or ``("layer", "pos")`` for ``resid_pre.*`` swept over positions);
+    ``flat`` holds the same numbers in job order, one per ``(address, position)`` of ``jobs``.
+    """
+
+    scores: Tensor
+    dims: tuple[str, ...]
+    jobs: list[tuple[Address, int | None]]
+    flat: Tensor
+    method: str = "activation_patching"
+    direction: str = "denoise"
+    metric: str = "metric"
+    normalised: bool = True
+    baselines: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def addresses(self) -> list[Address]:
+        return list(dict.fromkeys(a for a, _ in self.jobs))
+
+    @property
+    def positions(self) -> list[int] | None:
+        found = list(dict.fromkeys(p for _, p in self.jobs))
+        return None if found == [None] else found  # type: ignore[return-value]
+
+    def top(self, k: int = 10) -> list[tuple[Address, int | None, float]]:
+        """The ``k`` highest-scoring (address, position, score), best first."""
+        order = self.flat.argsort(descending=True)[:k]
+        return [(self.jobs[i][0], self.jobs[i][1], float(self.flat[i])) for i in order.tolist()]
+
+    def to_pandas(self):
+        """One row per (address, position) with its score."""
+        import pandas as pd
+
+        return pd.DataFrame(
+            {
+                "address": [str(a) for a, _ in self.jobs],
+                "position": [p for _, p in self.jobs],
+                "score": self.flat.tolist(),
+            }
+        )
+
+    def plot(self, ax=None):
+        """Heatmap of a 2-D sweep (bar chart for 1-D); returns the matplotlib Figure."""
+        from matplotlib.figure import Figure
+
+        fig = ax.figure if ax is not None else Figure(figsize=(7, 4.5))
+        ax = ax if ax is not None else fig.add_subplot(1, 1, 1)
+        data = self.scores.detach().float().cpu()
+        title = f"{self.method} ({self.direction}, {self.metric}{', normalised' if self.normalised else ''})"
+        if data.ndim >= 2:
+            data = data.reshape(data.shape[0], -1)
+            lim = float(data.abs().max()) or 1.0
+            image = ax.imshow(data.numpy(), cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
+            ax.set_ylabel(self.dims[0])
+            ax.set_xlabel(" x ".join(self.dims[1:]))
+            fig.colorbar(image, ax=ax, label="score")
+        else:
+            values = data.reshape(-1).numpy()
+            ax.bar(range(len(values)), values)
+            ax.set_xticks(
+                range(len(values)),
+                [str(a) if p is None else f"{a}@{p}" for a, p in self.jobs],
+                rotation=90,
+            )
+            ax.set_ylabel("score")
+        ax.set_title(title)
+        fig.tight_layout()
+        return fig
+
+    def __repr__(self) -> str:
+        head = (
+            f"PatchingResult({self.method}, {self.direction}, metric {self.metric}"
+            f"{' normalised' if self.normalised else ''}; scores {tuple(self.scores.shape)} over {self.dims})"
+        )
+        lines = [head, f"  {'rank':<5}{'address':<24}{'position':<10}score"]
+        for rank, (address, pos, score) in enumerate(self.top(10), 1):
+            lines.append(
+                f"  {rank:<5}{str(address):<24}{'all' if pos is None else pos!s:<10}{score:+.4f}"
+            )
+        return "\n".join(lines)

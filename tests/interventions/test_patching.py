@@ -1,0 +1,200 @@
+"""Activation patching: batched sweeps against one-at-a-time plain-torch patching, endpoints, errors."""
+
+import pytest
+import torch
+
+import hookscope as hs
+from hookscope import interventions as iv
+
+import builders
+
+CLEAN = torch.tensor([[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12]])
+CORRUPTED = CLEAN.clone()
+CORRUPTED[:, 2] = 40
+
+
+@pytest.fixture(scope="module")
+def neox():
+    hf = builders.tiny_neox()
+    return hf, hs.HookedModel.wrap(hf)
+
+
+def _raw(hf, tokens):
+    with torch.no_grad():
+        out = hf(tokens, use_cache=False).logits
+    return float((out[:, -1, 5] - out[:, -1, 9]).mean())
+
+
+def _patch_z_by_hand(hf, layer, head, pos, clean_z):
+    """Patch head ``head``'s z at ``pos`` with a plain torch pre-hook on attention.dense."""
+    dense = hf.gpt_neox.layers[layer].attention.dense
+
+    def pre(module, args):
+        z = args[0].clone()
+        z[:, pos, head * 16 : (head + 1) * 16] = clean_z[:, pos, head * 16 : (head + 1) * 16]
+        return (z,)
+
+    handle = dense.register_forward_pre_hook(pre)
+    try:
+        return _raw(hf, CORRUPTED)
+    finally:
+        handle.remove()
+
+
+def test_batched_sweep_equals_one_at_a_time_plain_torch(neox):
+    hf, model = neox
+    seen = {}
+    handles = [
+        hf.gpt_neox.layers[layer].attention.dense.register_forward_pre_hook(
+            lambda m, a, layer=layer: seen.__setitem__(layer, a[0].clone())
+        )
+        for layer in range(2)
+    ]
+    try:
+        _raw(hf, CLEAN)
+    finally:
+        for h in handles:
+            h.remove()
+    m_clean, m_corrupted = _raw(hf, CLEAN), _raw(hf, CORRUPTED)
+    res = iv.activation_patching(
+        model,
+        CLEAN,
+        CORRUPTED,
+        iv.logit_diff(5, 9),
+        sites="head.*.*",
+        positions="each",
+        chunk_size=5,
+    )
+    assert res.scores.shape == (2, 4, 6) and res.dims == ("layer", "head", "pos")
+    for layer in range(2):
+        for head in range(4):
+            for pos in (2, 3, 5):
+                expected = (_patch_z_by_hand(hf, layer, head, pos, seen[layer]) - m_corrupted) / (
+                    m_clean - m_corrupted
+                )
+                assert abs(float(res.scores[layer, head, pos]) - expected) < 1e-4, (
+                    layer,
+                    head,
+                    pos,
+                )
+
+
+def test_endpoints(neox):
+    _, model = neox
+    metric = iv.logit_diff(5, 9)
+    full = iv.activation_patching(model, CLEAN, CORRUPTED, metric, sites="resid_pre.0")
+    assert abs(float(full.scores) - 1) < 1e-5 and full.scores.shape == ()
+    each = iv.activation_patching(
+        model, CLEAN, CORRUPTED, metric, sites="resid_pre.0", positions="each"
+    )
+    unchanged = [0, 1, 3, 4, 5]  # tokens equal there: patching them changes nothing
+    assert torch.all(each.scores[unchanged].abs() < 1e-5)
+    noised = iv.activation_patching(
+        model, CLEAN, CORRUPTED, metric, sites="resid_pre.0", direction="noise"
+    )
+    assert abs(float(noised.scores)) < 1e-5  # the whole corrupted stream: nothing of clean is kept
+    kept = iv.activation_patching(
+        model, CLEAN, CORRUPTED, metric, sites="resid_pre.1", positions=[0], direction="noise"
+    )
+    assert abs(float(kept.scores) - 1) < 1e-5  # position 0 sees no corrupted token yet
+
+
+def test_chunk_size_does_not_change_scores(neox):
+    _, model = neox
+    a = iv.activation_patching(
+        model,
+        CLEAN,
+        CORRUPTED,
+        iv.logit_diff(5, 9),
+        sites="neuron.1.0-7",
+        positions=[2, 5],
+        chunk_size=1,
+    )
+    b = iv.activation_patching(
+        model,
+        CLEAN,
+        CORRUPTED,
+        iv.logit_diff(5, 9),
+        sites="neuron.1.0-7",
+        positions=[2, 5],
+        chunk_size=16,
+    )
+    assert a.scores.shape == (8, 2) and a.dims == ("neuron", "pos")
+    torch.testing.assert_close(a.scores, b.scores, atol=1e-5, rtol=0)
+
+
+def test_plain_callable_is_raw(neox):
+    hf, model = neox
+
+    def metric(logits):
+        return (logits[:, -1, 5] - logits[:, -1, 9]).mean()
+
+    res = iv.activation_patching(
+        model, CLEAN, CORRUPTED, metric, sites=["resid_pre.0", "attn_out.1"]
+    )
+    assert not res.normalised and res.dims == ("site",)
+    assert abs(float(res.scores[0]) - _raw(hf, CLEAN)) < 1e-5
+    assert res.baselines == pytest.approx(
+        {"clean": _raw(hf, CLEAN), "corrupted": _raw(hf, CORRUPTED)}, abs=1e-6
+    )
+
+
+def test_cnn_channel_patching_by_hand():
+    net = builders.tiny_cnn()
+    model = hs.HookedModel.wrap(net)
+    g = torch.Generator().manual_seed(0)
+    clean, corrupted = torch.randn(1, 1, 8, 8, generator=g), torch.randn(1, 1, 8, 8, generator=g)
+    with torch.no_grad():
+        target = int(net(clean).argmax())
+    res = iv.activation_patching(
+        model, clean, corrupted, iv.logit(target, position=None), sites="neuron.1.*"
+    )
+    assert res.scores.shape == (6,) and res.dims == ("neuron",)
+    with torch.no_grad():
+        h_clean = net[:4](clean)
+        h = net[:4](corrupted)
+        h[:, 2] = h_clean[:, 2]
+        patched = net[4:](h)[0, target]
+        lo, hi = net(corrupted)[0, target], net(clean)[0, target]
+    assert abs(float(res.scores[2]) - float((patched - lo) / (hi - lo))) < 1e-5
+
+
+def test_result_table_frame_and_figure(neox):
+    _, model = neox
+    res = iv.activation_patching(model, CLEAN, CORRUPTED, iv.logit_diff(5, 9), sites="head.*.*")
+    top = res.top(3)
+    assert len(top) == 3 and top[0][2] >= top[1][2] >= top[2][2]
+    assert float(res.scores.max()) == top[0][2]
+    df = res.to_pandas()
+    assert list(df.columns) == ["address", "position", "score"] and len(df) == 8
+    assert "rank" in repr(res) and "head." in repr(res)
+    from matplotlib.figure import Figure
+
+    assert isinstance(res.plot(), Figure)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(direction="denoising"), "direction must be one of denoise, noise"),
+        (dict(corrupted=CORRUPTED[:, :4]), "must have the same shape"),
+        (dict(positions=[9]), r"positions \[9\] out of range for inputs of 6 positions"),
+        (dict(sites="head.0.7"), "head 7 out of range"),
+        (dict(corrupted=CLEAN), "the metric is equal on clean and corrupted runs"),
+    ],
+)
+def test_patching_errors(neox, kwargs, message):
+    _, model = neox
+    args = dict(clean=CLEAN, corrupted=CORRUPTED, metric=iv.logit_diff(5, 9), sites="resid_pre.*")
+    args.update(kwargs)
+    with pytest.raises(hs.HookscopeError, match=message):
+        iv.activation_patching(model, **args)
+
+
+def test_vision_has_no_position_axis():
+    model = hs.HookedModel.wrap(builders.tiny_mlp())
+    x = torch.randn(2, 1, 8, 8)
+    with pytest.raises(hs.InputError, match="no position axis; use positions='all'"):
+        iv.activation_patching(
+            model, x, x + 1, iv.logit(0, position=None), sites="neuron.0.*", positions="each"
+        )
