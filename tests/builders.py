@@ -72,6 +72,15 @@ def save_pythia_like(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def eager_copy(hf):
+    """A deep copy of a Hugging Face model (config included) on its own eager attention."""
+    import copy
+
+    eager = copy.deepcopy(hf)
+    eager.config._attn_implementation = "eager"
+    return eager.eval()
+
+
 def tiny_gpt2(seed: int = 0):
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -1,11 +1,11 @@
 """BERT (post-LN encoder) and Gemma 3 (sandwich norms, sliding window) against Hugging Face."""
 
-import copy
-
 import pytest
 import torch
 
 import hookscope as hs
+
+import builders
 
 TOKS = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(4))
 ALL = [
@@ -17,12 +17,6 @@ ALL = [
     "head.*",
     "neuron.*",
 ]
-
-
-def _eager(hf):
-    eager = copy.deepcopy(hf)
-    eager.config._attn_implementation = "eager"
-    return eager.eval()
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +80,7 @@ def test_bert_residual_stream_is_post_layernorm(bert):
 def test_bert_pattern_is_bidirectional(bert):
     hf, model = bert
     with torch.no_grad():
-        ref = _eager(hf)(TOKS, output_attentions=True)
+        ref = builders.eager_copy(hf)(TOKS, output_attentions=True)
     logits, cache = model.run_with_cache(TOKS, names="head.*.pattern")
     assert torch.equal(logits, ref.logits)
     assert torch.equal(cache["head.1.pattern"], ref.attentions[1])
@@ -124,7 +118,7 @@ def test_gemma3_sites(gemma):
 def test_gemma3_sliding_window_pattern(gemma):
     hf, model = gemma
     with torch.no_grad():
-        ref = _eager(hf)(TOKS, output_attentions=True, use_cache=False)
+        ref = builders.eager_copy(hf)(TOKS, output_attentions=True, use_cache=False)
     logits, cache = model.run_with_cache(TOKS, names="head.*.pattern")
     assert torch.equal(logits, ref.logits)
     for layer in range(3):

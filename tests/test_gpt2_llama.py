@@ -1,7 +1,5 @@
 """GPT-2 and a grouped-query-attention Llama against plain Hugging Face, via raw torch hooks."""
 
-import copy
-
 import pytest
 import torch
 
@@ -24,13 +22,6 @@ def _capture(hf, paths, inputs=True):
                 mod.register_forward_hook(lambda m, args, out, p=path: seen.setdefault(p, out))
             )
     return seen, handles
-
-
-def _eager(hf):
-    """A copy of ``hf`` on Hugging Face's own eager attention (its config is a copy too)."""
-    eager = copy.deepcopy(hf)
-    eager.config._attn_implementation = "eager"
-    return eager.eval()
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +80,7 @@ def test_gpt2_sites_match_hf(gpt2):
 def test_gpt2_pattern_matches_eager_attentions(gpt2):
     hf, model = gpt2
     with torch.no_grad():
-        ref = _eager(hf)(TOKS, output_attentions=True, use_cache=False)
+        ref = builders.eager_copy(hf)(TOKS, output_attentions=True, use_cache=False)
     logits, cache = model.run_with_cache(TOKS, names="head.*.pattern")
     assert torch.equal(logits, ref.logits)
     for layer in range(2):
@@ -143,7 +134,7 @@ def test_llama_sites_match_hf(llama):
 def test_llama_pattern_matches_eager(llama):
     hf, model = llama
     with torch.no_grad():
-        ref = _eager(hf)(TOKS, output_attentions=True, use_cache=False)
+        ref = builders.eager_copy(hf)(TOKS, output_attentions=True, use_cache=False)
     logits, cache = model.run_with_cache(TOKS, names="head.*.pattern")
     assert torch.equal(logits, ref.logits)
     for layer in range(2):
@@ -212,7 +203,7 @@ def test_llama_family_members(kind):
     for h in range(4):  # one k/v head shared by all four query heads
         assert torch.equal(cache[f"head.1.{h}.v"], seen["model.layers.1.self_attn.v_proj"])
     with torch.no_grad():
-        eager = _eager(hf)(TOKS, output_attentions=True, use_cache=False)
+        eager = builders.eager_copy(hf)(TOKS, output_attentions=True, use_cache=False)
     _, pat = model.run_with_cache(TOKS, names="head.*.pattern")
     assert torch.equal(pat["head.1.pattern"], eager.attentions[1])
 
