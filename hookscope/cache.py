@@ -17,7 +17,6 @@ from torch import Tensor
 
 from hookscope.addresses import (
     Address,
-    Dimensions,
     Selection,
     Slot,
     parse,
@@ -36,7 +35,7 @@ _STACK_ALIASES = {
 
 
 @dataclass(frozen=True)
-class Layout(Dimensions):
+class Layout:
     """Plain-number description of the cached slots: unit axis, unit count, k/v grouping."""
 
     n_layers: int

@@ -25,7 +25,6 @@ from hookscope.addresses import (
     KINDS,
     Address,
     AttentionHead,
-    Dimensions,
     MLPNeuron,
     Selection,
     Slot,
@@ -57,7 +56,7 @@ _DTYPES = {
 }
 
 
-class _Dims(Dimensions):
+class _Dims:
     def __init__(self, adapter: Adapter):
         self.adapter = adapter
         self.n_layers = adapter.n_layers
