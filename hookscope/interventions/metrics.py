@@ -72,6 +72,8 @@ class Metric(ABC):
     """A structured metric: ``per_example(output) -> [batch]``, ``__call__`` the batch mean."""
 
     name = "metric"
+    #: False for metrics where lower means more of the behaviour (``loss``).
+    higher_is_better = True
 
     @abstractmethod
     def per_example(self, output: Tensor) -> Tensor:
@@ -116,6 +118,7 @@ class _Loss(Metric):
             )
         self.positions = positions
         self.name = "loss"
+        self.higher_is_better = False
 
     def per_example(self, output: Tensor) -> Tensor:
         if output.ndim != 3 or output.shape[:2] != self.tokens.shape:

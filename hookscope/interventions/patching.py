@@ -168,6 +168,7 @@ def activation_patching(
         metric=getattr(metric, "name", getattr(metric, "__name__", "metric")),
         normalised=normalised,
         baselines={"clean": m_clean, "corrupted": m_corrupted},
+        higher_is_better=getattr(metric, "higher_is_better", True),
     )
 
 

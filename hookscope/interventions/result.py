@@ -29,6 +29,23 @@ class PatchingResult:
     metric: str = "metric"
     normalised: bool = True
     baselines: dict[str, float] = field(default_factory=dict)
+    higher_is_better: bool = True
+
+    @property
+    def effects(self) -> Tensor:
+        """How much of the behaviour each job carries, in job order (larger = more important).
+
+        Normalised denoising: the score (fraction restored). Normalised noising and ablation:
+        ``1 - score`` (fraction destroyed). Raw scores: the change of the metric towards the
+        clean value (denoising, from the ``corrupted`` baseline) or away from it (noising and
+        ablation), signed by ``higher_is_better``.
+        """
+        if self.normalised:
+            return self.flat if self.direction == "denoise" else 1.0 - self.flat
+        sign = 1.0 if self.higher_is_better else -1.0
+        if self.direction == "denoise":
+            return sign * (self.flat - self.baselines["corrupted"])
+        return sign * (self.baselines["clean"] - self.flat)
 
     @property
     def addresses(self) -> list[Address]:
@@ -40,8 +57,12 @@ class PatchingResult:
         return None if found == [None] else found  # type: ignore[return-value]
 
     def top(self, k: int = 10) -> list[tuple[Address, int | None, float]]:
-        """The ``k`` highest-scoring (address, position, score), best first."""
-        order = self.flat.argsort(descending=True)[:k]
+        """The ``k`` most important (address, position, score), ranked by :attr:`effects`.
+
+        For denoising that is the highest score first; for noising and ablation the lowest
+        (the sites whose patching destroys the most).
+        """
+        order = self.effects.argsort(descending=True, stable=True)[:k]
         return [(self.jobs[i][0], self.jobs[i][1], float(self.flat[i])) for i in order.tolist()]
 
     def to_pandas(self):
@@ -53,6 +74,7 @@ class PatchingResult:
                 "address": [str(a) for a, _ in self.jobs],
                 "position": [p for _, p in self.jobs],
                 "score": self.flat.tolist(),
+                "effect": self.effects.tolist(),
             }
         )
 

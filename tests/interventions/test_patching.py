@@ -166,7 +166,13 @@ def test_result_table_frame_and_figure(neox):
     assert len(top) == 3 and top[0][2] >= top[1][2] >= top[2][2]
     assert float(res.scores.max()) == top[0][2]
     df = res.to_pandas()
-    assert list(df.columns) == ["address", "position", "score"] and len(df) == 8
+    assert list(df.columns) == ["address", "position", "score", "effect"] and len(df) == 8
+    assert df["effect"].tolist() == df["score"].tolist()  # normalised denoising
+    noised = iv.activation_patching(
+        model, CLEAN, CORRUPTED, iv.logit_diff(5, 9), sites="head.*.*", direction="noise"
+    )
+    lowest = noised.top(1)[0]
+    assert lowest[2] == float(noised.scores.min())  # noising ranks what destroys most first
     assert "rank" in repr(res) and "head." in repr(res)
     from matplotlib.figure import Figure
 
