@@ -18,11 +18,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from hookscope.errors import InputError
 
-__all__ = ["Metric", "logit_diff", "logit", "prob", "loss"]
+__all__ = ["Metric", "Unembed", "logit_diff", "logit", "prob", "loss"]
 
 TokenIds = int | Sequence[int] | Tensor
 Position = int | Sequence[int] | Tensor | None
@@ -68,8 +68,37 @@ def _gather(logits: Tensor, ids: Tensor) -> Tensor:
     return logits.gather(1, ids[:, None])[:, 0]
 
 
+class Unembed:
+    """A language model's unembedding (an ``nn.Linear`` from d_model to the vocabulary),
+    applied to a few rows and columns only: what sweeps use to avoid full logits."""
+
+    def __init__(self, module: nn.Linear):
+        self.module = module
+
+    def full(self, hidden: Tensor) -> Tensor:
+        """Every logit: ``hidden [..., d_model] -> [..., vocab]``."""
+        return self.module(hidden)
+
+    def columns(self, hidden: Tensor, ids: Tensor) -> Tensor:
+        """The logit of token ``ids`` (one id, or one per row) for ``hidden [batch, d_model]``."""
+        ids = ids.to(hidden.device)
+        weight, bias = self.module.weight, self.module.bias
+        if ids.ndim == 0:
+            out = hidden @ weight[ids]
+        else:
+            if ids.shape[0] != hidden.shape[0]:
+                raise InputError(f"{ids.shape[0]} answer ids for a batch of {hidden.shape[0]}")
+            out = (hidden * weight[ids]).sum(-1)
+        return out + bias[ids] if bias is not None else out
+
+
 class Metric(ABC):
-    """A structured metric: ``per_example(output) -> [batch]``, ``__call__`` the batch mean."""
+    """A structured metric: ``per_example(output) -> [batch]``, ``__call__`` the batch mean.
+
+    ``per_example_hidden(hidden, unembed)`` computes the same from the unembedding's input
+    (``[batch, pos, d_model]``); subclasses that need only a few logits override it so
+    sweeps never build ``[batch, pos, vocab]``.
+    """
 
     name = "metric"
     #: False for metrics where lower means more of the behaviour (``loss``).
@@ -78,6 +107,10 @@ class Metric(ABC):
     @abstractmethod
     def per_example(self, output: Tensor) -> Tensor:
         """The metric of each row of ``output``: [batch]."""
+
+    def per_example_hidden(self, hidden: Tensor, unembed: Unembed) -> Tensor:
+        """The metric of each row from the unembedding's input ``hidden``: [batch]."""
+        return self.per_example(unembed.full(hidden))
 
     def __call__(self, output: Tensor) -> Tensor:
         return self.per_example(output).mean()
@@ -96,6 +129,10 @@ class _LogitDiff(Metric):
         at = _at_position(output, self.position)
         return _gather(at, self.correct) - _gather(at, self.incorrect)
 
+    def per_example_hidden(self, hidden: Tensor, unembed: Unembed) -> Tensor:
+        at = _at_position(hidden, self.position)
+        return unembed.columns(at, self.correct) - unembed.columns(at, self.incorrect)
+
 
 class _Logit(Metric):
     def __init__(self, token: TokenIds, position: Position, probability: bool):
@@ -107,6 +144,12 @@ class _Logit(Metric):
         if self.probability:
             at = at.float().softmax(-1)
         return _gather(at, self.token)
+
+    def per_example_hidden(self, hidden: Tensor, unembed: Unembed) -> Tensor:
+        at = _at_position(hidden, self.position)
+        if self.probability:
+            return _gather(unembed.full(at).float().softmax(-1), self.token)
+        return unembed.columns(at, self.token)
 
 
 class _Loss(Metric):

@@ -5,6 +5,10 @@
 is one patched run; jobs are stacked along the batch (``chunk_size`` patched runs per
 forward, each a copy of the input batch), so a sweep of N jobs costs about N / chunk_size
 forwards instead of N. The per-job metric is computed on that job's rows only.
+
+On transformers, jobs are grouped by the block they patch: blocks below it run once on the
+base batch, and structured metrics read only their own logits
+(:mod:`hookscope.interventions._stacked`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from tqdm.auto import tqdm
 from hookscope.adapters.transformer import TransformerAdapter
 from hookscope.addresses import Address, Selection, Slot, parse, slot_address
 from hookscope.errors import InputError, format_choices
+from hookscope.interventions._stacked import StackedRunner
 from hookscope.interventions.metrics import Metric
 from hookscope.interventions.result import PatchingResult
 from hookscope.model import HookedModel
@@ -140,18 +145,19 @@ def activation_patching(
 
     batch = base_t.shape[0]
     tokens_per_run = batch * max(1, n_pos if not base_t.is_floating_point() else 1)
-    k = chunk_size or max(1, 4096 // tokens_per_run)
-    if k < 1:
+    if chunk_size is not None and chunk_size < 1:
         raise InputError(f"chunk_size must be >= 1, got {chunk_size}")
-    raw: list[float] = []
-    chunks = range(0, len(jobs), k)
-    for start in tqdm(chunks, desc="patching", disable=not progress or len(chunks) < 2):
-        part = jobs[start : start + k]
+    k = chunk_size or max(1, 4096 // tokens_per_run)
+    runner = StackedRunner(model, base_t, metric)
+    runner.check_readout(m_corrupted if direction == "denoise" else m_clean)
+    raw = [0.0] * len(jobs)
+    chunks = _chunks(jobs, k, runner)
+    for start, idx in tqdm(chunks, desc="patching", disable=not progress or len(chunks) < 2):
+        part = [jobs[i] for i in idx]
         hooks = _patch_hooks(model, part, source, batch)
-        stacked = base_t.repeat(len(part), *([1] * (base_t.ndim - 1)))
-        with torch.no_grad():
-            out = model.run_with_hooks(stacked, hooks=hooks)
-        raw += [_metric_value(metric, out[i * batch : (i + 1) * batch]) for i in range(len(part))]
+        uses_logits = any(a.slot.kind in ("logits", "module") for a, _ in part)
+        for i, value in zip(idx, runner.run(hooks, len(part), start, uses_logits), strict=True):
+            raw[i] = value
 
     flat = torch.tensor(raw, dtype=torch.float64)
     if normalised:
@@ -170,6 +176,21 @@ def activation_patching(
         baselines={"clean": m_clean, "corrupted": m_corrupted},
         higher_is_better=getattr(metric, "higher_is_better", True),
     )
+
+
+def _chunks(
+    jobs: list[tuple[Address, int | None]], k: int, runner: StackedRunner
+) -> list[tuple[int | None, list[int]]]:
+    """Job indices in chunks of at most ``k``, each within one starting block (so a chunk
+    shares the unpatched blocks below its patches); returns ``(start block, indices)``."""
+    groups: dict[int | None, list[int]] = {}
+    for i, (address, _) in enumerate(jobs):
+        groups.setdefault(runner.start(address.slot), []).append(i)
+    out = []
+    for start in sorted(groups, key=lambda s: -1 if s is None else s):
+        idx = groups[start]
+        out += [(start, idx[j : j + k]) for j in range(0, len(idx), k)]
+    return out
 
 
 def _patch_hooks(model: HookedModel, part: list[tuple[Address, int | None]], source, batch: int):

@@ -1,0 +1,224 @@
+"""The stacked sweep's shortcuts (shared lower blocks, logits read only where the metric
+looks) give the same scores as one plain patched forward per job, on every transformer
+adapter; and the shortcuts really are taken (block 0 sees the base batch only)."""
+
+import pytest
+import torch
+
+import hookscope as hs
+from hookscope import interventions as iv
+from hookscope.addresses import slot_address
+from hookscope.interventions._stacked import StackedRunner
+
+import builders
+
+
+def _bert():
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        vocab_size=300,
+        max_position_embeddings=64,
+    )
+    return BertForMaskedLM(cfg).eval()
+
+
+def _gemma(softcap=None):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=300,
+        sliding_window=4,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        max_position_embeddings=64,
+        final_logit_softcapping=softcap,
+    )
+    return Gemma3ForCausalLM(cfg).eval()
+
+
+MODELS = {
+    "neox_parallel": lambda: builders.tiny_neox(parallel=True),
+    "neox_sequential": lambda: builders.tiny_neox(parallel=False),
+    "gpt2": builders.tiny_gpt2,
+    "llama_gqa": builders.tiny_llama_gqa,
+    "gemma3": _gemma,
+    "bert": _bert,
+}
+SITES = [
+    "embed",
+    "resid_pre.0",
+    "resid_pre.1",
+    "attn_out.0",
+    "head.1.2",
+    "head.0.1.k",
+    "head.1.0.pattern",
+    "neuron.1.3",
+    "resid_post.1",
+    "logits",
+]
+
+
+def _inputs(vocab: int, batch: int = 2, pos: int = 7):
+    g = torch.Generator().manual_seed(3)
+    clean = torch.randint(1, vocab, (batch, pos), generator=g)
+    corrupted = clean.clone()
+    corrupted[:, 1] = (clean[:, 1] + 5) % vocab
+    corrupted[:, 4] = (clean[:, 4] + 11) % vocab
+    return clean, corrupted
+
+
+def _one_at_a_time(model, clean, corrupted, metric, jobs, direction):
+    """Each job as its own full forward of the base batch, writing the source value."""
+    base, source = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
+    slots = list(dict.fromkeys(slot_address(a.slot) for a, _ in jobs))
+    _, cache = model.run_with_cache(source, names=slots)
+    out = []
+    for address, pos in jobs:
+        value = cache[address]
+
+        def write(act, _address, value=value, pos=pos, address=address):
+            act = act.clone()
+            if address.index is None:
+                target = act
+            else:  # the unit's view, [batch, pos (pattern: destination), ...]
+                axis = model.adapter.unit_axis(address.slot)
+                unit = model.adapter.unit_index(address.slot, address.index)
+                target = act.select(axis, unit)
+            if pos is None:
+                target.copy_(value)
+            else:
+                target.select(1, pos).copy_(value.select(1, pos))
+            return act
+
+        with torch.no_grad():
+            logits = model.run_with_hooks(base, hooks=[(slot_address(address.slot), write)])
+        out.append(float(metric(logits)))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_stacked_sweep_equals_one_forward_per_job(name, direction):
+    model = hs.HookedModel.wrap(MODELS[name]())
+    clean, corrupted = _inputs(int(model.cfg.d_vocab))
+    position = 3 if name == "bert" else -1
+    metric = iv.logit_diff(torch.tensor([5, 7]), torch.tensor([9, 2]), position=position)
+    res = iv.activation_patching(
+        model,
+        clean,
+        corrupted,
+        metric,
+        sites=SITES,
+        positions=[0, 1, 4, 6],
+        direction=direction,
+        chunk_size=5,
+        progress=False,
+    )
+    reference = _one_at_a_time(model, clean, corrupted, metric, res.jobs, direction)
+    m_clean, m_corrupted = res.baselines["clean"], res.baselines["corrupted"]
+    patched = res.flat * (m_clean - m_corrupted) + m_corrupted  # back to the raw metric
+    torch.testing.assert_close(patched, reference, atol=2e-6, rtol=1e-5)
+    assert reference.std() > 10 * abs(m_clean - m_corrupted) * 1e-3  # not trivially constant
+
+
+def test_vit_stacked_sweep_equals_one_forward_per_job():
+    model = hs.HookedModel.wrap(builders.tiny_vit())
+    g = torch.Generator().manual_seed(0)
+    clean, corrupted = torch.randn(3, 1, 8, 8, generator=g), torch.randn(3, 1, 8, 8, generator=g)
+    metric = iv.logit_diff(1, 4, position=None)
+    sites = ["resid_pre.0", "resid_pre.1", "head.1.1", "head.0.2.pattern", "neuron.0.5", "logits"]
+    res = iv.activation_patching(
+        model, clean, corrupted, metric, sites=sites, positions="each", chunk_size=4, progress=False
+    )
+    reference = _one_at_a_time(model, clean, corrupted, metric, res.jobs, "denoise")
+    expected = (reference - res.baselines["corrupted"]) / (
+        res.baselines["clean"] - res.baselines["corrupted"]
+    )
+    torch.testing.assert_close(res.flat, expected, atol=2e-5, rtol=1e-5)
+
+
+def test_lower_blocks_run_once_and_logits_are_not_built():
+    hf = builders.tiny_neox()
+    model = hs.HookedModel.wrap(hf)
+    clean, corrupted = _inputs(500)
+    rows = {0: [], 1: []}
+    head_calls = []
+    handles = [
+        hf.gpt_neox.layers[i].register_forward_pre_hook(
+            lambda m, a, kw, i=i: rows[i].append((a[0] if a else kw["hidden_states"]).shape[0]),
+            with_kwargs=True,
+        )
+        for i in range(2)
+    ]
+    handles.append(hf.lm_head.register_forward_hook(lambda m, a, o: head_calls.append(o.shape)))
+    try:
+        res = iv.activation_patching(
+            model,
+            clean,
+            corrupted,
+            iv.logit_diff(5, 9),
+            sites="resid_pre.1",
+            positions="each",
+            progress=False,
+        )
+    finally:
+        for h in handles:
+            h.remove()
+    # baselines: 2 full runs (clean, corrupted) + 1 readout check, then one stacked run
+    assert rows[0] == [2, 2, 2, 2]  # block 0: always the base batch of 2
+    assert rows[1] == [2, 2, 2, 2 * 7]  # block 1: 7 patched copies only where patched
+    assert len(head_calls) == 2  # full logits only for the two baseline runs
+    assert res.scores.shape == (7,)
+
+
+def test_readout_falls_back_when_logits_are_post_processed():
+    """Gemma-style soft-capping happens after the unembedding: the shortcut would be wrong,
+    the runner notices on the base run and reads full logits instead."""
+    model = hs.HookedModel.wrap(_gemma(softcap=0.5))
+    clean, corrupted = _inputs(300)
+    metric = iv.logit_diff(5, 9)
+    runner = StackedRunner(model, corrupted, metric)
+    assert runner.unembed is not None
+    with torch.no_grad():
+        runner.check_readout(float(metric(model(corrupted))))
+    assert runner.unembed is None
+    res = iv.activation_patching(
+        model, clean, corrupted, metric, sites="resid_pre.*", positions="each", progress=False
+    )
+    reference = _one_at_a_time(model, clean, corrupted, metric, res.jobs, "denoise")
+    expected = (reference - res.baselines["corrupted"]) / (
+        res.baselines["clean"] - res.baselines["corrupted"]
+    )
+    torch.testing.assert_close(res.flat, expected, atol=2e-5, rtol=1e-5)
+
+
+def test_no_hooks_left_after_a_failing_metric():
+    hf = builders.tiny_neox()
+    model = hs.HookedModel.wrap(hf)
+    clean, corrupted = _inputs(500)
+    calls = {"n": 0}
+
+    def metric(logits):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise RuntimeError("metric failed")
+        return logits[:, -1, 5].mean() - logits[:, -1, 9].mean()
+
+    with pytest.raises(RuntimeError, match="metric failed"):
+        iv.activation_patching(
+            model, clean, corrupted, metric, sites="resid_pre.1", positions="each", progress=False
+        )
+    for module in hf.modules():
+        assert not module._forward_pre_hooks and not module._forward_hooks
