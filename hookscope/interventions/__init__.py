@@ -6,8 +6,22 @@
 >>> res.scores; res.top(10); res.to_pandas(); res.plot()
 """
 
+from hookscope.interventions.ablation import Knockout, ablate, knockout
+from hookscope.interventions.attribution import attribution_patching
 from hookscope.interventions.metrics import Metric, logit, logit_diff, loss, prob
 from hookscope.interventions.patching import activation_patching
 from hookscope.interventions.result import PatchingResult
 
-__all__ = ["Metric", "PatchingResult", "activation_patching", "logit", "logit_diff", "loss", "prob"]
+__all__ = [
+    "Knockout",
+    "Metric",
+    "PatchingResult",
+    "ablate",
+    "activation_patching",
+    "attribution_patching",
+    "knockout",
+    "logit",
+    "logit_diff",
+    "loss",
+    "prob",
+]

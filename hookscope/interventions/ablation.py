@@ -1,0 +1,369 @@
+"""Ablation: replace what an address names by zero, its mean, or a resampled activation.
+
+:func:`ablate` scores each site ablated alone (or returns the output with all of them
+ablated at once); :func:`knockout` measures a circuit's faithfulness: the metric with every
+site outside the circuit ablated, on a scale where the clean run is 1 and the run with
+every site ablated is 0.
+
+Ablation values, per slot (one layer-level tensor), for an input batch of ``B`` rows:
+
+- ``zero``: 0.
+- ``mean``: the mean over the ``reference`` rows; per position when the reference has the
+  inputs' positions (``per_position``), else over rows and positions. Vision activations
+  without a position axis: over rows.
+- ``resample``: in draw ``d`` each input row gets the activation of one reference row, the
+  rows being the ``d``-th ``torch.randint(n_ref, (B,), generator=torch.Generator()
+  .manual_seed(seed))``; draw ``d`` uses the same rows at every site. Metrics (and outputs)
+  are averaged over the ``n_draws`` draws.
+- ``corrupted`` (:func:`knockout` only): row ``i`` of the reference run for input row ``i``.
+
+Only the unit an address names changes: one head's slice of z/q/k/v/result/pattern, one
+neuron or CNN channel, or the whole tensor of resid/attn_out/mlp_out. Runs are stacked along
+the batch as in :func:`~hookscope.interventions.activation_patching`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from statistics import fmean
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from hookscope.addresses import Address, Slot, slot_address
+from hookscope.errors import InputError, format_choices
+from hookscope.interventions.metrics import Metric
+from hookscope.interventions.patching import _as_tokens, _metric_value, _position_axis, _sweep_dims
+from hookscope.interventions.result import PatchingResult
+from hookscope.model import HookedModel
+
+__all__ = ["ablate", "knockout", "Knockout"]
+
+METHODS = ("zero", "mean", "resample")
+KNOCKOUT_METHODS = (*METHODS, "corrupted")
+
+#: one ablated run: the addresses ablated together and the resampling draw
+Job = tuple[tuple[Address, ...], int]
+MetricFn = Metric | Callable[[Tensor], Tensor]
+
+
+def _check_method(method: str, choices: tuple[str, ...]) -> None:
+    if method not in choices:
+        raise InputError(f"method must be one of {format_choices(choices)}, got {method!r}")
+
+
+def _resolve(model: HookedModel, sites: Any) -> list[Address]:
+    addresses = model.resolve(sites)
+    if not addresses:
+        raise InputError(f"sites {sites!r} selects no address")
+    return addresses
+
+
+class _Values:
+    """Ablation values per slot; ``get(slot, draw)`` broadcasts against one batch copy."""
+
+    def __init__(self, model, addresses, method, inputs_t, reference, per_position, n_draws, seed):
+        self.method, self.n_draws = method, 1
+        self.source: dict[Slot, Tensor] = {}
+        if method == "zero":
+            return
+        if reference is None:
+            raise InputError(
+                f"method={method!r} needs reference inputs (reference=...); "
+                "method='zero' needs none"
+            )
+        ref_t = _as_tokens(model, reference)
+        slots = list(dict.fromkeys(a.slot for a in addresses))
+        positional = _position_axis(model, slots[0]) is not None
+        same = tuple(ref_t.shape[1:]) == tuple(inputs_t.shape[1:])
+        what = "positions" if positional and not inputs_t.is_floating_point() else "shape"
+        mismatch = f"inputs {tuple(inputs_t.shape)} and reference {tuple(ref_t.shape)}"
+        if method == "corrupted" and ref_t.shape != inputs_t.shape:
+            raise InputError(
+                f"method='corrupted' needs a reference aligned row by row with the inputs "
+                f"(the same shape); got {mismatch}"
+            )
+        if method == "resample" and not same:
+            raise InputError(
+                f"method='resample' needs reference inputs with the inputs' {what} "
+                f"(any number of rows); got {mismatch}. Use method='mean' for other lengths"
+            )
+        if method == "resample" and (not isinstance(n_draws, int) or n_draws < 1):
+            raise InputError(f"n_draws must be an int >= 1, got {n_draws!r}")
+        if per_position not in (None, True, False):
+            raise InputError(f"per_position must be None, True or False, got {per_position!r}")
+        if method == "mean" and not positional and (per_position or not same):
+            raise InputError(
+                f"{model.adapter.name} activations have no position axis: mean ablation needs "
+                f"per_position None or False and images of the inputs' shape; got {mismatch}"
+            )
+        if method == "mean" and per_position and not same:
+            raise InputError(
+                f"per_position=True needs a reference with the inputs' {what}; got {mismatch}. "
+                "Use per_position=None or False to average over positions too"
+            )
+        by_position = positional and (same if per_position is None else per_position)
+        if (
+            method == "mean"
+            and positional
+            and not by_position
+            and any(s.kind == "pattern" for s in slots)
+        ):
+            raise InputError(
+                "mean ablation of an attention pattern needs per-position means (a reference with "
+                f"the inputs' {what}): a pattern averaged over positions is no longer causal"
+            )
+        with torch.no_grad():
+            _, cache = model.run_with_cache(ref_t, names=[slot_address(s) for s in slots])
+        for slot in slots:
+            act = cache[slot_address(slot)]
+            if method == "mean":
+                dims = [0, 1] if positional and not by_position else [0]
+                act = act.float().mean(dims, keepdim=True).to(act.dtype)
+            self.source[slot] = act
+        if method == "resample":
+            self.n_draws = n_draws
+            g = torch.Generator().manual_seed(seed)
+            n_ref, batch = ref_t.shape[0], inputs_t.shape[0]
+            self.rows = [torch.randint(n_ref, (batch,), generator=g) for _ in range(n_draws)]
+
+    def get(self, slot: Slot, draw: int) -> Tensor | None:
+        """Replacement for the whole slot tensor of one batch copy (None: zeros)."""
+        if self.method == "zero":
+            return None
+        value = self.source[slot]
+        if self.method == "resample":
+            return value[self.rows[draw].to(value.device)]
+        return value
+
+
+def _ablation_hooks(model: HookedModel, part: list[Job], values: _Values, batch: int):
+    """One hook per slot: overwrite each job's addressed unit in that job's rows."""
+    by_slot: dict[Slot, list[tuple[int, Address, int]]] = {}
+    for i, (addresses, draw) in enumerate(part):
+        for address in addresses:
+            by_slot.setdefault(address.slot, []).append((i, address, draw))
+    hooks = []
+    for slot, entries in by_slot.items():
+        has_units = slot.kind in model.adapter.unit_axes or slot.kind.startswith("neuron_")
+        unit_axis = model.adapter.unit_axis(slot) if has_units else None
+
+        def write(act: Tensor, _address: Address, entries=entries, slot=slot, unit_axis=unit_axis):
+            out = act.clone()
+            for i, address, draw in entries:
+                index: list[Any] = [slice(None)] * act.ndim
+                if address.index is not None:
+                    axis = unit_axis % act.ndim  # type: ignore[operator]
+                    index[axis] = model.adapter.unit_index(slot, address.index)
+                rows = (slice(i * batch, (i + 1) * batch), *index[1:])
+                value = values.get(slot, draw)
+                out[rows] = 0.0 if value is None else value[tuple(index)]
+            return out
+
+        hooks.append((slot_address(slot), write))
+    return hooks
+
+
+def _run_jobs(
+    model: HookedModel,
+    inputs_t: Tensor,
+    values: _Values,
+    jobs: list[Job],
+    reduce: Callable[[Any], Any],
+    chunk_size: int | None = None,
+    progress: bool = False,
+) -> list[Any]:
+    """``reduce(output rows of the job)`` for each job, ``chunk_size`` jobs per forward."""
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise InputError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    batch = inputs_t.shape[0]
+    tokens = inputs_t.ndim >= 2 and not inputs_t.is_floating_point()
+    k = chunk_size or max(1, 4096 // (batch * (inputs_t.shape[1] if tokens else 1)))
+    found: list[Any] = []
+    chunks = range(0, len(jobs), k)
+    for start in tqdm(chunks, desc="ablation", disable=not progress or len(chunks) < 2):
+        part = jobs[start : start + k]
+        stacked = inputs_t.repeat(len(part), *([1] * (inputs_t.ndim - 1)))
+        with torch.no_grad():
+            out = model.run_with_hooks(stacked, hooks=_ablation_hooks(model, part, values, batch))
+        if len(part) == 1:
+            found.append(reduce(out))
+            continue
+        if not isinstance(out, Tensor):
+            raise InputError(
+                f"stacking ablated runs needs a tensor output, got {type(out).__name__}; "
+                "pass chunk_size=1"
+            )
+        found += [reduce(out[i * batch : (i + 1) * batch]) for i in range(len(part))]
+    return found
+
+
+def _clean_metric(model: HookedModel, inputs_t: Tensor, metric: MetricFn) -> float:
+    with torch.no_grad():
+        return _metric_value(metric, model(inputs_t))
+
+
+def _metric_name(metric: MetricFn) -> str:
+    return getattr(metric, "name", getattr(metric, "__name__", "metric"))
+
+
+def ablate(
+    model: HookedModel,
+    inputs: Any,
+    sites: Any,
+    method: str = "zero",
+    reference: Any = None,
+    metric: MetricFn | None = None,
+    n_draws: int = 8,
+    seed: int = 0,
+    per_position: bool | None = None,
+    chunk_size: int | None = None,
+    progress: bool = True,
+) -> Tensor | PatchingResult:
+    """Ablate ``sites`` (zero / mean / resample; see the module docstring for the values).
+
+    ``sites``: an address, a selection (``"head.*.*"``) or a list. ``reference``: inputs
+    (token ids, texts, float images) whose activations give the mean or the resampled rows.
+    ``per_position``: None = per position when the reference has the inputs' positions, True
+    forces it, False averages over positions too. ``chunk_size``: ablated runs stacked per
+    forward (default keeps a forward near 4096 tokens).
+
+    ``metric=None``: the model output with every site ablated at once (resample: the mean
+    output over draws). With a metric: a :class:`PatchingResult` with the raw metric after
+    ablating each site alone (resample: averaged over draws), shaped by the sweep; its
+    ``baselines["clean"]`` is the unablated metric and ``effects`` ``clean - score``.
+
+    >>> res = ablate(model, tokens, "head.*.*", "mean", reference=more_tokens, metric=m)
+    >>> res.scores.shape  # [layer, head]
+    """
+    _check_method(method, METHODS)
+    inputs_t = _as_tokens(model, inputs)
+    addresses = _resolve(model, sites)
+    values = _Values(model, addresses, method, inputs_t, reference, per_position, n_draws, seed)
+    draws = range(values.n_draws)
+    if metric is None:
+        jobs: list[Job] = [(tuple(addresses), d) for d in draws]
+        outs = _run_jobs(model, inputs_t, values, jobs, lambda o: o, chunk_size, progress)
+        return outs[0] if len(outs) == 1 else torch.stack(outs).mean(0)
+    clean = _clean_metric(model, inputs_t, metric)
+    jobs = [((a,), d) for a in addresses for d in draws]
+    raw = _run_jobs(
+        model, inputs_t, values, jobs, partial(_metric_value, metric), chunk_size, progress
+    )
+    flat = torch.tensor(raw, dtype=torch.float64).reshape(len(addresses), len(draws)).mean(1)
+    names, sizes = _sweep_dims(sites, model)
+    return PatchingResult(
+        scores=flat.reshape(sizes) if sizes else flat.reshape(()),
+        dims=tuple(names),
+        jobs=[(a, None) for a in addresses],
+        flat=flat,
+        method=f"{method} ablation",
+        direction="noise",
+        metric=_metric_name(metric),
+        normalised=False,
+        baselines={"clean": clean},
+        higher_is_better=getattr(metric, "higher_is_better", True),
+    )
+
+
+@dataclass
+class Knockout:
+    """A circuit's faithfulness: the metric with only ``kept`` of the sites left intact.
+
+    ``faithfulness = (value - ablated) / (clean - ablated)``: 1 when the kept sites alone
+    carry the clean behaviour, 0 when they carry none of it.
+    """
+
+    value: float  #: metric with every site except ``kept`` ablated
+    clean: float  #: metric without ablation
+    ablated: float  #: metric with every site ablated
+    faithfulness: float
+    kept: list[Address]
+    removed: int  #: how many sites were ablated for ``value``
+    method: str
+    metric: str = "metric"
+
+    def to_pandas(self):
+        """A one-row frame: faithfulness, value, clean, ablated, kept, removed, method, metric."""
+        import pandas as pd
+
+        row = {**self.__dict__, "kept": ", ".join(str(a) for a in self.kept)}
+        return pd.DataFrame([row])
+
+    def __repr__(self) -> str:
+        kept = format_choices(self.kept, 8) if self.kept else "nothing"
+        return (
+            f"Knockout({self.method}, metric {self.metric}): faithfulness {self.faithfulness:.4f}\n"
+            f"  value {self.value:+.4f}  clean {self.clean:+.4f}  ablated {self.ablated:+.4f}\n"
+            f"  kept {len(self.kept)} of {len(self.kept) + self.removed} sites: {kept}"
+        )
+
+
+def knockout(
+    model: HookedModel,
+    inputs: Any,
+    sites: Any,
+    metric: MetricFn,
+    keep: Any = (),
+    method: str = "mean",
+    reference: Any = None,
+    n_draws: int = 8,
+    seed: int = 0,
+    per_position: bool | None = None,
+) -> Knockout:
+    """Ablate every address of ``sites`` except those of ``keep`` at once; score faithfulness.
+
+    ``method``: ``zero``, ``mean``, ``resample`` (as :func:`ablate`) or ``corrupted``:
+    ``reference`` are corrupted inputs aligned row by row with ``inputs`` (same shape) and an
+    ablated site takes that row's value in the corrupted run (noising the complement).
+    ``keep``: addresses or selections, each among the resolved ``sites``.
+
+    >>> knockout(model, clean, "head.*.*", metric, keep=["head.0.1", "head.1.3"],
+    ...          method="corrupted", reference=corrupted).faithfulness
+    """
+    _check_method(method, KNOCKOUT_METHODS)
+    inputs_t = _as_tokens(model, inputs)
+    addresses = _resolve(model, sites)
+    kept = model.resolve(keep) if keep is not None else []
+    site_set, kept_set = set(addresses), set(kept)
+    outside = [a for a in kept if a not in site_set]
+    if outside:
+        raise InputError(
+            f"keep must be among the sites; {format_choices(outside)} "
+            f"{'is' if len(outside) == 1 else 'are'} not among the {len(addresses)} sites "
+            f"({format_choices(addresses)})"
+        )
+    removed = tuple(a for a in addresses if a not in kept_set)
+    values = _Values(model, addresses, method, inputs_t, reference, per_position, n_draws, seed)
+    clean = _clean_metric(model, inputs_t, metric)
+    draws = range(values.n_draws)
+    jobs: list[Job] = [(tuple(addresses), d) for d in draws]
+    if 0 < len(removed) < len(addresses):
+        jobs += [(removed, d) for d in draws]
+    raw = _run_jobs(model, inputs_t, values, jobs, partial(_metric_value, metric))
+    ablated = fmean(raw[: len(draws)])
+    if not removed:
+        value = clean
+    elif len(removed) == len(addresses):
+        value = ablated
+    else:
+        value = fmean(raw[len(draws) :])
+    if clean == ablated:
+        raise InputError(
+            f"the metric is equal with and without ablating every site ({clean:.6g}); "
+            "faithfulness is undefined — choose sites or inputs the metric depends on"
+        )
+    return Knockout(
+        value=value,
+        clean=clean,
+        ablated=ablated,
+        faithfulness=(value - ablated) / (clean - ablated),
+        kept=list(dict.fromkeys(kept)),
+        removed=len(removed),
+        method=f"{method} ablation" if method != "corrupted" else "corrupted",
+        metric=_metric_name(metric),
+    )

@@ -1,0 +1,203 @@
+"""Attribution patching: activation patching estimated to first order, for every site at once.
+
+Patching a site from the source run into the base run changes the metric by about
+``grad_base · (source_act - base_act)`` (a first-order Taylor expansion around the base run),
+so one forward of the source input, one forward and one backward of the base input give
+an estimate for every (site, position) job of a sweep, however many there are
+(Nanda 2023, "Attribution patching"). ``direction="denoise"``: the base is the corrupted
+run and the source the clean one; ``"noise"``: the other way round. The estimate is exact
+when the metric is linear in the patched activation, and its error shrinks with the square
+of the activation difference; it can be poor where the model is far from linear in between
+(a saturated softmax or LayerNorm), so confirm the top sites with
+:func:`~hookscope.interventions.activation_patching`.
+
+Each unit's estimate sums the product over its slice of the slot (one head, one neuron or
+the whole tensor), over the positions (all, or one per job) and over the batch; the metric
+is a batch mean, so its gradient already carries the ``1 / batch``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from hookscope.addresses import Slot, slot_address
+from hookscope.errors import InputError, format_choices
+from hookscope.interventions.metrics import Metric
+from hookscope.interventions.patching import (
+    _as_tokens,
+    _metric_value,
+    _position_axis,
+    _sweep_dims,
+)
+from hookscope.interventions.result import PatchingResult
+from hookscope.model import HookedModel
+
+__all__ = ["attribution_patching"]
+
+DIRECTIONS = ("denoise", "noise")
+
+
+def attribution_patching(
+    model: HookedModel,
+    clean: Any,
+    corrupted: Any,
+    metric: Metric | Callable[[Tensor], Tensor],
+    sites: Any = "resid_pre.*",
+    positions: str | Sequence[int] = "all",
+    direction: str = "denoise",
+    progress: bool = True,
+) -> PatchingResult:
+    """Estimate :func:`~hookscope.interventions.activation_patching` to first order.
+
+    Same arguments, scores, shapes and normalisation as ``activation_patching`` (without
+    ``chunk_size``): ``sites`` an address, selection or list; ``positions`` ``"all"``,
+    ``"each"`` or a list. Each job's patched metric is estimated as
+    ``m_base + sum(grad_base * (source_act - base_act))``; a structured :class:`Metric`
+    reports ``(estimate - m_corrupted) / (m_clean - m_corrupted)``, a plain callable the raw
+    estimate. Costs two forwards and one backward for any number of sites; no parameter
+    ``.grad`` is touched.
+
+    >>> res = iv.attribution_patching(model, clean, corrupted, iv.logit_diff(a, b), "neuron.*.*")
+    >>> res.top(20)   # candidates; check them with activation_patching
+    """
+    if direction not in DIRECTIONS:
+        raise InputError(
+            f"direction must be one of {format_choices(DIRECTIONS)}, got {direction!r}"
+        )
+    clean_t, corrupted_t = _as_tokens(model, clean), _as_tokens(model, corrupted)
+    if clean_t.shape != corrupted_t.shape:
+        raise InputError(
+            f"clean and corrupted inputs must have the same shape, got {tuple(clean_t.shape)} and "
+            f"{tuple(corrupted_t.shape)} (prompts of equal token length)"
+        )
+    addresses = model.resolve(sites)
+    if not addresses:
+        raise InputError(f"sites {sites!r} selects no address")
+    names, sizes = _sweep_dims(sites, model)
+    slot_names = list(dict.fromkeys(slot_address(a.slot) for a in addresses))
+    base_t, source_t = (corrupted_t, clean_t) if direction == "denoise" else (clean_t, corrupted_t)
+
+    source_out, source_cache = model.run_with_cache(source_t, names=slot_names)
+    m_source = _metric_value(metric, source_out)
+    _, base_cache = model.run_with_cache(base_t, names=slot_names, backward=_differentiable(metric))
+    m_base = float(base_cache.backward_value)  # type: ignore[arg-type]
+    m_clean, m_corrupted = (m_source, m_base) if direction == "denoise" else (m_base, m_source)
+    normalised = isinstance(metric, Metric)
+    if normalised and m_clean == m_corrupted:
+        raise InputError(
+            f"the metric is equal on clean and corrupted runs ({m_clean:.6g}); normalised scores are "
+            "undefined — use inputs that differ in the metric, or a plain callable metric"
+        )
+
+    n_pos = clean_t.shape[1] if clean_t.ndim >= 2 else 0
+    if positions == "all":
+        pos_list: list[int | None] = [None]
+    elif positions == "each":
+        pos_list = list(range(n_pos))
+    else:
+        pos_list = [int(p) for p in positions]  # type: ignore[union-attr]
+        bad = [p for p in pos_list if not -n_pos <= p < n_pos]
+        if bad:
+            raise InputError(f"positions {bad} out of range for inputs of {n_pos} positions")
+    if pos_list != [None] and any(_position_axis(model, a.slot) is None for a in addresses):
+        raise InputError(
+            f"{model.adapter.name} activations have no position axis; use positions='all'"
+        )
+    jobs = [(a, p) for a in addresses for p in pos_list]
+
+    # per address, the estimated change at each requested position: [address, position]
+    deltas = torch.zeros(len(addresses), len(pos_list), dtype=torch.float64)
+    by_slot: dict[Slot, list[int]] = {}
+    for i, address in enumerate(addresses):
+        by_slot.setdefault(address.slot, []).append(i)
+    slots = tqdm(by_slot.items(), desc="attribution", disable=not progress or len(by_slot) < 2)
+    for slot, members in slots:
+        name = slot_address(slot)
+        table = _unit_table(
+            model,
+            slot,
+            base_cache.grad(name),
+            source_cache[name] - base_cache[name],
+            per_unit=any(addresses[i].index is not None for i in members),
+            pos_list=pos_list,
+        )  # [units (+1 for the whole slot), positions]
+        rows = [
+            table.shape[0] - 1
+            if addresses[i].index is None
+            else model.adapter.unit_index(slot, addresses[i].index)  # type: ignore[arg-type]
+            for i in members
+        ]
+        deltas[members] = table[rows]
+
+    flat = m_base + deltas.reshape(-1)
+    if normalised:
+        flat = (flat - m_corrupted) / (m_clean - m_corrupted)
+    shape = sizes + ([len(pos_list)] if pos_list != [None] else [])
+    dims = tuple(names + (["pos"] if pos_list != [None] else []))
+    return PatchingResult(
+        scores=flat.reshape(shape) if shape else flat.reshape(()),
+        dims=dims,
+        jobs=jobs,
+        flat=flat,
+        method="attribution_patching",
+        direction=direction,
+        metric=getattr(metric, "name", getattr(metric, "__name__", "metric")),
+        normalised=normalised,
+        baselines={"clean": m_clean, "corrupted": m_corrupted},
+        higher_is_better=getattr(metric, "higher_is_better", True),
+    )
+
+
+def _differentiable(metric: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    def value(output: Tensor) -> Tensor:
+        out = metric(output)
+        if isinstance(out, Tensor) and not out.requires_grad:
+            raise InputError(
+                "attribution patching needs the metric's gradient, but the metric's value does not "
+                "depend differentiably on the model output (computed under no_grad, detached or "
+                "via .item()/argmax?)"
+            )
+        return out
+
+    return value
+
+
+def _unit_table(
+    model: HookedModel,
+    slot: Slot,
+    grad: Tensor,
+    diff: Tensor,
+    per_unit: bool,
+    pos_list: list[int | None],
+) -> Tensor:
+    """``grad * diff`` of one slot summed to ``[units + 1, positions]`` (float64, on the CPU).
+
+    Row ``u`` is unit ``u`` (a head, k/v head or neuron at its position on the unit axis),
+    the last row the whole slot; one column per entry of ``pos_list`` (one column summing
+    every position when it is ``[None]``). Everything else, the batch included, is summed.
+    """
+    product = grad.to(torch.float64) * diff.to(torch.float64)
+    ndim = product.ndim
+    keep: list[int] = []
+    if per_unit:
+        keep.append(model.adapter.unit_axis(slot) % ndim)
+    if pos_list != [None]:
+        keep.append(_position_axis(model, slot) % ndim)  # type: ignore[operator]
+    summed = [d for d in range(ndim) if d not in keep]
+    reduced = product.sum(summed) if summed else product
+    if len(keep) == 2 and keep[0] > keep[1]:
+        reduced = reduced.T  # sum keeps axis order: make it [unit, pos]
+    if not per_unit:
+        reduced = reduced.unsqueeze(0)
+    if pos_list == [None]:
+        reduced = reduced.unsqueeze(-1)
+    else:
+        n = reduced.shape[-1]
+        reduced = reduced[:, [p % n for p in pos_list]]  # type: ignore[operator]
+    whole = reduced.sum(0, keepdim=True)
+    return torch.cat([reduced, whole]).cpu() if per_unit else whole.cpu()
