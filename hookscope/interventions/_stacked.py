@@ -106,10 +106,17 @@ class StackedRunner:
         return slot.layer
 
     def check_readout(self, expected: float) -> None:
-        """Keep the early-stop readout only if it reproduces the full forward's metric."""
-        if self.unembed is None:
-            return
-        got = self.run([], 1, None, uses_logits=False)[0]
+        """Keep the early-stop readout only if it reproduces the full forward's metric
+        (``expected``, the metric of the base batch's full logits)."""
+        if self.unembed is not None:
+            self._keep_readout(self.run([], 1, None, uses_logits=False)[0], expected)
+
+    def check_readout_from(self, hidden: Tensor, expected: float) -> None:
+        """:meth:`check_readout` from the unembedding's input of a base run already done."""
+        if self.unembed is not None:
+            self._keep_readout(self._values(hidden, 1, hidden=True)[0], expected)
+
+    def _keep_readout(self, got: float, expected: float) -> None:
         if not abs(got - expected) <= 1e-4 * max(1.0, abs(expected)):
             self.unembed = None
 

@@ -114,12 +114,12 @@ def activation_patching(
         raise InputError(f"sites {sites!r} selects no address")
     names, sizes = _sweep_dims(sites, model)
     slot_names = list(dict.fromkeys(slot_address(a.slot) for a in addresses))
-    clean_out, clean_cache = model.run_with_cache(clean_t, names=slot_names)
-    corrupted_out, corrupted_cache = model.run_with_cache(corrupted_t, names=slot_names)
-    base_t, source = (
-        (corrupted_t, clean_cache) if direction == "denoise" else (clean_t, corrupted_cache)
+    base_t = corrupted_t if direction == "denoise" else clean_t
+    runner = StackedRunner(model, base_t, metric)
+    m_clean, m_corrupted, clean_acts, corrupted_acts = _baseline_runs(
+        model, runner, clean_t, corrupted_t, slot_names, metric, direction
     )
-    m_clean, m_corrupted = _metric_value(metric, clean_out), _metric_value(metric, corrupted_out)
+    source = clean_acts if direction == "denoise" else corrupted_acts
     normalised = isinstance(metric, Metric)
     if normalised and m_clean == m_corrupted:
         raise InputError(
@@ -148,17 +148,7 @@ def activation_patching(
     if chunk_size is not None and chunk_size < 1:
         raise InputError(f"chunk_size must be >= 1, got {chunk_size}")
     k = chunk_size or max(1, 4096 // tokens_per_run)
-    runner = StackedRunner(model, base_t, metric)
-    runner.check_readout(m_corrupted if direction == "denoise" else m_clean)
-    raw = [0.0] * len(jobs)
-    chunks = _chunks(jobs, k, runner)
-    for start, idx in tqdm(chunks, desc="patching", disable=not progress or len(chunks) < 2):
-        part = [jobs[i] for i in idx]
-        hooks = _patch_hooks(model, part, source, batch)
-        uses_logits = any(a.slot.kind in ("logits", "module") for a, _ in part)
-        for i, value in zip(idx, runner.run(hooks, len(part), start, uses_logits), strict=True):
-            raw[i] = value
-
+    raw = _run_jobs(model, runner, jobs, source, k, progress)
     flat = torch.tensor(raw, dtype=torch.float64)
     if normalised:
         flat = (flat - m_corrupted) / (m_clean - m_corrupted)
@@ -178,14 +168,71 @@ def activation_patching(
     )
 
 
-def _chunks(
-    jobs: list[tuple[Address, int | None]], k: int, runner: StackedRunner
-) -> list[tuple[int | None, list[int]]]:
+def _baseline_runs(
+    model: HookedModel,
+    runner: StackedRunner,
+    clean_t: Tensor,
+    corrupted_t: Tensor,
+    slot_names: list[str],
+    metric: Metric | Callable[[Tensor], Tensor],
+    direction: str,
+) -> tuple[float, float, dict[str, Tensor], dict[str, Tensor]]:
+    """Clean and corrupted runs as one forward of both batches: their metrics and the
+    activations of ``slot_names``; checks the runner's early readout on the base half."""
+    batch = clean_t.shape[0]
+    captured: list[Tensor] = []
+    handle = None
+    if runner.unembed is not None:
+        handle = runner.unembed.module.register_forward_pre_hook(
+            lambda module, args: captured.append(args[0])
+        )
+    try:
+        out, cache = model.run_with_cache(torch.cat([clean_t, corrupted_t]), names=slot_names)
+    finally:
+        if handle is not None:
+            handle.remove()
+    m_clean = _metric_value(metric, out[:batch])
+    m_corrupted = _metric_value(metric, out[batch:])
+    clean_acts = {name: cache[name][:batch] for name in slot_names}
+    corrupted_acts = {name: cache[name][batch:] for name in slot_names}
+    if captured:
+        rows = slice(batch, None) if direction == "denoise" else slice(0, batch)
+        runner.check_readout_from(
+            captured[-1][rows], m_corrupted if direction == "denoise" else m_clean
+        )
+    return m_clean, m_corrupted, clean_acts, corrupted_acts
+
+
+def _run_jobs(
+    model: HookedModel,
+    runner: StackedRunner,
+    jobs: list,
+    source: dict[str, Tensor],
+    k: int,
+    progress: bool,
+) -> list[float]:
+    """The metric of each job's patched copy of the base batch (a job is one ``(address,
+    position)`` or a list of them), ``k`` copies per forward."""
+    raw = [0.0] * len(jobs)
+    chunks = _chunks(jobs, k, runner)
+    for start, idx in tqdm(chunks, desc="patching", disable=not progress or len(chunks) < 2):
+        part = [jobs[i] for i in idx]
+        hooks = _patch_hooks(model, part, source, runner.batch)
+        pairs = [pair for job in part for pair in (job if isinstance(job, list) else [job])]
+        uses_logits = any(a.slot.kind in ("logits", "module") for a, _ in pairs)
+        for i, value in zip(idx, runner.run(hooks, len(part), start, uses_logits), strict=True):
+            raw[i] = value
+    return raw
+
+
+def _chunks(jobs: list, k: int, runner: StackedRunner) -> list[tuple[int | None, list[int]]]:
     """Job indices in chunks of at most ``k``, each within one starting block (so a chunk
     shares the unpatched blocks below its patches); returns ``(start block, indices)``."""
     groups: dict[int | None, list[int]] = {}
-    for i, (address, _) in enumerate(jobs):
-        groups.setdefault(runner.start(address.slot), []).append(i)
+    for i, job in enumerate(jobs):
+        starts = [runner.start(a.slot) for a, _ in (job if isinstance(job, list) else [job])]
+        start = None if None in starts else min(starts)  # type: ignore[type-var]
+        groups.setdefault(start, []).append(i)
     out = []
     for start in sorted(groups, key=lambda s: -1 if s is None else s):
         idx = groups[start]
@@ -193,11 +240,15 @@ def _chunks(
     return out
 
 
-def _patch_hooks(model: HookedModel, part: list[tuple[Address, int | None]], source, batch: int):
-    """One hook per slot: write the source value of each job's unit/position into its rows."""
+def _patch_hooks(model: HookedModel, part: list, source, batch: int):
+    """One hook per slot: write the source value of each job's unit/position into its rows.
+
+    A job is one ``(address, position)`` or a list of them (patched together in its copy).
+    """
     by_slot: dict[Slot, list[tuple[int, Address, int | None]]] = {}
-    for i, (address, pos) in enumerate(part):
-        by_slot.setdefault(address.slot, []).append((i, address, pos))
+    for i, job in enumerate(part):
+        for address, pos in job if isinstance(job, list) else [job]:
+            by_slot.setdefault(address.slot, []).append((i, address, pos))
     hooks = []
     for slot, entries in by_slot.items():
         value = source[slot_address(slot)]  # [batch, ...]

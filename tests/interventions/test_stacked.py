@@ -176,10 +176,10 @@ def test_lower_blocks_run_once_and_logits_are_not_built():
     finally:
         for h in handles:
             h.remove()
-    # baselines: 2 full runs (clean, corrupted) + 1 readout check, then one stacked run
-    assert rows[0] == [2, 2, 2, 2]  # block 0: always the base batch of 2
-    assert rows[1] == [2, 2, 2, 2 * 7]  # block 1: 7 patched copies only where patched
-    assert len(head_calls) == 2  # full logits only for the two baseline runs
+    # baselines: clean and corrupted as one run of 4 rows; then one stacked run
+    assert rows[0] == [4, 2]  # block 0: the base batch of 2 only
+    assert rows[1] == [4, 2 * 7]  # block 1: 7 patched copies only where patched
+    assert len(head_calls) == 1  # full logits only for the baseline run
     assert res.scores.shape == (7,)
 
 
