@@ -179,13 +179,23 @@ _PROCESS = {
 }
 
 
-def _want_grad(ev: _Event, plans: list[SlotPlan], run: Run) -> None:
+def _want_grad(ev: _Event, plans: list[SlotPlan], run: Run, overwritten: bool = False) -> None:
+    """Make ``ev.tensor`` a gradient target of ``plans``; ``overwritten``: a later in-place op
+    (``nn.ReLU(inplace=True)``) modifies the tensor this event passes on."""
     if not torch.is_grad_enabled():
         return
-    if not ev.tensor.requires_grad:  # frozen weights: make this tensor the graph's leaf
-        ev.tensor = ev.tensor.detach().requires_grad_(True)
+    target = ev.tensor
+    if not target.requires_grad:  # frozen weights: make this tensor the graph's leaf
+        target = target.detach().requires_grad_(True)
+        ev.tensor = target
         ev.changed = True
-    run.grad_targets += [(plan, ev.tensor) for plan in plans]
+    if overwritten:
+        # The in-place op would make the target its own overwritten value (d/d post-ReLU) and,
+        # for a leaf, raise. The target keeps the value at this slot; the forward goes on with
+        # a copy (bitwise equal; its backward is the identity) that the op may modify.
+        ev.tensor = target.clone()
+        ev.changed = True
+    run.grad_targets += [(plan, target) for plan in plans]
 
 
 def _process_group(plans: list[SlotPlan], ev: _Event, run: Run, args: tuple) -> None:
@@ -193,7 +203,7 @@ def _process_group(plans: list[SlotPlan], ev: _Event, run: Run, args: tuple) -> 
         _PROCESS[plan.tap.special](plan, ev, run, args)
     grads = [p for p in plans if p.grad and p.tap.special != "result"]
     if grads:
-        _want_grad(ev, grads, run)
+        _want_grad(ev, grads, run, any(p.tap.clone_on_record for p in plans))
 
 
 def _replace_output(output: object, new: Tensor) -> object:

@@ -98,6 +98,51 @@ def test_cnn_values_by_hand(cnn):
     )
 
 
+@pytest.mark.parametrize("frozen", [False, True])
+def test_cnn_gradient_before_an_inplace_relu(frozen):
+    """Regression: with Conv2d -> ReLU(inplace=True) the gradient at neuron.0.pre was taken
+    w.r.t. the value the ReLU overwrote it with (and raised with frozen weights). It must be
+    exactly the gradient of the same network with a non-inplace ReLU, and of plain autograd."""
+    net = builders.tiny_cnn().double().requires_grad_(not frozen)
+    plain = builders.tiny_cnn().double().requires_grad_(not frozen)
+    plain[1] = torch.nn.ReLU()  # same weights (same seed), not in-place
+    x = X_FLAT.double()
+    names = ["neuron.0.pre", "neuron.0.2.pre", "neuron.0", "resid_pre.1", "resid_post.0"]
+
+    def metric(out):
+        return out[:, 3].sum() - out[:, 1].sum()
+
+    model, reference = hs.HookedModel.wrap(net), hs.HookedModel.wrap(plain)
+    out, cache = model.run_with_cache(x, names=names, backward=metric)
+    _, ref = reference.run_with_cache(x, names=names, backward=metric)
+    assert torch.equal(out, net(x)) and torch.equal(out, plain(x))  # forward bitwise unchanged
+    pre0 = F.conv2d(x, net[0].weight, net[0].bias, padding=1)
+    assert torch.equal(cache["neuron.0.pre"], pre0) and (pre0 < 0).any()
+    for name in names:
+        assert torch.equal(cache[name], ref[name]), name
+        assert torch.equal(cache.grad(name), ref.grad(name)), name
+    # against torch.autograd on a plain copy, hooking nothing of hookscope's
+    conv_out = []
+    handle = plain[0].register_forward_hook(lambda m, a, o: conv_out.append(o.requires_grad_()))
+    try:
+        with torch.enable_grad():
+            (expected,) = torch.autograd.grad(metric(plain(x)), conv_out)
+    finally:
+        handle.remove()
+    assert torch.equal(cache.grad("neuron.0.pre"), expected)
+    assert torch.equal(cache.grad("neuron.0.2.pre"), expected[:, 2])
+    assert not torch.equal(cache.grad("neuron.0.pre"), cache.grad("neuron.0"))  # ReLU masks it
+    # with a hook patching the pre-activation, the gradient still matches the plain network
+    zero = [("neuron.0.1.pre", lambda act, a: torch.zeros_like(act))]
+    out, cache = model.run_with_cache(x, names=names, hooks=zero, backward=metric)
+    plain_out, ref = reference.run_with_cache(x, names=names, hooks=zero, backward=metric)
+    assert torch.equal(out, plain_out)
+    for name in names:
+        assert torch.equal(cache[name], ref[name]), name
+        assert torch.equal(cache.grad(name), ref.grad(name)), name
+    assert all(p.grad is None for p in (*net.parameters(), *plain.parameters()))
+
+
 def test_vit_values_by_hand(vit):
     net, model = vit
     logits, cache = model.run_with_cache(X_FLAT, names=None)

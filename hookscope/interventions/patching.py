@@ -99,59 +99,14 @@ def activation_patching(
     a forward under ~4096 tokens). Scores are shaped by the sweep: e.g. ``[layer, head]``
     for ``head.*.*``, ``[layer, pos]`` for ``resid_pre.*`` with ``positions="each"``.
     """
-    if direction not in DIRECTIONS:
-        raise InputError(
-            f"direction must be one of {format_choices(DIRECTIONS)}, got {direction!r}"
-        )
-    clean_t, corrupted_t = _as_tokens(model, clean), _as_tokens(model, corrupted)
-    if clean_t.shape != corrupted_t.shape:
-        raise InputError(
-            f"clean and corrupted inputs must have the same shape, got {tuple(clean_t.shape)} and "
-            f"{tuple(corrupted_t.shape)} (prompts of equal token length)"
-        )
-    addresses = model.resolve(sites)
-    if not addresses:
-        raise InputError(f"sites {sites!r} selects no address")
+    patcher = Patcher(model, clean, corrupted, metric, sites, direction, chunk_size, progress)
     names, sizes = _sweep_dims(sites, model)
-    slot_names = list(dict.fromkeys(slot_address(a.slot) for a in addresses))
-    base_t = corrupted_t if direction == "denoise" else clean_t
-    runner = StackedRunner(model, base_t, metric)
-    m_clean, m_corrupted, clean_acts, corrupted_acts = _baseline_runs(
-        model, runner, clean_t, corrupted_t, slot_names, metric, direction
-    )
-    source = clean_acts if direction == "denoise" else corrupted_acts
+    pos_list = patcher.positions(positions)
+    jobs = [(a, p) for a in patcher.addresses for p in pos_list]
+    flat = torch.tensor(patcher.run(jobs), dtype=torch.float64)
     normalised = isinstance(metric, Metric)
-    if normalised and m_clean == m_corrupted:
-        raise InputError(
-            f"the metric is equal on clean and corrupted runs ({m_clean:.6g}); normalised scores are "
-            "undefined — use inputs that differ in the metric, or a plain callable metric"
-        )
-
-    n_pos = clean_t.shape[1] if clean_t.ndim >= 2 else 0
-    if positions == "all":
-        pos_list: list[int | None] = [None]
-    elif positions == "each":
-        pos_list = list(range(n_pos))
-    else:
-        pos_list = [int(p) for p in positions]  # type: ignore[union-attr]
-        bad = [p for p in pos_list if not -n_pos <= p < n_pos]
-        if bad:
-            raise InputError(f"positions {bad} out of range for inputs of {n_pos} positions")
-    if pos_list != [None] and any(_position_axis(model, a.slot) is None for a in addresses):
-        raise InputError(
-            f"{model.adapter.name} activations have no position axis; use positions='all'"
-        )
-    jobs = [(a, p) for a in addresses for p in pos_list]
-
-    batch = base_t.shape[0]
-    tokens_per_run = batch * max(1, n_pos if not base_t.is_floating_point() else 1)
-    if chunk_size is not None and chunk_size < 1:
-        raise InputError(f"chunk_size must be >= 1, got {chunk_size}")
-    k = chunk_size or max(1, 4096 // tokens_per_run)
-    raw = _run_jobs(model, runner, jobs, source, k, progress)
-    flat = torch.tensor(raw, dtype=torch.float64)
     if normalised:
-        flat = (flat - m_corrupted) / (m_clean - m_corrupted)
+        flat = patcher.fraction(flat)
     shape = sizes + ([len(pos_list)] if pos_list != [None] else [])
     dims = tuple(names + (["pos"] if pos_list != [None] else []))
     scores = flat.reshape(shape) if shape else flat.reshape(())
@@ -161,11 +116,99 @@ def activation_patching(
         jobs=jobs,
         flat=flat,
         direction=direction,
-        metric=getattr(metric, "name", getattr(metric, "__name__", "metric")),
+        metric=metric_name(metric),
         normalised=normalised,
-        baselines={"clean": m_clean, "corrupted": m_corrupted},
+        baselines={"clean": patcher.m_clean, "corrupted": patcher.m_corrupted},
         higher_is_better=getattr(metric, "higher_is_better", True),
     )
+
+
+def metric_name(metric: Any) -> str:
+    return getattr(metric, "name", getattr(metric, "__name__", "metric"))
+
+
+class Patcher:
+    """One patching setup: validated inputs, the clean and corrupted baselines (one forward)
+    and the source activations of ``sites``; :meth:`run` scores any list of jobs on it."""
+
+    def __init__(
+        self,
+        model: HookedModel,
+        clean: Any,
+        corrupted: Any,
+        metric: Metric | Callable[[Tensor], Tensor],
+        sites: Any,
+        direction: str = "denoise",
+        chunk_size: int | None = None,
+        progress: bool = True,
+        require_gap: bool | None = None,
+    ):
+        if direction not in DIRECTIONS:
+            raise InputError(
+                f"direction must be one of {format_choices(DIRECTIONS)}, got {direction!r}"
+            )
+        if chunk_size is not None and chunk_size < 1:
+            raise InputError(f"chunk_size must be >= 1, got {chunk_size}")
+        clean_t, corrupted_t = _as_tokens(model, clean), _as_tokens(model, corrupted)
+        if clean_t.shape != corrupted_t.shape:
+            raise InputError(
+                f"clean and corrupted inputs must have the same shape, got {tuple(clean_t.shape)} "
+                f"and {tuple(corrupted_t.shape)} (prompts of equal token length)"
+            )
+        self.addresses = model.resolve(sites)
+        if not self.addresses:
+            raise InputError(f"sites {sites!r} selects no address")
+        self.model, self.metric, self.direction, self.progress = model, metric, direction, progress
+        self.clean_t, self.corrupted_t = clean_t, corrupted_t
+        slot_names = list(dict.fromkeys(slot_address(a.slot) for a in self.addresses))
+        base_t = corrupted_t if direction == "denoise" else clean_t
+        self.runner = StackedRunner(model, base_t, metric)
+        self.m_clean, self.m_corrupted, clean_acts, corrupted_acts = _baseline_runs(
+            model, self.runner, clean_t, corrupted_t, slot_names, metric, direction
+        )
+        self.source = clean_acts if direction == "denoise" else corrupted_acts
+        if (isinstance(metric, Metric) if require_gap is None else require_gap) and (
+            self.m_clean == self.m_corrupted
+        ):
+            raise InputError(
+                f"the metric is equal on clean and corrupted runs ({self.m_clean:.6g}); normalised "
+                "scores are undefined — use inputs that differ in the metric, or a plain callable "
+                "metric"
+            )
+        self.n_pos = clean_t.shape[1] if clean_t.ndim >= 2 else 0
+        batch = base_t.shape[0]
+        tokens_per_run = batch * max(1, self.n_pos if not base_t.is_floating_point() else 1)
+        self.chunk_size = chunk_size or max(1, 4096 // tokens_per_run)
+
+    def positions(self, positions: str | Sequence[int]) -> list[int | None]:
+        """The position list of a sweep (``[None]`` for all positions at once)."""
+        n_pos = self.n_pos
+        if positions == "all":
+            return [None]
+        if positions == "each":
+            pos_list: list[int | None] = list(range(n_pos))
+        elif isinstance(positions, str):
+            raise InputError(
+                f"positions must be 'all', 'each' or a list of ints, got {positions!r}"
+            )
+        else:
+            pos_list = [int(p) for p in positions]
+            bad = [p for p in pos_list if not -n_pos <= p < n_pos]  # type: ignore[operator]
+            if bad:
+                raise InputError(f"positions {bad} out of range for inputs of {n_pos} positions")
+        if any(_position_axis(self.model, a.slot) is None for a in self.addresses):
+            raise InputError(
+                f"{self.model.adapter.name} activations have no position axis; use positions='all'"
+            )
+        return pos_list
+
+    def run(self, jobs: list) -> list[float]:
+        """The raw metric of each job (an ``(address, position)`` or a list of them)."""
+        return _run_jobs(self.model, self.runner, jobs, self.source, self.chunk_size, self.progress)
+
+    def fraction(self, raw: Tensor) -> Tensor:
+        """Raw metric values as (m - m_corrupted) / (m_clean - m_corrupted)."""
+        return (raw - self.m_corrupted) / (self.m_clean - self.m_corrupted)
 
 
 def _baseline_runs(

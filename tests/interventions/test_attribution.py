@@ -247,22 +247,21 @@ def test_cnn_channels_equal_plain_torch_reference():
     torch.testing.assert_close(res.scores, expected, atol=1e-9, rtol=0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hooks.py takes d/d(conv output) after nn.ReLU(inplace=True) overwrote it, i.e. "
-    "the gradient w.r.t. the post-ReLU value (with frozen weights: a RuntimeError)",
-)
-def test_neuron_pre_before_an_inplace_relu():
-    net = builders.tiny_cnn().double()  # Conv2d -> ReLU(inplace=True)
+@pytest.mark.parametrize("frozen", [False, True])
+def test_neuron_pre_before_an_inplace_relu(frozen):
+    """The gradient at a conv output that nn.ReLU(inplace=True) overwrites is taken w.r.t. the
+    pre-activation (as with a non-inplace ReLU), not the post-ReLU value; frozen weights too."""
+    net = builders.tiny_cnn().double().requires_grad_(not frozen)  # Conv2d -> ReLU(inplace=True)
     plain = copy.deepcopy(net)
     plain[1] = nn.ReLU()
     g = torch.Generator().manual_seed(0)
     clean = torch.randn(2, 1, 8, 8, generator=g, dtype=torch.float64)
     corrupted = torch.randn(2, 1, 8, 8, generator=g, dtype=torch.float64)
-    args = dict(metric=iv.logit(3, position=None), sites="neuron.0.*.pre")
+    args = dict(metric=iv.logit(3, position=None), sites="neuron.0.*.pre", progress=False)
     inplace = iv.attribution_patching(hs.HookedModel.wrap(net), clean, corrupted, **args)
     reference = iv.attribution_patching(hs.HookedModel.wrap(plain), clean, corrupted, **args)
     torch.testing.assert_close(inplace.scores, reference.scores, atol=1e-9, rtol=0)
+    assert all(p.grad is None for p in net.parameters())
 
 
 # ---------------------------------------------------------------------- identities of the estimate
