@@ -147,15 +147,13 @@ class StackedRunner:
                 with torch.no_grad():
                     out = self.model.run_with_hooks(inputs, hooks=hooks)
             except _Stop as stop:
-                return self._values(stop.hidden, n, hidden=True)
-            if readout:
-                raise InputError(
-                    "the model returned without calling its unembedding; cannot read the metric"
-                )
-            return self._values(out, n, hidden=False)
+                out = stop.hidden
+            else:
+                readout = False
         finally:
             for handle in handles:
                 handle.remove()
+        return self._values(out, n, hidden=readout)
 
     @torch.no_grad()
     def _values(self, out: Tensor, n: int, hidden: bool) -> list[float]:

@@ -77,7 +77,7 @@ class Unembed:
 
     def full(self, hidden: Tensor) -> Tensor:
         """Every logit: ``hidden [..., d_model] -> [..., vocab]``."""
-        return self.module(hidden)
+        return nn.functional.linear(hidden, self.module.weight, self.module.bias)
 
     def columns(self, hidden: Tensor, ids: Tensor) -> Tensor:
         """The logit of token ``ids`` (one id, or one per row) for ``hidden [batch, d_model]``."""

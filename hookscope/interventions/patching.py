@@ -274,7 +274,7 @@ def _chunks(jobs: list, k: int, runner: StackedRunner) -> list[tuple[int | None,
     groups: dict[int | None, list[int]] = {}
     for i, job in enumerate(jobs):
         starts = [runner.start(a.slot) for a, _ in (job if isinstance(job, list) else [job])]
-        start = None if None in starts else min(starts)  # type: ignore[type-var]
+        start = None if not starts or None in starts else min(starts)  # type: ignore[type-var]
         groups.setdefault(start, []).append(i)
     out = []
     for start in sorted(groups, key=lambda s: -1 if s is None else s):

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from torch import Tensor
 
 from hookscope.addresses import Address
+from hookscope.errors import InputError
 
 __all__ = ["PatchingResult"]
 
@@ -78,13 +79,20 @@ class PatchingResult:
             }
         )
 
-    def plot(self, ax=None):
-        """Heatmap of a 2-D sweep (bar chart for 1-D); returns the matplotlib Figure."""
+    def plot(self, ax=None, values: str = "score"):
+        """Heatmap of a 2-D sweep (bar chart for 1-D); returns the matplotlib Figure.
+
+        ``values``: ``"score"`` (the sweep's scores) or ``"effect"`` (:attr:`effects`, so
+        that important sites stand out in either direction).
+        """
         from matplotlib.figure import Figure
 
+        if values not in ("score", "effect"):
+            raise InputError(f"values must be one of score, effect, got {values!r}")
         fig = ax.figure if ax is not None else Figure(figsize=(7, 4.5))
         ax = ax if ax is not None else fig.add_subplot(1, 1, 1)
-        data = self.scores.detach().float().cpu()
+        data = self.scores if values == "score" else self.effects.reshape(self.scores.shape)
+        data = data.detach().float().cpu()
         title = f"{self.method} ({self.direction}, {self.metric}{', normalised' if self.normalised else ''})"
         if data.ndim >= 2:
             data = data.reshape(data.shape[0], -1)
@@ -92,7 +100,10 @@ class PatchingResult:
             image = ax.imshow(data.numpy(), cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
             ax.set_ylabel(self.dims[0])
             ax.set_xlabel(" x ".join(self.dims[1:]))
-            fig.colorbar(image, ax=ax, label="score")
+            rows, cols = data.shape
+            ax.set_yticks(range(0, rows, max(1, rows // 24)))
+            ax.set_xticks(range(0, cols, max(1, cols // 32)))
+            fig.colorbar(image, ax=ax, label=values)
         else:
             values = data.reshape(-1).numpy()
             ax.bar(range(len(values)), values)

@@ -133,6 +133,28 @@ def test_stacked_sweep_equals_one_forward_per_job(name, direction):
     assert reference.std() > 10 * abs(m_clean - m_corrupted) * 1e-3  # not trivially constant
 
 
+def test_loss_metric_reads_full_logits_from_the_stopped_forward():
+    """loss needs every logit: the readout applies the whole unembedding to the stopped
+    forward's hidden states (and the unembedding's hooks do not fire twice)."""
+    model = hs.HookedModel.wrap(builders.tiny_llama_gqa())
+    clean, corrupted = _inputs(500)
+    metric = iv.loss(clean, positions=[3, 4, 5])
+    res = iv.activation_patching(
+        model,
+        clean,
+        corrupted,
+        metric,
+        sites=["resid_pre.1", "head.0.2", "logits"],
+        positions="each",
+        progress=False,
+    )
+    reference = _one_at_a_time(model, clean, corrupted, metric, res.jobs, "denoise")
+    b = res.baselines
+    torch.testing.assert_close(
+        res.flat * (b["clean"] - b["corrupted"]) + b["corrupted"], reference, atol=2e-6, rtol=1e-5
+    )
+
+
 def test_vit_stacked_sweep_equals_one_forward_per_job():
     model = hs.HookedModel.wrap(builders.tiny_vit())
     g = torch.Generator().manual_seed(0)

@@ -1,0 +1,336 @@
+"""Circuit localization: rank components, confirm the best exactly, keep a minimal set.
+
+:func:`localize_circuit` answers "which components carry this behaviour?" in four steps:
+
+1. **Screen** every component of ``sites`` (one per address, or per address and position)
+   with attribution patching (two forwards and a backward) or exact activation patching.
+2. **Confirm** the ``candidates`` best by exact patching, one at a time, and rank them by
+   their exact effect (:attr:`PatchingResult.effects`).
+3. **Grow** the set of the top ``k`` confirmed components, ``k = 1, 2, ...``, scoring each
+   set with one patched run (all sets stacked in one sweep): the *curve*. The circuit is the
+   smallest prefix whose score reaches ``threshold``; then each member whose removal keeps
+   the score at the threshold is dropped (weakest first), so no member is redundant.
+4. **Faithfulness**: the metric with only the circuit kept and every other site of
+   ``sites`` ablated (:func:`knockout`, ``ablation="corrupted"`` by default: the other
+   sites take their values from the corrupted run), as a fraction of clean behaviour.
+
+The set score depends on ``criterion``:
+
+* ``"patch"`` (default): patch the set in the sweep's ``direction``. Denoising scores the
+  fraction of clean behaviour the set *restores* in the corrupted run; noising the fraction
+  it *destroys* in the clean run.
+* ``"faithfulness"``: keep the set and patch every other component with its corrupted value
+  in the clean run; the score is the fraction of clean behaviour left. Use it when the
+  components work only together (an induction head needs the previous-token head: patching
+  either alone into a corrupted run restores little, and noising the previous-token head
+  alone already destroys most, so neither "patch" criterion finds both).
+
+Scores are fractions of ``m(clean) - m(corrupted)`` for any metric (plain callables too).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hookscope.addresses import Address
+from hookscope.errors import InputError, format_choices
+from hookscope.interventions.ablation import KNOCKOUT_METHODS, Knockout, knockout
+from hookscope.interventions.attribution import attribution_patching
+from hookscope.interventions.metrics import Metric
+from hookscope.interventions.patching import Patcher, activation_patching, metric_name
+from hookscope.interventions.result import PatchingResult
+from hookscope.model import HookedModel
+
+__all__ = ["CircuitResult", "localize_circuit"]
+
+METHODS = ("attribution", "exact")
+CRITERIA = ("patch", "faithfulness")
+Component = tuple[Address, int | None]
+
+
+def _label(component: Component) -> str:
+    address, pos = component
+    return str(address) if pos is None else f"{address}@{pos}"
+
+
+@dataclass
+class CircuitResult:
+    """A localized circuit: its components, how well it does, and how it was found.
+
+    ``components``: the minimal set, in confirmed rank order. ``score``: its set score
+    (see ``criterion``); ``reached``: whether it reaches ``threshold`` (if no prefix of the
+    candidates does, ``components`` are all candidates and ``reached`` is False).
+    ``faithfulness``: the :class:`Knockout` with only the circuit's addresses kept.
+    ``screen``: the screening sweep; ``confirmed``: exact scores of the candidates (in
+    candidate order); ``curve[k-1]``: the set score of the top ``k`` confirmed candidates.
+    """
+
+    components: list[Component]
+    score: float
+    reached: bool
+    threshold: float
+    criterion: str
+    direction: str
+    method: str
+    metric: str
+    faithfulness: Knockout | None
+    screen: PatchingResult
+    confirmed: PatchingResult
+    ranking: list[Component]
+    curve: list[float]
+    baselines: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def addresses(self) -> list[Address]:
+        return list(dict.fromkeys(a for a, _ in self.components))
+
+    def _rows(self) -> list[dict[str, Any]]:
+        screen = dict(zip(self.screen.jobs, self.screen.effects.tolist(), strict=True))
+        exact = dict(zip(self.confirmed.jobs, self.confirmed.effects.tolist(), strict=True))
+        members = set(self.components)
+        return [
+            {
+                "rank": rank,
+                "component": _label(c),
+                "address": str(c[0]),
+                "position": c[1],
+                "screen_effect": screen[c],
+                "exact_effect": exact[c],
+                "set_score": self.curve[rank - 1],
+                "in_circuit": c in members,
+            }
+            for rank, c in enumerate(self.ranking, 1)
+        ]
+
+    def to_pandas(self):
+        """One row per confirmed candidate, best first: screening and exact effects, the
+        score of the set of the top ``rank`` candidates, and circuit membership."""
+        import pandas as pd
+
+        return pd.DataFrame(self._rows())
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything as JSON-serialisable values."""
+        knock = self.faithfulness
+        return {
+            "circuit": [_label(c) for c in self.components],
+            "score": self.score,
+            "reached": self.reached,
+            "threshold": self.threshold,
+            "criterion": self.criterion,
+            "direction": self.direction,
+            "method": self.method,
+            "metric": self.metric,
+            "baselines": self.baselines,
+            "faithfulness": None
+            if knock is None
+            else {
+                "faithfulness": knock.faithfulness,
+                "value": knock.value,
+                "clean": knock.clean,
+                "ablated": knock.ablated,
+                "method": knock.method,
+            },
+            "candidates": self._rows(),
+            "screen": {
+                "dims": list(self.screen.dims),
+                "shape": list(self.screen.scores.shape),
+                "scores": self.screen.scores.tolist(),
+                "normalised": self.screen.normalised,
+                "method": self.screen.method,
+            },
+        }
+
+    def plot(self):
+        """Figure: the screening heatmap with circuit members boxed, and the set-score curve."""
+        from matplotlib.figure import Figure
+        from matplotlib.patches import Rectangle
+
+        fig = Figure(figsize=(11, 4.5))
+        ax_map, ax_curve = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
+        self.screen.plot(ax=ax_map, values="effect")
+        ax_map.set_title(f"{self.screen.method} effects ({self.direction}); circuit boxed")
+        data = self.screen.scores
+        if data.ndim >= 2:
+            cols = int(torch.tensor(data.shape[1:]).prod())
+            for component in self.components:
+                row, col = divmod(self.screen.jobs.index(component), cols)
+                ax_map.add_patch(
+                    Rectangle((col - 0.4, row - 0.4), 0.8, 0.8, fill=False, lw=2, ec="black")
+                )
+        ks = list(range(1, len(self.curve) + 1))
+        ax_curve.plot(ks, self.curve, marker="o")
+        ax_curve.axhline(self.threshold, ls="--", c="grey", label=f"threshold {self.threshold}")
+        ax_curve.set_xticks(ks, [_label(c) for c in self.ranking], rotation=90, fontsize=7)
+        ax_curve.set_ylabel(f"set score ({self.criterion}, {self.direction})")
+        ax_curve.set_title(f"circuit: {len(self.components)} components")
+        ax_curve.legend(loc="lower right")
+        fig.tight_layout()
+        return fig
+
+    def __repr__(self) -> str:
+        status = "reaches" if self.reached else "does NOT reach"
+        lines = [
+            f"CircuitResult({self.method} screen, {self.criterion} criterion, {self.direction}, "
+            f"metric {self.metric})",
+            f"  circuit of {len(self.components)}: {', '.join(_label(c) for c in self.components)}",
+            f"  set score {self.score:.4f} {status} threshold {self.threshold}",
+        ]
+        if self.faithfulness is not None:
+            lines.append(
+                f"  faithfulness {self.faithfulness.faithfulness:.4f} "
+                f"(only the circuit kept; other sites: {self.faithfulness.method})"
+            )
+        lines.append(f"  {'rank':<6}{'component':<24}{'screen':>9}{'exact':>9}{'set':>9}  circuit")
+        for row in self._rows():
+            lines.append(
+                f"  {row['rank']:<6}{row['component']:<24}{row['screen_effect']:>+9.4f}"
+                f"{row['exact_effect']:>+9.4f}{row['set_score']:>9.4f}  "
+                f"{'*' if row['in_circuit'] else ''}"
+            )
+        return "\n".join(lines)
+
+
+def localize_circuit(
+    model: HookedModel,
+    clean: Any,
+    corrupted: Any,
+    metric: Metric | Callable[[Tensor], Tensor],
+    sites: Any = "head.*.*",
+    method: str = "attribution",
+    direction: str = "denoise",
+    positions: str | Sequence[int] = "all",
+    threshold: float = 0.8,
+    candidates: int | None = None,
+    criterion: str = "patch",
+    ablation: str = "corrupted",
+    reference: Any = None,
+    chunk_size: int | None = None,
+    progress: bool = True,
+) -> CircuitResult:
+    """Find a minimal set of components of ``sites`` that carries the metric's behaviour.
+
+    ``method``: how to screen (``"attribution"`` or ``"exact"``). ``candidates``: how many
+    of the best screened components to confirm exactly (default: all up to 20).
+    ``criterion``, ``threshold``: what the set must reach (module docstring). ``ablation``:
+    how :func:`knockout` removes the other sites for the reported faithfulness
+    (``corrupted``, ``mean``, ``zero``, ``resample``; ``reference`` as for knockout, the
+    corrupted inputs by default). Returns a :class:`CircuitResult`.
+    """
+    if method not in METHODS:
+        raise InputError(f"method must be one of {format_choices(METHODS)}, got {method!r}")
+    if criterion not in CRITERIA:
+        raise InputError(f"criterion must be one of {format_choices(CRITERIA)}, got {criterion!r}")
+    if ablation not in KNOCKOUT_METHODS:
+        raise InputError(
+            f"ablation must be one of {format_choices(KNOCKOUT_METHODS)}, got {ablation!r}"
+        )
+    if not 0 < threshold <= 1:
+        raise InputError(f"threshold must be in (0, 1], got {threshold}")
+    if candidates is not None and candidates < 1:
+        raise InputError(f"candidates must be >= 1, got {candidates}")
+    patcher = Patcher(
+        model, clean, corrupted, metric, sites, direction, chunk_size, progress, require_gap=True
+    )
+    screen_fn = attribution_patching if method == "attribution" else activation_patching
+    kwargs = {} if method == "attribution" else {"chunk_size": chunk_size}
+    screen = screen_fn(
+        model, clean, corrupted, metric, sites=sites, positions=positions,
+        direction=direction, progress=progress, **kwargs,
+    )  # fmt: skip
+    jobs: list[Component] = screen.jobs
+    k = min(len(jobs), candidates or 20)
+    picked = [jobs[i] for i in screen.effects.argsort(descending=True, stable=True)[:k].tolist()]
+    if method == "exact":
+        exact = dict(zip(jobs, screen.flat.tolist(), strict=True))
+        raw = [exact[c] for c in picked]
+        fractions = torch.tensor(raw, dtype=torch.float64)
+        if not screen.normalised:
+            fractions = patcher.fraction(fractions)
+    else:
+        fractions = patcher.fraction(torch.tensor(patcher.run(picked), dtype=torch.float64))
+    confirmed = PatchingResult(
+        scores=fractions.clone(),
+        dims=("candidate",),
+        jobs=picked,
+        flat=fractions,
+        method="activation_patching",
+        direction=direction,
+        metric=metric_name(metric),
+        normalised=True,
+        baselines={"clean": patcher.m_clean, "corrupted": patcher.m_corrupted},
+    )
+    order = confirmed.effects.argsort(descending=True, stable=True).tolist()
+    ranking = [picked[i] for i in order]
+
+    set_score = _set_scorer(model, clean, corrupted, metric, sites, patcher, jobs, criterion,
+                            chunk_size, progress)  # fmt: skip
+    curve = set_score([ranking[:n] for n in range(1, k + 1)])
+    size = next((n for n, s in enumerate(curve, 1) if s >= threshold), None)
+    reached = size is not None
+    circuit = ranking[: size or k]
+    score = curve[(size or k) - 1]
+    if reached:
+        for member in reversed(list(circuit)):  # drop members the threshold does not need
+            if len(circuit) == 1:
+                break
+            trial = [c for c in circuit if c != member]
+            value = set_score([trial])[0]
+            if value >= threshold:
+                circuit, score = trial, value
+
+    faithfulness = knockout(
+        model,
+        clean,
+        list(dict.fromkeys(a for a, _ in jobs)),
+        metric,
+        keep=list(dict.fromkeys(a for a, _ in circuit)),
+        method=ablation,
+        reference=corrupted if ablation == "corrupted" and reference is None else reference,
+    )
+    return CircuitResult(
+        components=circuit,
+        score=score,
+        reached=reached,
+        threshold=threshold,
+        criterion=criterion,
+        direction=direction,
+        method=method,
+        metric=metric_name(metric),
+        faithfulness=faithfulness,
+        screen=screen,
+        confirmed=confirmed,
+        ranking=ranking,
+        curve=curve,
+        baselines={"clean": patcher.m_clean, "corrupted": patcher.m_corrupted},
+    )
+
+
+def _set_scorer(
+    model, clean, corrupted, metric, sites, patcher: Patcher, jobs, criterion, chunk_size, progress
+) -> Callable[[list[list[Component]]], list[float]]:
+    """A function scoring sets of components (each set one patched run, stacked)."""
+    if criterion == "patch":
+
+        def score(sets: list[list[Component]]) -> list[float]:
+            fractions = patcher.fraction(torch.tensor(patcher.run(sets), dtype=torch.float64))
+            kept = fractions if patcher.direction == "denoise" else 1.0 - fractions
+            return kept.tolist()
+
+        return score
+    noiser = (
+        patcher
+        if patcher.direction == "noise"
+        else Patcher(model, clean, corrupted, metric, sites, "noise", chunk_size, progress, True)
+    )
+
+    def keep_only(sets: list[list[Component]]) -> list[float]:
+        complements = [[c for c in jobs if c not in set(s)] for s in sets]
+        return noiser.fraction(torch.tensor(noiser.run(complements), dtype=torch.float64)).tolist()
+
+    return keep_only
