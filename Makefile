@@ -1,5 +1,5 @@
 # The two commands a newcomer needs (see README.md):
-#   make demo   set up .venv and run the main job (examples/quickstart.py)
+#   make demo   set up .venv and run the main job: hookscope localize (circuit of tiny-induction)
 #   make test   set up .venv and run the test suite
 # Both install the CPU build of torch pinned in constraints.txt, never a CUDA build.
 
@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all bench models venv clean
+.PHONY: demo quickstart test test-all bench models venv clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,12 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP)
 
+# the main job: localize the induction circuit of the shipped tiny-induction model
 demo: $(STAMP)
+	$(VENV)/bin/hookscope localize --model tiny-induction --task induction --out results/localize
+
+# a one-page tour of the library (caching, hooks, addresses)
+quickstart: $(STAMP)
 	$(PY) examples/quickstart.py
 
 test: $(STAMP)

@@ -188,11 +188,11 @@ class CircuitResult:
             )
         lines.append(f"  {'rank':<6}{'component':<24}{'screen':>9}{'exact':>9}{'set':>9}  circuit")
         for row in self._rows():
-            lines.append(
+            line = (
                 f"  {row['rank']:<6}{row['component']:<24}{row['screen_effect']:>+9.4f}"
-                f"{row['exact_effect']:>+9.4f}{row['set_score']:>9.4f}  "
-                f"{'*' if row['in_circuit'] else ''}"
+                f"{row['exact_effect']:>+9.4f}{row['set_score']:>9.4f}"
             )
+            lines.append(line + ("  *" if row["in_circuit"] else ""))
         return "\n".join(lines)
 
 
