@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from hookscope.addresses import Slot, slot_address
 from hookscope.errors import InputError, format_choices
+from hookscope.interventions._stacked import StackedRunner
 from hookscope.interventions.metrics import Metric
 from hookscope.interventions.patching import (
     _as_tokens,
@@ -82,9 +83,27 @@ def attribution_patching(
     slot_names = list(dict.fromkeys(slot_address(a.slot) for a in addresses))
     base_t, source_t = (corrupted_t, clean_t) if direction == "denoise" else (clean_t, corrupted_t)
 
-    source_out, source_cache = model.run_with_cache(source_t, names=slot_names)
+    unembed = StackedRunner(model, base_t, metric).unembed
+    if any(a.slot.kind in ("logits", "module") for a in addresses):
+        unembed = None  # the logits themselves are a site: keep the full unembedding
+    captured: list[Tensor] = []
+    handle = unembed.module.register_forward_pre_hook(
+        lambda module, args: captured.append(args[0])
+    ) if unembed is not None else None  # fmt: skip
+    try:
+        source_out, source_cache = model.run_with_cache(source_t, names=slot_names)
+    finally:
+        if handle is not None:
+            handle.remove()
     m_source = _metric_value(metric, source_out)
-    _, base_cache = model.run_with_cache(base_t, names=slot_names, backward=_differentiable(metric))
+    if unembed is not None:  # read only the metric's logits in the backward run, if exact
+        with torch.no_grad():
+            got = float(metric.per_example_hidden(captured[-1], unembed).mean())  # type: ignore[union-attr]
+        if not abs(got - m_source) <= 1e-4 * max(1.0, abs(m_source)):
+            unembed = None
+        else:  # both baselines from the same computation
+            m_source = got
+    base_cache = _base_run(model, base_t, slot_names, metric, unembed)
     m_base = float(base_cache.backward_value)  # type: ignore[arg-type]
     m_clean, m_corrupted = (m_source, m_base) if direction == "denoise" else (m_base, m_source)
     normalised = isinstance(metric, Metric)
@@ -151,6 +170,30 @@ def attribution_patching(
         baselines={"clean": m_clean, "corrupted": m_corrupted},
         higher_is_better=getattr(metric, "higher_is_better", True),
     )
+
+
+def _base_run(model: HookedModel, base_t: Tensor, slot_names: list[str], metric, unembed):
+    """The base run with gradients of the metric at ``slot_names``. With ``unembed``, the
+    unembedding gets zero positions (so nothing of [batch, pos, vocab] is built or
+    differentiated) and the metric reads its own logits from the unembedding's input."""
+    if unembed is None:
+        return model.run_with_cache(base_t, names=slot_names, backward=_differentiable(metric))[1]
+    stash: list[Tensor] = []
+
+    def cut(module, args):
+        stash.append(args[0])
+        return (args[0][..., :0, :],)
+
+    handle = unembed.module.register_forward_pre_hook(cut)
+    try:
+        _, cache = model.run_with_cache(
+            base_t,
+            names=slot_names,
+            backward=lambda out: metric.per_example_hidden(stash[-1], unembed).mean(),
+        )
+    finally:
+        handle.remove()
+    return cache
 
 
 def _differentiable(metric: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
