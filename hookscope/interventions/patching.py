@@ -167,6 +167,7 @@ class Patcher:
             model, self.runner, clean_t, corrupted_t, slot_names, metric, direction
         )
         self.source = clean_acts if direction == "denoise" else corrupted_acts
+        self.base_acts = corrupted_acts if direction == "denoise" else clean_acts
         if (isinstance(metric, Metric) if require_gap is None else require_gap) and (
             self.m_clean == self.m_corrupted
         ):
@@ -203,8 +204,31 @@ class Patcher:
         return pos_list
 
     def run(self, jobs: list) -> list[float]:
-        """The raw metric of each job (an ``(address, position)`` or a list of them)."""
-        return _run_jobs(self.model, self.runner, jobs, self.source, self.chunk_size, self.progress)
+        """The raw metric of each job (an ``(address, position)`` or a list of them).
+
+        A job whose source values equal the base run's values bit for bit (e.g. a residual
+        position before the first corrupted token) would reproduce the base run exactly, so
+        it is not run: its metric is the base run's.
+        """
+        todo = [i for i, job in enumerate(jobs) if not self._is_noop(job)]
+        base = self.m_corrupted if self.direction == "denoise" else self.m_clean
+        raw = [base] * len(jobs)
+        values = _run_jobs(
+            self.model, self.runner, [jobs[i] for i in todo], self.source, self.chunk_size,
+            self.progress,
+        )  # fmt: skip
+        for i, value in zip(todo, values, strict=True):
+            raw[i] = value
+        return raw
+
+    def _is_noop(self, job: Any) -> bool:
+        for address, pos in job if isinstance(job, list) else [job]:
+            name = slot_address(address.slot)
+            source, base = self.source[name], self.base_acts[name]
+            index = tuple(_unit_index(self.model, address, pos, source.ndim))
+            if not torch.equal(source[index], base[index]):
+                return False
+        return True
 
     def fraction(self, raw: Tensor) -> Tensor:
         """Raw metric values as (m - m_corrupted) / (m_clean - m_corrupted)."""
@@ -283,6 +307,18 @@ def _chunks(jobs: list, k: int, runner: StackedRunner) -> list[tuple[int | None,
     return out
 
 
+def _unit_index(model: HookedModel, address: Address, pos: int | None, ndim: int) -> list[Any]:
+    """Index of ``address``'s unit (at ``pos``) in its slot's tensor of ``ndim`` dimensions."""
+    slot = address.slot
+    index: list[Any] = [slice(None)] * ndim
+    if pos is not None:
+        index[_position_axis(model, slot)] = pos  # type: ignore[index]
+    if address.index is not None:
+        axis = model.adapter.unit_axis(slot)
+        index[axis % ndim] = model.adapter.unit_index(slot, address.index)
+    return index
+
+
 def _patch_hooks(model: HookedModel, part: list, source, batch: int):
     """One hook per slot: write the source value of each job's unit/position into its rows.
 
@@ -295,30 +331,11 @@ def _patch_hooks(model: HookedModel, part: list, source, batch: int):
     hooks = []
     for slot, entries in by_slot.items():
         value = source[slot_address(slot)]  # [batch, ...]
-        pos_axis = _position_axis(model, slot)
-        unit_axis = (
-            model.adapter.unit_axis(slot)
-            if slot.kind in model.adapter.unit_axes or slot.kind.startswith("neuron_")
-            else None
-        )
 
-        def write(
-            act: Tensor,
-            _address: Address,
-            entries=entries,
-            value=value,
-            pos_axis=pos_axis,
-            unit_axis=unit_axis,
-        ):
+        def write(act: Tensor, _address: Address, entries=entries, value=value):
             out = act.clone()
             for i, address, pos in entries:
-                index: list[Any] = [slice(None)] * act.ndim
-                if pos is not None:
-                    index[pos_axis] = pos  # type: ignore[index]
-                if address.index is not None:
-                    index[unit_axis % act.ndim] = model.adapter.unit_index(
-                        address.slot, address.index
-                    )  # type: ignore[operator]
+                index = _unit_index(model, address, pos, act.ndim)
                 rows = list(index)
                 rows[0] = slice(i * batch, (i + 1) * batch)
                 out[tuple(rows)] = value[tuple(index)]

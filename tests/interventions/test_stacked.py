@@ -200,7 +200,10 @@ def test_lower_blocks_run_once_and_logits_are_not_built():
             h.remove()
     # baselines: clean and corrupted as one run of 4 rows; then one stacked run
     assert rows[0] == [4, 2]  # block 0: the base batch of 2 only
-    assert rows[1] == [4, 2 * 7]  # block 1: 7 patched copies only where patched
+    # block 1: a patched copy per position where clean and corrupted resid_pre.1 differ;
+    # position 0 precedes the first corrupted token (1), so patching it is a no-op, not run
+    assert rows[1] == [4, 2 * 6]
+    assert float(res.scores[0]) == 0.0
     assert len(head_calls) == 1  # full logits only for the baseline run
     assert res.scores.shape == (7,)
 
