@@ -155,3 +155,56 @@ def test_build_task_errors():
     period = task.clean[:, 11:21] == task.clean[:, 1:11]
     assert period.all() and task.clean.shape == (4, 21)
     assert torch.is_tensor(task.clean)
+
+
+@pytest.mark.optional_model
+def test_smollm2_ioi_circuit_restores_the_logit_difference():
+    """Real weights: the circuit localize_circuit reports for SmolLM2-135M on IOI restores
+    its set score when its heads' z is patched by plain torch hooks on each layer's o_proj."""
+    from hookscope.zoo import packaged
+
+    if not packaged.installed("smollm2-135m"):
+        pytest.skip("smollm2-135m is not installed (python -m hookscope.zoo install smollm2-135m)")
+    model = hs.zoo.load("smollm2-135m")
+    task = iv.build_task("ioi", model, n=8)
+    res = iv.localize_circuit(model, task.clean, task.corrupted, task.metric, progress=False)
+    assert res.reached and res.score >= 0.8 and 1 <= len(res.components) <= 20
+
+    hf, d_head = model.model, model.cfg.d_head
+    clean_z = {}
+
+    def saver(layer):
+        return lambda module, args: clean_z.__setitem__(layer, args[0].clone())
+
+    layers = sorted({a.layer for a in res.addresses})
+    projs = {layer: hf.model.layers[layer].self_attn.o_proj for layer in layers}
+    handles = [projs[layer].register_forward_pre_hook(saver(layer)) for layer in layers]
+    with torch.no_grad():
+        hf(task.clean, use_cache=False)
+    for h in handles:
+        h.remove()
+
+    def patcher(layer):
+        heads = [a.head for a in res.addresses if a.layer == layer]
+
+        def pre(module, args):
+            z = args[0].clone()
+            for h in heads:
+                z[..., h * d_head : (h + 1) * d_head] = clean_z[layer][
+                    ..., h * d_head : (h + 1) * d_head
+                ]
+            return (z,)
+
+        return pre
+
+    handles = [projs[layer].register_forward_pre_hook(patcher(layer)) for layer in layers]
+    try:
+        with torch.no_grad():
+            patched = float(task.metric(hf(task.corrupted, use_cache=False).logits))
+    finally:
+        for h in handles:
+            h.remove()
+    b = res.baselines
+    assert (patched - b["corrupted"]) / (b["clean"] - b["corrupted"]) == pytest.approx(
+        res.score, abs=1e-3
+    )
