@@ -307,12 +307,7 @@ def _localize(args: argparse.Namespace) -> int:
             "localize_s": round(done - built, 3),
         },
     }
-    data = result.to_dict()
-    clash = set(record) & set(data)
-    if clash:  # keep both: the run's own record wins the top level
-        record["result"] = data
-    else:
-        record.update(data)
+    record["result"] = result.to_dict()
     json_path = out / "result.json"
     png_path = out / "heatmap.png"
     fig = result.plot()

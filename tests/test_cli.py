@@ -38,16 +38,16 @@ def test_python_m_hookscope_localize_end_to_end(run_module):
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     record = json.loads((out / "result.json").read_text())
-    circuit = set(record["circuit"])
+    circuit = set(record["result"]["circuit"])
     assert "head.0.3" in circuit  # the previous-token head
     assert circuit & INDUCTION_HEADS  # and at least one induction head
-    assert record["reached"] is True and record["score"] >= 0.8
+    assert record["result"]["reached"] is True and record["result"]["score"] >= 0.8
     assert record["model"] == "tiny-induction" and record["task"]["name"] == "induction"
     assert record["task"]["n"] == 16 and record["hookscope_version"] == hs.__version__
     assert record["arguments"]["method"] == "attribution"
     assert record["options"]["direction"] == "noise"  # the task's default
     assert set(record["timing"]) == {"load_s", "task_s", "localize_s", "total_s"}
-    assert len(record["candidates"]) == 8  # every head of the 2 x 4 model
+    assert len(record["result"]["candidates"]) == 8  # every head of the 2 x 4 model
     assert (out / "heatmap.png").read_bytes()[:8] == PNG_MAGIC
     # stdout: the result's table, then the two paths
     assert "rank  component" in proc.stdout
@@ -68,7 +68,7 @@ def test_in_process_exact_no_progress(tmp_path, capsys):
     assert captured.err == ""  # --no-progress: nothing on stderr
     assert "CircuitResult(exact screen" in captured.out
     record = json.loads((out / "result.json").read_text())
-    assert record["method"] == "exact" and len(record["candidates"]) == 5
+    assert record["result"]["method"] == "exact" and len(record["result"]["candidates"]) == 5
     assert record["arguments"]["candidates"] == 5 and record["arguments"]["no_progress"] is True
     assert (out / "heatmap.png").read_bytes()[:8] == PNG_MAGIC
 
