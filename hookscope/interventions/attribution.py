@@ -34,6 +34,7 @@ from hookscope.interventions.patching import (
     _metric_value,
     _position_axis,
     _sweep_dims,
+    resolve_positions,
 )
 from hookscope.interventions.result import PatchingResult
 from hookscope.model import HookedModel
@@ -113,20 +114,8 @@ def attribution_patching(
             "undefined — use inputs that differ in the metric, or a plain callable metric"
         )
 
-    n_pos = clean_t.shape[1] if clean_t.ndim >= 2 else 0
-    if positions == "all":
-        pos_list: list[int | None] = [None]
-    elif positions == "each":
-        pos_list = list(range(n_pos))
-    else:
-        pos_list = [int(p) for p in positions]  # type: ignore[union-attr]
-        bad = [p for p in pos_list if not -n_pos <= p < n_pos]
-        if bad:
-            raise InputError(f"positions {bad} out of range for inputs of {n_pos} positions")
-    if pos_list != [None] and any(_position_axis(model, a.slot) is None for a in addresses):
-        raise InputError(
-            f"{model.adapter.name} activations have no position axis; use positions='all'"
-        )
+    acts = {name: source_cache[name] for name in slot_names}
+    pos_list = resolve_positions(model, addresses, positions, acts)
     jobs = [(a, p) for a in addresses for p in pos_list]
 
     # per address, the estimated change at each requested position: [address, position]

@@ -291,7 +291,7 @@ def localize_circuit(
         metric,
         keep=list(dict.fromkeys(a for a, _ in circuit)),
         method=ablation,
-        reference=corrupted if ablation == "corrupted" and reference is None else reference,
+        reference=corrupted if reference is None and ablation != "zero" else reference,
     )
     return CircuitResult(
         components=circuit,

@@ -56,6 +56,8 @@ def _sweep_dims(sites: Any, model: HookedModel) -> tuple[list[str], list[int]]:
 
 def _position_axis(model: HookedModel, slot: Slot) -> int | None:
     if isinstance(model.adapter, TransformerAdapter):
+        if slot.kind == "logits" and not model.adapter.spec.token_input:
+            return None  # a vision transformer's logits: [batch, classes]
         return 2 if slot.kind == "pattern" else 1
     return None
 
@@ -123,6 +125,39 @@ def activation_patching(
     )
 
 
+def resolve_positions(
+    model: HookedModel,
+    addresses: list[Address],
+    positions: str | Sequence[int],
+    acts: dict[str, Tensor],
+) -> list[int | None]:
+    """``positions`` ("all", "each" or a list) as a list (``[None]``: all at once); the
+    number of positions is read from the activations ``acts`` of ``addresses``' slots."""
+    if positions == "all":
+        return [None]
+    if isinstance(positions, str) and positions != "each":
+        raise InputError(f"positions must be 'all', 'each' or a list of ints, got {positions!r}")
+    axes = [(a, _position_axis(model, a.slot)) for a in addresses]
+    if any(axis is None for _, axis in axes):
+        raise InputError(
+            f"{model.adapter.name} activations have no position axis; use positions='all'"
+        )
+    address, axis = axes[0]
+    n_pos = int(acts[slot_address(address.slot)].shape[axis])  # type: ignore[index]
+    if positions == "each":
+        return list(range(n_pos))
+    try:
+        pos_list: list[int | None] = [int(p) for p in positions]
+    except (TypeError, ValueError):
+        raise InputError(
+            f"positions must be 'all', 'each' or a list of ints, got {positions!r}"
+        ) from None
+    bad = [p for p in pos_list if not -n_pos <= p < n_pos]  # type: ignore[operator]
+    if bad:
+        raise InputError(f"positions {bad} out of range for inputs of {n_pos} positions")
+    return pos_list
+
+
 def metric_name(metric: Any) -> str:
     return getattr(metric, "name", getattr(metric, "__name__", "metric"))
 
@@ -183,25 +218,7 @@ class Patcher:
 
     def positions(self, positions: str | Sequence[int]) -> list[int | None]:
         """The position list of a sweep (``[None]`` for all positions at once)."""
-        n_pos = self.n_pos
-        if positions == "all":
-            return [None]
-        if positions == "each":
-            pos_list: list[int | None] = list(range(n_pos))
-        elif isinstance(positions, str):
-            raise InputError(
-                f"positions must be 'all', 'each' or a list of ints, got {positions!r}"
-            )
-        else:
-            pos_list = [int(p) for p in positions]
-            bad = [p for p in pos_list if not -n_pos <= p < n_pos]  # type: ignore[operator]
-            if bad:
-                raise InputError(f"positions {bad} out of range for inputs of {n_pos} positions")
-        if any(_position_axis(self.model, a.slot) is None for a in self.addresses):
-            raise InputError(
-                f"{self.model.adapter.name} activations have no position axis; use positions='all'"
-            )
-        return pos_list
+        return resolve_positions(self.model, self.addresses, positions, self.source)
 
     def run(self, jobs: list) -> list[float]:
         """The raw metric of each job (an ``(address, position)`` or a list of them).

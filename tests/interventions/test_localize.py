@@ -208,3 +208,14 @@ def test_smollm2_ioi_circuit_restores_the_logit_difference():
     assert (patched - b["corrupted"]) / (b["clean"] - b["corrupted"]) == pytest.approx(
         res.score, abs=1e-3
     )
+
+
+def test_mean_ablation_faithfulness_defaults_to_the_corrupted_reference(induction):
+    model, task, res = induction
+    mean = iv.localize_circuit(model, task.clean, task.corrupted, task.metric, sites=task.sites,
+                               direction=task.direction, criterion=task.criterion,
+                               ablation="mean", progress=False)  # fmt: skip
+    expected = iv.knockout(model, task.clean, "head.*.*", task.metric, keep=mean.addresses,
+                           method="mean", reference=task.corrupted)  # fmt: skip
+    assert mean.faithfulness.faithfulness == pytest.approx(expected.faithfulness, abs=1e-9)
+    assert mean.faithfulness.method == "mean ablation"

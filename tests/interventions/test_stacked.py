@@ -160,7 +160,7 @@ def test_vit_stacked_sweep_equals_one_forward_per_job():
     g = torch.Generator().manual_seed(0)
     clean, corrupted = torch.randn(3, 1, 8, 8, generator=g), torch.randn(3, 1, 8, 8, generator=g)
     metric = iv.logit_diff(1, 4, position=None)
-    sites = ["resid_pre.0", "resid_pre.1", "head.1.1", "head.0.2.pattern", "neuron.0.5", "logits"]
+    sites = ["resid_pre.0", "resid_pre.1", "head.1.1", "head.0.2.pattern", "neuron.0.5"]
     res = iv.activation_patching(
         model, clean, corrupted, metric, sites=sites, positions="each", chunk_size=4, progress=False
     )
@@ -247,3 +247,31 @@ def test_no_hooks_left_after_a_failing_metric():
         )
     for module in hf.modules():
         assert not module._forward_pre_hooks and not module._forward_hooks
+
+
+def test_vit_position_sweeps_count_patch_tokens_not_channels():
+    """A ViT's positions are its CLS + patch tokens (17 here), not the image's channels."""
+    model = hs.HookedModel.wrap(builders.tiny_vit())
+    g = torch.Generator().manual_seed(0)
+    clean, corrupted = torch.randn(2, 1, 8, 8, generator=g), torch.randn(2, 1, 8, 8, generator=g)
+    metric = iv.logit_diff(1, 4, position=None)
+    for fn in (iv.activation_patching, iv.attribution_patching):
+        res = fn(model, clean, corrupted, metric, sites="resid_pre.1", positions="each",
+                 progress=False)  # fmt: skip
+        assert res.scores.shape == (17,) and res.positions == list(range(17))
+    exact = iv.activation_patching(model, clean, corrupted, metric, sites="resid_pre.1",
+                                   positions=[16], progress=False)  # fmt: skip
+    reference = _one_at_a_time(model, clean, corrupted, metric, exact.jobs, "denoise")
+    b = exact.baselines
+    assert float(exact.flat[0]) * (b["clean"] - b["corrupted"]) + b["corrupted"] == pytest.approx(
+        float(reference[0]), abs=1e-5
+    )
+
+
+@pytest.mark.parametrize("positions", ["last", [1, "x"]])
+def test_bad_positions_name_the_choices(positions):
+    model = hs.HookedModel.wrap(builders.tiny_neox())
+    clean, corrupted = _inputs(500)
+    for fn in (iv.activation_patching, iv.attribution_patching):
+        with pytest.raises(hs.HookscopeError, match="positions must be 'all', 'each' or a list"):
+            fn(model, clean, corrupted, iv.logit_diff(5, 9), positions=positions, progress=False)
