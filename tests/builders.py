@@ -147,3 +147,39 @@ def tiny_vit(seed: int = 0):
     return ViT(
         image_size=8, patch_size=2, in_channels=1, d_model=32, n_layers=2, n_heads=4, d_mlp=64
     ).eval()
+
+
+def tiny_bert(seed: int = 0):
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        vocab_size=300,
+        max_position_embeddings=64,
+    )
+    return BertForMaskedLM(cfg).eval()
+
+
+def tiny_gemma3(seed: int = 0, softcap: float | None = None):
+    """Gemma 3 with grouped-query attention and sliding-window layers (window 4)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    cfg = Gemma3TextConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=300,
+        sliding_window=4,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        max_position_embeddings=64,
+        final_logit_softcapping=softcap,
+    )
+    return Gemma3ForCausalLM(cfg).eval()

@@ -21,39 +21,13 @@ ALL = [
 
 @pytest.fixture(scope="module")
 def bert():
-    from transformers import BertConfig, BertForMaskedLM
-
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        vocab_size=300,
-        max_position_embeddings=64,
-    )
-    hf = BertForMaskedLM(cfg).eval()
+    hf = builders.tiny_bert()
     return hf, hs.HookedModel.wrap(hf)
 
 
 @pytest.fixture(scope="module")
 def gemma():
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    torch.manual_seed(0)
-    cfg = Gemma3TextConfig(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        vocab_size=300,
-        sliding_window=4,
-        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
-        max_position_embeddings=64,
-    )
-    hf = Gemma3ForCausalLM(cfg).eval()
+    hf = builders.tiny_gemma3()
     return hf, hs.HookedModel.wrap(hf)
 
 

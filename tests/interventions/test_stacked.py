@@ -12,49 +12,13 @@ from hookscope.interventions._stacked import StackedRunner
 
 import builders
 
-
-def _bert():
-    from transformers import BertConfig, BertForMaskedLM
-
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        vocab_size=300,
-        max_position_embeddings=64,
-    )
-    return BertForMaskedLM(cfg).eval()
-
-
-def _gemma(softcap=None):
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    torch.manual_seed(0)
-    cfg = Gemma3TextConfig(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        vocab_size=300,
-        sliding_window=4,
-        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
-        max_position_embeddings=64,
-        final_logit_softcapping=softcap,
-    )
-    return Gemma3ForCausalLM(cfg).eval()
-
-
 MODELS = {
     "neox_parallel": lambda: builders.tiny_neox(parallel=True),
     "neox_sequential": lambda: builders.tiny_neox(parallel=False),
     "gpt2": builders.tiny_gpt2,
     "llama_gqa": builders.tiny_llama_gqa,
-    "gemma3": _gemma,
-    "bert": _bert,
+    "gemma3": builders.tiny_gemma3,
+    "bert": builders.tiny_bert,
 }
 SITES = [
     "embed",
@@ -211,7 +175,7 @@ def test_lower_blocks_run_once_and_logits_are_not_built():
 def test_readout_falls_back_when_logits_are_post_processed():
     """Gemma-style soft-capping happens after the unembedding: the shortcut would be wrong,
     the runner notices on the base run and reads full logits instead."""
-    model = hs.HookedModel.wrap(_gemma(softcap=0.5))
+    model = hs.HookedModel.wrap(builders.tiny_gemma3(softcap=0.5))
     clean, corrupted = _inputs(300)
     metric = iv.logit_diff(5, 9)
     runner = StackedRunner(model, corrupted, metric)
