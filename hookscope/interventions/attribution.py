@@ -26,14 +26,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from hookscope.addresses import Slot, slot_address
-from hookscope.errors import InputError, format_choices
+from hookscope.errors import InputError
 from hookscope.interventions._stacked import StackedRunner
 from hookscope.interventions.metrics import Metric
 from hookscope.interventions.patching import (
-    _as_tokens,
     _metric_value,
     _position_axis,
     _sweep_dims,
+    check_inputs,
     resolve_positions,
 )
 from hookscope.interventions.result import PatchingResult
@@ -67,19 +67,7 @@ def attribution_patching(
     >>> res = iv.attribution_patching(model, clean, corrupted, iv.logit_diff(a, b), "neuron.*.*")
     >>> res.top(20)   # candidates; check them with activation_patching
     """
-    if direction not in DIRECTIONS:
-        raise InputError(
-            f"direction must be one of {format_choices(DIRECTIONS)}, got {direction!r}"
-        )
-    clean_t, corrupted_t = _as_tokens(model, clean), _as_tokens(model, corrupted)
-    if clean_t.shape != corrupted_t.shape:
-        raise InputError(
-            f"clean and corrupted inputs must have the same shape, got {tuple(clean_t.shape)} and "
-            f"{tuple(corrupted_t.shape)} (prompts of equal token length)"
-        )
-    addresses = model.resolve(sites)
-    if not addresses:
-        raise InputError(f"sites {sites!r} selects no address")
+    clean_t, corrupted_t, addresses = check_inputs(model, clean, corrupted, sites, direction)
     names, sizes = _sweep_dims(sites, model)
     slot_names = list(dict.fromkeys(slot_address(a.slot) for a in addresses))
     base_t, source_t = (corrupted_t, clean_t) if direction == "denoise" else (clean_t, corrupted_t)

@@ -125,6 +125,26 @@ def activation_patching(
     )
 
 
+def check_inputs(
+    model: HookedModel, clean: Any, corrupted: Any, sites: Any, direction: str
+) -> tuple[Tensor, Tensor, list[Address]]:
+    """Validated ``(clean tokens, corrupted tokens, addresses of sites)`` of a sweep."""
+    if direction not in DIRECTIONS:
+        raise InputError(
+            f"direction must be one of {format_choices(DIRECTIONS)}, got {direction!r}"
+        )
+    clean_t, corrupted_t = _as_tokens(model, clean), _as_tokens(model, corrupted)
+    if clean_t.shape != corrupted_t.shape:
+        raise InputError(
+            f"clean and corrupted inputs must have the same shape, got {tuple(clean_t.shape)} "
+            f"and {tuple(corrupted_t.shape)} (prompts of equal token length)"
+        )
+    addresses = model.resolve(sites)
+    if not addresses:
+        raise InputError(f"sites {sites!r} selects no address")
+    return clean_t, corrupted_t, addresses
+
+
 def resolve_positions(
     model: HookedModel,
     addresses: list[Address],
@@ -178,21 +198,11 @@ class Patcher:
         progress: bool = True,
         require_gap: bool | None = None,
     ):
-        if direction not in DIRECTIONS:
-            raise InputError(
-                f"direction must be one of {format_choices(DIRECTIONS)}, got {direction!r}"
-            )
         if chunk_size is not None and chunk_size < 1:
             raise InputError(f"chunk_size must be >= 1, got {chunk_size}")
-        clean_t, corrupted_t = _as_tokens(model, clean), _as_tokens(model, corrupted)
-        if clean_t.shape != corrupted_t.shape:
-            raise InputError(
-                f"clean and corrupted inputs must have the same shape, got {tuple(clean_t.shape)} "
-                f"and {tuple(corrupted_t.shape)} (prompts of equal token length)"
-            )
-        self.addresses = model.resolve(sites)
-        if not self.addresses:
-            raise InputError(f"sites {sites!r} selects no address")
+        clean_t, corrupted_t, self.addresses = check_inputs(
+            model, clean, corrupted, sites, direction
+        )
         self.model, self.metric, self.direction, self.progress = model, metric, direction, progress
         self.clean_t, self.corrupted_t = clean_t, corrupted_t
         slot_names = list(dict.fromkeys(slot_address(a.slot) for a in self.addresses))
