@@ -1,27 +1,47 @@
 """Run many patched copies of one base batch in a single forward, doing no repeated work.
 
-Patching sweeps run ``n`` copies of the base input, each with its own patch. Two things
-in such a forward are the same for every copy, and :class:`StackedRunner` computes them
-once:
+Patching sweeps run ``n`` copies of the base input, each with its own patch. Much of such a
+forward is the same for every copy, or not needed by the metric, and :class:`StackedRunner`
+skips it:
 
-* **Everything below the patched block.** A patch at block ``L`` leaves blocks ``< L``
-  equal to the unpatched base run, so the base batch goes through them once and is
-  repeated ``n`` times at block ``L``'s input (a forward pre-hook; every later block's
-  batch-shaped arguments, such as padding masks, are repeated alongside).
+* **Blocks below the patched block.** A patch at block ``L`` leaves blocks ``< L`` equal
+  to the unpatched base run. The baseline forward (clean and corrupted in one batch,
+  :meth:`StackedRunner.baseline`) records every block's output on the base rows; a sweep
+  forward replays those outputs for blocks ``< L`` instead of computing them, and repeats
+  the base batch ``n`` times at block ``L``'s input (a forward pre-hook; every later
+  block's batch-shaped arguments, such as padding masks, are repeated alongside).
+* **A linear tail** (``add=``). When a patch reaches the residual stream through linear maps
+  only (a head's ``z`` or ``result`` in a parallel-residual block, as in GPT-NeoX), block
+  ``L``'s patched output is its recorded output plus a per-copy difference the caller
+  computes; block ``L`` is replayed too and the forward starts at ``L + 1``.
 * **The unembedding.** A structured metric needs a few logits (two for ``logit_diff``)
-  at one position, not ``[batch, pos, vocab]``: the forward stops at the unembedding's
-  input and the metric reads only its own columns (:meth:`Metric.per_example_hidden`).
-  Before a sweep relies on this, the runner checks on the base run that the shortcut
-  gives the metric of the full forward, and falls back to full logits if it does not
-  (e.g. a model that rescales or soft-caps its logits after the unembedding).
+  at one position, not ``[batch, pos, vocab]``: the unembedding is replaced by the identity
+  for the forward, and the metric reads only its own columns from the hidden states
+  (:meth:`Metric.per_example_hidden`). Before relying on this, the baseline forward
+  (:meth:`StackedRunner.baseline`) computes a few logit columns only and checks that the
+  model returns exactly those; if not (a model that rescales or soft-caps its logits after
+  the unembedding), it is run again with full logits and the sweep reads full logits.
+* **Positions before the patch** (causal language models). Position ``t`` depends on
+  tokens ``<= t`` only, so a copy whose patch first changes position ``s`` equals the base
+  run before ``s``. The baseline keeps the base rows' attention keys and values, and a
+  forward with ``prefix=s`` runs positions ``s..`` only, attending to the recorded keys
+  and values of the others (the model's own key-value cache); the metric reads the base
+  run's hidden states at positions ``< s``.
+* **The last block's MLP at unread positions.** A metric that reads one position per row
+  needs the last block's output there only. Attention still sees every position, but the
+  last MLP (two thirds of a block) is computed on the read position alone, and its output
+  is broadcast by the block's residual addition (other positions' outputs are then wrong
+  and never read). Only when no patch lies in the last block.
 
-Vision models, ``module:`` sites and the embedding fall back to plain repetition of the
-input.
+Vision models without these modules, ``module:`` sites and the embedding fall back to plain
+repetition of the input.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+import inspect
+from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
@@ -39,49 +59,139 @@ __all__ = ["StackedRunner"]
 
 # Slots read inside block ``slot.layer`` (everything but the embedding and the logits).
 _OUTSIDE_BLOCKS = ("embed", "logits", "module")
-
-
-class _Stop(Exception):
-    """Raised at the unembedding's input to end a forward early; carries that input."""
-
-    def __init__(self, hidden: Tensor):
-        super().__init__("hookscope readout")
-        self.hidden = hidden
-
-
-def _stop(module: nn.Module, args: tuple) -> None:
-    raise _Stop(args[0])
+# Head slots whose patch reaches the block output through the output projection only.
+_LINEAR_TAIL = ("z", "result")
+# Slots computed by (or after) a block's MLP: a patch there needs it at every position.
+_MLP_AND_AFTER = ("neuron_pre", "neuron_post", "mlp_out", "resid_post")
 
 
 def _repeat(t: Tensor, n: int) -> Tensor:
     return t.repeat(n, *([1] * (t.ndim - 1)))
 
 
-def _expand(
-    n: int, batch: int, first: bool, module: nn.Module, args: tuple, kwargs: dict
-) -> tuple[tuple, dict]:
-    """Block pre-hook: repeat the base batch ``n`` times (hidden states at the first block;
-    batch-shaped arguments such as masks at every block)."""
+def _rows(value: Any, rows: slice) -> Any:
+    """``value`` (a tensor, or a tuple holding tensors) restricted to batch ``rows``."""
+    if isinstance(value, Tensor):
+        return value[rows]
+    if isinstance(value, tuple):
+        return tuple(_rows(v, rows) for v in value)
+    return value
+
+
+def _positions(value: Any, cut: slice) -> Any:
+    """A recorded block output (a tensor [batch, pos, ...] or a tuple starting with one)
+    restricted to positions ``cut``."""
+    if isinstance(value, Tensor):
+        return value[:, cut]
+    return (value[0][:, cut], *value[1:])
+
+
+def _first(value: Any) -> Tensor:
+    return value if isinstance(value, Tensor) else value[0]
+
+
+def _batch_args(batch: int, module: nn.Module, args: tuple, kwargs: dict):
+    """Block pre-hook: repeat batch-shaped arguments (such as padding masks) to as many
+    copies of the base batch as the hidden states hold."""
+    hidden = args[0] if args else kwargs["hidden_states"]
+    n = hidden.shape[0] // batch
 
     def batched(value: Any) -> Any:
         if isinstance(value, Tensor):
-            if batch > 1 and value.ndim >= 2 and value.shape[0] == batch:
+            if value is not hidden and value.ndim >= 2 and value.shape[0] == batch:
                 return _repeat(value, n)
             return value
         if isinstance(value, tuple) and any(isinstance(v, Tensor) for v in value):
             return tuple(batched(v) for v in value)
         return value
 
+    if n == 1:
+        return None
+    return tuple(batched(a) for a in args), {k: batched(v) for k, v in kwargs.items()}
+
+
+def _join_input(parts: list[Tensor], module: nn.Module, args: tuple, kwargs: dict):
+    """Block 0 pre-hook: its input becomes the copies that start there."""
+    hidden = torch.cat(parts) if len(parts) > 1 else parts[0]
     if args:
-        hidden, rest = args[0], args[1:]
-        if first:
-            hidden = _repeat(hidden, n)
-        return (hidden, *(batched(a) for a in rest)), {k: batched(v) for k, v in kwargs.items()}
-    kwargs = dict(kwargs)
-    hidden = kwargs.pop("hidden_states")
-    if first:
-        hidden = _repeat(hidden, n)
-    return args, {"hidden_states": hidden, **{k: batched(v) for k, v in kwargs.items()}}
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def _join_output(parts: list[Tensor], first: bool, module: nn.Module, args: tuple, out: Any):
+    """Block forward hook: the copies starting at the next block join the batch (at the
+    first start they replace the base rows, which no copy uses)."""
+    hidden = _first(out)
+    joined = torch.cat(parts if first else [hidden, *parts])
+    return joined if isinstance(out, Tensor) else (joined, *out[1:])
+
+
+def _replay(output: Any, *args: Any, **kwargs: Any) -> Any:
+    """A block forward that returns a recorded output instead of computing it."""
+    return output
+
+
+def _identity(hidden: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    return hidden
+
+
+class _Probe:
+    """An unembedding forward that keeps its input and computes a few logit columns only:
+    if the model returns exactly those, nothing follows the unembedding and sweeps may
+    read the metric from its input."""
+
+    def __init__(self, module: nn.Linear):
+        self.module = module
+        self.hidden: Tensor | None = None
+        self.logits: Tensor | None = None
+
+    def __call__(self, hidden: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        weight, bias = self.module.weight, self.module.bias
+        cols = torch.linspace(0, weight.shape[0] - 1, min(16, weight.shape[0])).long()
+        cols = cols.to(weight.device)
+        self.hidden = hidden
+        self.logits = nn.functional.linear(
+            hidden, weight[cols], bias[cols] if bias is not None else None
+        )
+        return self.logits
+
+    def matches(self, out: Any) -> bool:
+        ref = self.logits
+        return (
+            ref is not None
+            and isinstance(out, Tensor)
+            and out.shape == ref.shape
+            and torch.equal(out.to(ref.dtype), ref)
+        )
+
+
+def _at_read_position(position: Tensor, module: nn.Module, args: tuple, kwargs: dict):
+    """MLP pre-hook: keep only each row's read position (``position``: one per row of the
+    base batch, counted in the tensor the MLP sees) of the input, as [rows, 1, d]."""
+    x = args[0] if args else next(iter(kwargs.values()))
+    reps = x.shape[0] // position.shape[0]
+    x = x[torch.arange(x.shape[0], device=x.device), position.repeat(reps)][:, None]
+    if args:
+        return (x, *args[1:]), kwargs
+    key = next(iter(kwargs))
+    return args, {**kwargs, key: x}
+
+
+@contextmanager
+def _forward_replaced(replacements: dict[nn.Module, Callable]) -> Iterator[None]:
+    """Give each module an instance-level ``forward`` for the ``with`` block (hooks still
+    run); the previous forward is restored however the block ends."""
+    saved = {m: m.__dict__.get("forward") for m in replacements}
+    try:
+        for module, fn in replacements.items():
+            module.forward = fn  # type: ignore[method-assign]
+        yield
+    finally:
+        for module, old in saved.items():
+            if old is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = old  # type: ignore[method-assign]
 
 
 class StackedRunner:
@@ -93,11 +203,42 @@ class StackedRunner:
         adapter = model.adapter
         self.blocks: Sequence[nn.Module] | None = None
         self.unembed: Unembed | None = None
+        self.records: list[Any] | None = None  # each block's output on the base batch
+        self.inputs: list[Tensor] | None = None  # and its input (hidden states)
+        self.last_mlp: nn.Module | None = None
+        self.linear_tail = False
+        self.causal = False
+        self.prefix_kv: list[tuple[Tensor, Tensor]] | None = None  # base rows' keys, values
+        self.base_hidden: Tensor | None = None  # base rows' unembedding input
         if isinstance(adapter, TransformerAdapter):
             self.blocks = list(submodule(model.model, adapter.layers_path))  # type: ignore[arg-type]
             head = submodule(model.model, adapter.unembed_path) if adapter.unembed_path else None
             if isinstance(metric, Metric) and isinstance(head, nn.Linear):
                 self.unembed = Unembed(head)
+            self.last_mlp = submodule(
+                model.model, adapter.layer_path(len(self.blocks) - 1, adapter.spec.mlp)
+            )
+            self.linear_tail = (
+                not adapter.spec.sequential_residual(model.model)
+                and adapter.spec.attn_out_module is None
+            )
+            self.causal = (
+                adapter.spec.token_input
+                and bool(getattr(adapter.attention_module(0), "is_causal", False))
+                and "past_key_values" in inspect.signature(model.model.forward).parameters
+            )
+        # the position each base row's metric reads (absolute), if one per row
+        position = getattr(metric, "single_position", None)
+        self.read_position: Tensor | None = None
+        if self.blocks is not None and base.ndim == 2:
+            n_pos = base.shape[1]
+            if isinstance(position, int) and -n_pos <= position < n_pos:
+                self.read_position = torch.full((self.batch,), position % n_pos)
+            elif isinstance(position, Tensor) and position.shape == (self.batch,):
+                if bool(((position >= -n_pos) & (position < n_pos)).all()):
+                    self.read_position = position % n_pos
+        if self.read_position is not None:
+            self.read_position = self.read_position.to(base.device)
 
     def start(self, slot: Slot) -> int | None:
         """The block whose input first differs between copies when ``slot`` is patched."""
@@ -105,59 +246,194 @@ class StackedRunner:
             return None
         return slot.layer
 
-    def check_readout(self, expected: float) -> None:
-        """Keep the early-stop readout only if it reproduces the full forward's metric
-        (``expected``, the metric of the base batch's full logits)."""
-        if self.unembed is not None:
-            self._keep_readout(self.run([], 1, None, uses_logits=False)[0], expected)
+    def tail_layer(self, slots: Sequence[Slot]) -> int | None:
+        """The layer whose output a patch of ``slots`` changes linearly (see ``add`` of
+        :meth:`run`), or None when the patch must be run through its block."""
+        layers = {s.layer for s in slots}
+        if (
+            not self.linear_tail
+            or self.records is None
+            or len(layers) != 1
+            or any(s.kind not in _LINEAR_TAIL for s in slots)
+        ):
+            return None
+        return layers.pop()
 
-    def check_readout_from(self, hidden: Tensor, expected: float) -> None:
-        """:meth:`check_readout` from the unembedding's input of a base run already done."""
-        if self.unembed is not None:
-            self._keep_readout(self._values(hidden, 1, hidden=True)[0], expected)
+    def baseline(self, inputs: Tensor, rows: slice, names: list[str], uses_logits: bool):
+        """One forward of ``inputs`` (clean and corrupted) caching ``names``. Records each
+        block's output on the base ``rows`` (and, on causal models, their keys and values);
+        checks that nothing follows the unembedding (else the readout is turned off).
+        Returns ``(output, cache)``: the output is the unembedding's input when
+        :meth:`readout` is on, full logits otherwise."""
+        records: list[Any] = [None] * len(self.blocks or [])
+        block_inputs: list[Any] = [None] * len(self.blocks or [])
 
-    def _keep_readout(self, got: float, expected: float) -> None:
-        if not abs(got - expected) <= 1e-4 * max(1.0, abs(expected)):
-            self.unembed = None
+        def record_input(i: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
+            block_inputs[i] = _rows(args[0] if args else kwargs["hidden_states"], rows)
 
-    def run(self, hooks: list, n: int, start: int | None, uses_logits: bool = False) -> list[float]:
-        """Forward ``n`` copies of the base batch with ``hooks``; one metric value per copy.
-
-        ``start``: the first block where copies differ (None: repeat the input itself).
-        ``uses_logits``: a hook reads or writes the logits, so the forward must not stop early.
-        """
         handles = []
-        inputs = self.base
+        for i, block in enumerate(self.blocks or []):
+            handles.append(
+                block.register_forward_hook(
+                    lambda module, args, out, i=i: records.__setitem__(i, _rows(out, rows))
+                )
+            )
+            handles.append(block.register_forward_pre_hook(partial(record_input, i), with_kwargs=True))
+        probe = _Probe(self.unembed.module) if self.readout(uses_logits) else None
+        kwargs: dict[str, Any] = {}
+
+        def forward() -> tuple[Any, Any]:
+            if self.causal:  # a fresh cache each time: it keeps the keys and values
+                from transformers import DynamicCache
+
+                kwargs.update(past_key_values=DynamicCache(), use_cache=True)
+            with torch.no_grad():
+                return self.model.run_with_cache(inputs, names=names, **kwargs)
+
         try:
-            if start is not None and n > 1:
-                for i, block in enumerate(self.blocks[start:], start):  # type: ignore[index]
-                    handles.append(
-                        block.register_forward_pre_hook(
-                            partial(_expand, n, self.batch, i == start),
-                            with_kwargs=True,
-                            prepend=True,
-                        )
-                    )
-            elif n > 1:
-                inputs = _repeat(self.base, n)
-            readout = self.unembed is not None and not uses_logits
-            if readout:
-                handles.append(self.unembed.module.register_forward_pre_hook(_stop, prepend=True))  # type: ignore[union-attr]
-            try:
-                with torch.no_grad():
-                    out = self.model.run_with_hooks(inputs, hooks=hooks)
-            except _Stop as stop:
-                out = stop.hidden
-            else:
-                readout = False
+            with _forward_replaced({probe.module: probe} if probe else {}):
+                out, cache = forward()
+            if probe is not None and not probe.matches(out):
+                self.unembed = None  # the logits are post-processed: read full logits
+                out, cache = forward()
         finally:
             for handle in handles:
                 handle.remove()
-        return self._values(out, n, hidden=readout)
+        if self.blocks is not None and all(r is not None for r in records + block_inputs):
+            self.records, self.inputs = records, block_inputs
+        if self.unembed is not None and probe is not None:
+            out = probe.hidden
+            self.base_hidden = out[rows]  # type: ignore[index]
+        layers = getattr(kwargs.get("past_key_values"), "layers", None)
+        if self.causal and layers is not None and len(layers) == len(self.blocks or []):
+            self.prefix_kv = [(layer.keys[rows], layer.values[rows]) for layer in layers]
+        return out, cache
+
+    def can_skip_prefix(self, uses_logits: bool) -> bool:
+        """Whether forwards may start at a later position (:meth:`run`'s ``prefix``)."""
+        return (
+            self.prefix_kv is not None
+            and self.records is not None
+            and self.inputs is not None
+            and self.base_hidden is not None
+            and self.readout(uses_logits)
+        )
+
+    def readout(self, uses_logits: bool = False) -> bool:
+        """Whether forwards read the metric from the unembedding's input."""
+        return self.unembed is not None and not uses_logits
+
+    def run(
+        self,
+        hooks: list,
+        groups: Sequence[tuple[int | None, int, Tensor | None]],
+        uses_logits: bool = False,
+        slots: Sequence[Slot] = (),
+        prefix: int = 0,
+    ) -> list[float]:
+        """Forward copies of the base batch with ``hooks``; one metric value per copy.
+
+        ``groups``: ``(start, n, delta)`` each, ``n`` copies that first differ from the base
+        at block ``start``'s input (None: at the input itself; such a group must be alone),
+        plus ``delta`` (``[n * batch, pos, d_model]`` or None) added there. All groups run
+        in one forward: a group's copies join the batch at its start block, so every block
+        is computed once for all copies that reach it, in ascending ``start`` order (copy
+        ``i`` of the forward occupies rows ``i * batch .. (i + 1) * batch`` from its start
+        on, which is how ``hooks`` address it). Groups must come sorted by start.
+        ``uses_logits``: a hook reads or writes the logits, so the forward must not stop early.
+        ``slots``: the patched slots (a patch in the last block's MLP or after it keeps that
+        MLP at every position).
+        ``prefix``: the first position any copy differs at (needs :meth:`can_skip_prefix`):
+        the forward runs positions ``prefix..`` only, and hooks see those positions only.
+        """
+        n = sum(g[1] for g in groups)
+        starts = [g[0] for g in groups]
+        if self.records is None or self.inputs is None or None in starts:
+            if len(groups) != 1 or prefix or groups[0][2] is not None:
+                raise ValueError("without block records a forward takes one plain group")
+            return self._plain(hooks, n, uses_logits)
+        if starts != sorted(starts):  # type: ignore[type-var]
+            raise ValueError("groups must be sorted by start block")
+        n_blocks = len(self.records)
+        cut = slice(prefix, None)
+        first = int(starts[0])  # type: ignore[arg-type]
+        replace: dict[nn.Module, Callable] = {}
+        pre_hooks: list[tuple[nn.Module, Callable]] = []
+        out_hooks: list[tuple[nn.Module, Callable]] = []
+        for i in range(first):  # below every copy: the base run, recorded
+            replace[self.blocks[i]] = partial(_replay, _positions(self.records[i], cut))  # type: ignore[index]
+        joins: dict[int, list[Tensor]] = {}
+        for start, k, delta in groups:
+            base_in = self.inputs[start] if start < n_blocks else _first(self.records[-1])  # type: ignore[index]
+            rows = _repeat(base_in[:, cut], k)
+            joins.setdefault(start, []).append(rows if delta is None else rows + delta[:, cut])  # type: ignore[arg-type]
+        for start, parts in joins.items():
+            if start == 0:
+                pre_hooks.append((self.blocks[0], partial(_join_input, parts)))  # type: ignore[index]
+            else:
+                out_hooks.append(
+                    (self.blocks[start - 1], partial(_join_output, parts, start == first))  # type: ignore[index]
+                )
+        if self.batch > 1:
+            pre_hooks += [(block, partial(_batch_args, self.batch)) for block in self.blocks[first:]]  # type: ignore[index]
+        kwargs: dict[str, Any] = {}
+        if prefix:
+            rows_at = [self.batch * sum(k for s, k, _ in groups if s <= i) for i in range(n_blocks)]  # type: ignore[operator]
+            kwargs = {"past_key_values": self._prefix_cache(rows_at, prefix), "use_cache": True}
+        readout = self.readout(uses_logits)
+        if readout:
+            replace[self.unembed.module] = _identity  # type: ignore[union-attr]
+            if (
+                self.read_position is not None
+                and self.last_mlp is not None
+                and not any(
+                    s.kind in _MLP_AND_AFTER and s.layer == n_blocks - 1 for s in slots
+                )
+                and first < n_blocks
+                and int(self.read_position.min()) >= prefix
+            ):
+                pre_hooks.append(
+                    (self.last_mlp, partial(_at_read_position, self.read_position - prefix))
+                )
+        handles = []
+        try:
+            for module, fn in reversed(pre_hooks):  # prepended: the first listed runs first
+                handles.append(module.register_forward_pre_hook(fn, with_kwargs=True, prepend=True))
+            for module, fn in out_hooks:
+                handles.append(module.register_forward_hook(fn, prepend=True))
+            with _forward_replaced(replace), torch.no_grad():
+                out = self.model.run_with_hooks(self.base[:, cut], hooks=hooks, **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if prefix:  # positions before the prefix are the base run's
+            out = torch.cat([_repeat(self.base_hidden[:, :prefix], n), out], dim=1)  # type: ignore[index]
+        return self.values(out, n, hidden=readout)
+
+    def _plain(self, hooks: list, n: int, uses_logits: bool) -> list[float]:
+        """``n`` copies of the whole input, patched by ``hooks`` (no shortcut but the readout)."""
+        readout = self.readout(uses_logits)
+        replace = {self.unembed.module: _identity} if readout else {}  # type: ignore[union-attr]
+        with _forward_replaced(replace), torch.no_grad():
+            out = self.model.run_with_hooks(_repeat(self.base, n), hooks=hooks)
+        return self.values(out, n, hidden=readout)
+
+    def _prefix_cache(self, rows_at: list[int], prefix: int) -> Any:
+        """A key-value cache holding the base rows' first ``prefix`` positions, repeated to
+        ``rows_at[i]`` rows at layer ``i``."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        for i, (keys, values) in enumerate(self.prefix_kv):  # type: ignore[arg-type]
+            k = max(1, rows_at[i] // self.batch)
+            cache.update(_repeat(keys[:, :, :prefix], k), _repeat(values[:, :, :prefix], k), i)
+        return cache
 
     @torch.no_grad()
-    def _values(self, out: Tensor, n: int, hidden: bool) -> list[float]:
-        b = self.batch
+    def values(self, out: Tensor, n: int, hidden: bool) -> list[float]:
+        """The metric of each of the ``n`` row blocks of ``out`` (``hidden``: the
+        unembedding's input, read through :meth:`Metric.per_example_hidden`)."""
+        b = out.shape[0] // n
         values = []
         for i in range(n):
             rows = out[i * b : (i + 1) * b]

@@ -59,6 +59,13 @@ def _at_position(output: Tensor, position: Position) -> Tensor:
     return output[torch.arange(output.shape[0], device=output.device), pos]
 
 
+def _single(position: Position) -> int | Tensor | None:
+    if position is None or isinstance(position, int):
+        return position
+    pos = torch.as_tensor(position)
+    return pos.long() if pos.ndim == 1 and not pos.is_floating_point() else None
+
+
 def _gather(logits: Tensor, ids: Tensor) -> Tensor:
     ids = ids.to(logits.device)
     if ids.ndim == 0:
@@ -103,6 +110,9 @@ class Metric(ABC):
     name = "metric"
     #: False for metrics where lower means more of the behaviour (``loss``).
     higher_is_better = True
+    #: The one position each row is read at (an int, or a tensor with one per row), when
+    #: the metric reads a single position; None otherwise. Sweeps skip work elsewhere.
+    single_position: int | Tensor | None = None
 
     @abstractmethod
     def per_example(self, output: Tensor) -> Tensor:
@@ -123,6 +133,7 @@ class _LogitDiff(Metric):
     def __init__(self, correct: TokenIds, incorrect: TokenIds, position: Position):
         self.correct, self.incorrect = _ids(correct, "correct"), _ids(incorrect, "incorrect")
         self.position = position
+        self.single_position = _single(position)
         self.name = "logit_diff"
 
     def per_example(self, output: Tensor) -> Tensor:
@@ -137,6 +148,7 @@ class _LogitDiff(Metric):
 class _Logit(Metric):
     def __init__(self, token: TokenIds, position: Position, probability: bool):
         self.token, self.position, self.probability = _ids(token, "token"), position, probability
+        self.single_position = _single(position)
         self.name = "prob" if probability else "logit"
 
     def per_example(self, output: Tensor) -> Tensor:

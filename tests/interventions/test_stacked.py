@@ -135,20 +135,32 @@ def test_vit_stacked_sweep_equals_one_forward_per_job():
     torch.testing.assert_close(res.flat, expected, atol=2e-5, rtol=1e-5)
 
 
+def _record_calls(hf, n_layers=2):
+    """Shapes of the inputs each block's attention and MLP really compute on, and of the
+    unembedding's outputs."""
+    seen = {"lm_head": []}
+    handles = []
+    for i in range(n_layers):
+        layer = hf.gpt_neox.layers[i]
+        for part in ("attention", "mlp"):
+            seen[f"{part}.{i}"] = []
+            handles.append(
+                getattr(layer, part).register_forward_pre_hook(
+                    lambda m, a, kw, key=f"{part}.{i}": seen[key].append(
+                        tuple((a[0] if a else kw["hidden_states"]).shape)
+                    ),
+                    with_kwargs=True,
+                )
+            )
+    handles.append(hf.lm_head.register_forward_hook(lambda m, a, o: seen["lm_head"].append(o.shape)))
+    return seen, handles
+
+
 def test_lower_blocks_run_once_and_logits_are_not_built():
     hf = builders.tiny_neox()
     model = hs.HookedModel.wrap(hf)
     clean, corrupted = _inputs(500)
-    rows = {0: [], 1: []}
-    head_calls = []
-    handles = [
-        hf.gpt_neox.layers[i].register_forward_pre_hook(
-            lambda m, a, kw, i=i: rows[i].append((a[0] if a else kw["hidden_states"]).shape[0]),
-            with_kwargs=True,
-        )
-        for i in range(2)
-    ]
-    handles.append(hf.lm_head.register_forward_hook(lambda m, a, o: head_calls.append(o.shape)))
+    seen, handles = _record_calls(hf)
     try:
         res = iv.activation_patching(
             model,
@@ -162,14 +174,54 @@ def test_lower_blocks_run_once_and_logits_are_not_built():
     finally:
         for h in handles:
             h.remove()
-    # baselines: clean and corrupted as one run of 4 rows; then one stacked run
-    assert rows[0] == [4, 2]  # block 0: the base batch of 2 only
-    # block 1: a patched copy per position where clean and corrupted resid_pre.1 differ;
-    # position 0 precedes the first corrupted token (1), so patching it is a no-op, not run
-    assert rows[1] == [4, 2 * 6]
+    # the baselines (clean and corrupted: 4 rows) only; block 0 is then replayed from them
+    assert seen["attention.0"] == [(4, 7, 64)]
+    # block 1: a patched copy (2 rows) per position where clean and corrupted resid_pre.1
+    # differ, in one forward; position 0 precedes the first corrupted token (1), so
+    # patching it is a no-op, not run, and positions before 1 are the base run's (the
+    # recorded keys and values), not computed
+    assert seen["attention.1"] == [(4, 7, 64), (12, 6, 64)]
+    # the last MLP of the sweep computes only the position the metric reads
+    assert seen["mlp.1"] == [(4, 7, 64), (12, 1, 64)]
     assert float(res.scores[0]) == 0.0
-    assert len(head_calls) == 1  # full logits only for the baseline run
+    # no full logits at all: the baseline computes 16 probe columns, the sweep none
+    assert seen["lm_head"] == [(4, 7, 16), (12, 6, 64)]
     assert res.scores.shape == (7,)
+
+
+def test_head_outputs_of_a_parallel_block_are_added_not_recomputed():
+    """GPT-NeoX's parallel block adds attention and MLP outputs to its input, so a head's
+    z patch changes block L's output by (z_source - z_base) W_O: block L is not run again,
+    and the scores equal one plain patched forward per job."""
+    hf = builders.tiny_neox()
+    model = hs.HookedModel.wrap(hf)
+    clean, corrupted = _inputs(500)
+    metric = iv.logit_diff(torch.tensor([5, 7]), torch.tensor([9, 2]))
+    seen, handles = _record_calls(hf)
+    try:
+        res = iv.activation_patching(
+            model, clean, corrupted, metric, sites=["head.0.*", "head.1.2", "head.0.1.result"],
+            progress=False,
+        )  # fmt: skip
+    finally:
+        for h in handles:
+            h.remove()
+    assert seen["attention.0"] == [(4, 7, 64)]  # no patched run of block 0
+    # head.0.* and head.0.1.result (10 rows) from the first corrupted position (1) on
+    assert seen["attention.1"][:2] == [(4, 7, 64), (2 * 5, 6, 64)]
+    reference = _one_at_a_time(model, clean, corrupted, metric, res.jobs, "denoise")
+    b = res.baselines
+    torch.testing.assert_close(
+        res.flat * (b["clean"] - b["corrupted"]) + b["corrupted"], reference, atol=2e-6, rtol=1e-5
+    )
+    by_pos = iv.activation_patching(
+        model, clean, corrupted, metric, sites="head.0.3", positions="each", progress=False
+    )
+    reference = _one_at_a_time(model, clean, corrupted, metric, by_pos.jobs, "denoise")
+    torch.testing.assert_close(
+        by_pos.flat * (b["clean"] - b["corrupted"]) + b["corrupted"], reference, atol=2e-6,
+        rtol=1e-5,
+    )  # fmt: skip
 
 
 def test_readout_falls_back_when_logits_are_post_processed():
@@ -178,11 +230,17 @@ def test_readout_falls_back_when_logits_are_post_processed():
     model = hs.HookedModel.wrap(builders.tiny_gemma3(softcap=0.5))
     clean, corrupted = _inputs(300)
     metric = iv.logit_diff(5, 9)
-    runner = StackedRunner(model, corrupted, metric)
-    assert runner.unembed is not None
-    with torch.no_grad():
-        runner.check_readout(float(metric(model(corrupted))))
-    assert runner.unembed is None
+    for softcap, kept in ((0.5, False), (None, True)):
+        m = hs.HookedModel.wrap(builders.tiny_gemma3(softcap=softcap))
+        runner = StackedRunner(m, corrupted, metric)
+        assert runner.unembed is not None
+        both = torch.cat([clean, corrupted])
+        out, _ = runner.baseline(both, slice(2, None), ["resid_pre.0"], uses_logits=False)
+        assert (runner.unembed is not None) is kept
+        assert out.shape[-1] == (m.cfg.d_model if kept else 300)  # hidden states or logits
+        with torch.no_grad():
+            expected = [float(metric(m(clean))), float(metric(m(corrupted)))]
+        torch.testing.assert_close(runner.values(out, 2, hidden=kept), expected, rtol=1e-5, atol=1e-5)
     res = iv.activation_patching(
         model, clean, corrupted, metric, sites="resid_pre.*", positions="each", progress=False
     )
