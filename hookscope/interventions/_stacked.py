@@ -50,7 +50,7 @@ from torch import Tensor, nn
 
 from hookscope.adapters.base import submodule
 from hookscope.adapters.transformer import TransformerAdapter
-from hookscope.addresses import Slot
+from hookscope.addresses import Slot, parse
 from hookscope.errors import InputError
 from hookscope.interventions.metrics import Metric, Unembed
 from hookscope.model import HookedModel
@@ -63,6 +63,8 @@ _OUTSIDE_BLOCKS = ("embed", "logits", "module")
 _LINEAR_TAIL = ("z", "result")
 # Slots computed by (or after) a block's MLP: a patch there needs it at every position.
 _MLP_AND_AFTER = ("neuron_pre", "neuron_post", "mlp_out", "resid_post")
+# Slots computed before a block's attention output projection.
+_BEFORE_OUT_PROJ = ("resid_pre", "q", "k", "v", "pattern")
 
 
 def _repeat(t: Tensor, n: int) -> Tensor:
@@ -206,6 +208,7 @@ class StackedRunner:
         self.records: list[Any] | None = None  # each block's output on the base batch
         self.inputs: list[Tensor] | None = None  # and its input (hidden states)
         self.last_mlp: nn.Module | None = None
+        self.last_out_proj: nn.Module | None = None
         self.linear_tail = False
         self.causal = False
         self.prefix_kv: list[tuple[Tensor, Tensor]] | None = None  # base rows' keys, values
@@ -218,6 +221,7 @@ class StackedRunner:
             self.last_mlp = submodule(
                 model.model, adapter.layer_path(len(self.blocks) - 1, adapter.spec.mlp)
             )
+            self.last_out_proj = adapter.out_proj(len(self.blocks) - 1)
             self.linear_tail = (
                 not adapter.spec.sequential_residual(model.model)
                 and adapter.spec.attn_out_module is None
@@ -290,6 +294,9 @@ class StackedRunner:
             with torch.no_grad():
                 return self.model.run_with_cache(inputs, names=names, **kwargs)
 
+        if probe is not None:
+            for module, fn in self._read_position_only([parse(name).slot for name in names]):
+                handles.append(module.register_forward_pre_hook(fn, with_kwargs=True, prepend=True))
         try:
             with _forward_replaced({probe.module: probe} if probe else {}):
                 out, cache = forward()
@@ -383,18 +390,8 @@ class StackedRunner:
         readout = self.readout(uses_logits)
         if readout:
             replace[self.unembed.module] = _identity  # type: ignore[union-attr]
-            if (
-                self.read_position is not None
-                and self.last_mlp is not None
-                and not any(
-                    s.kind in _MLP_AND_AFTER and s.layer == n_blocks - 1 for s in slots
-                )
-                and first < n_blocks
-                and int(self.read_position.min()) >= prefix
-            ):
-                pre_hooks.append(
-                    (self.last_mlp, partial(_at_read_position, self.read_position - prefix))
-                )
+            if first < n_blocks:
+                pre_hooks += self._read_position_only(slots, prefix)
         handles = []
         try:
             for module, fn in reversed(pre_hooks):  # prepended: the first listed runs first
@@ -409,6 +406,22 @@ class StackedRunner:
         if prefix:  # positions before the prefix are the base run's
             out = torch.cat([_repeat(self.base_hidden[:, :prefix], n), out], dim=1)  # type: ignore[index]
         return self.values(out, n, hidden=readout)
+
+    def _read_position_only(self, slots: Sequence[Slot], prefix: int = 0) -> list:
+        """Pre-hooks computing the last block's MLP (and attention output projection) at
+        the metric's read position only, as far as no patch in ``slots`` needs them
+        elsewhere; positions are counted from ``prefix``."""
+        if self.read_position is None or int(self.read_position.min()) < prefix:
+            return []
+        last = len(self.blocks or []) - 1
+        in_last = [s.kind for s in slots if s.layer == last and s.kind not in _OUTSIDE_BLOCKS]
+        at = partial(_at_read_position, self.read_position - prefix)
+        hooks = []
+        if self.last_out_proj is not None and all(k in _BEFORE_OUT_PROJ for k in in_last):
+            hooks.append((self.last_out_proj, at))
+        if self.last_mlp is not None and not any(k in _MLP_AND_AFTER for k in in_last):
+            hooks.append((self.last_mlp, at))
+        return hooks
 
     def _plain(self, hooks: list, n: int, uses_logits: bool) -> list[float]:
         """``n`` copies of the whole input, patched by ``hooks`` (no shortcut but the readout)."""

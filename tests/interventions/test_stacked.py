@@ -181,8 +181,8 @@ def test_lower_blocks_run_once_and_logits_are_not_built():
     # patching it is a no-op, not run, and positions before 1 are the base run's (the
     # recorded keys and values), not computed
     assert seen["attention.1"] == [(4, 7, 64), (12, 6, 64)]
-    # the last MLP of the sweep computes only the position the metric reads
-    assert seen["mlp.1"] == [(4, 7, 64), (12, 1, 64)]
+    # the last MLP, in the baselines and the sweep, computes only the position the metric reads
+    assert seen["mlp.1"] == [(4, 1, 64), (12, 1, 64)]
     assert float(res.scores[0]) == 0.0
     # no full logits at all: the baseline computes 16 probe columns, the sweep none
     assert seen["lm_head"] == [(4, 7, 16), (12, 6, 64)]
