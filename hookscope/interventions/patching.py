@@ -360,29 +360,30 @@ def _tail_delta(
 ) -> Tensor:
     """Per copy, how much its ``z``/``result`` patches change the block output:
     ``[len(part) * batch, pos, d_model]`` (the output projection is linear)."""
-    first = _pairs(part[0])[0][0].slot
-    w_o, _ = model.adapter.w_o(first.layer)  # type: ignore[attr-defined]
+    per_head: dict[str, Tensor] = {}  # slot -> each head's change [batch, pos, heads, d_model]
     rows = []
     for job in part:
-        total = None
+        total: Tensor | None = None
         for address, pos in _pairs(job):
             name = slot_address(address.slot)
-            diff = source[name] - base[name]  # [batch, pos, heads, d_head or d_model]
-            if pos is not None:
-                keep = torch.zeros_like(diff)
-                keep[:, pos] = diff[:, pos]
-                diff = keep
+            if name not in per_head:
+                diff = source[name] - base[name]  # [batch, pos, heads, d_head or d_model]
+                if address.slot.kind == "z":
+                    w_o, _ = model.adapter.w_o(address.slot.layer)  # type: ignore[attr-defined]
+                    diff = torch.einsum("bphk,hkd->bphd", diff, w_o.to(diff.dtype))
+                per_head[name] = diff
+            change = per_head[name]
             if address.index is not None:
-                h = model.adapter.unit_index(address.slot, address.index)
-                diff, w = diff[:, :, h : h + 1], w_o[h : h + 1]
+                change = change[:, :, model.adapter.unit_index(address.slot, address.index)]
             else:
-                w = w_o
-            change = diff.sum(2) if address.slot.kind == "result" else torch.einsum(
-                "bphk,hkd->bpd", diff, w.to(diff.dtype)
-            )
+                change = change.sum(2)
+            if pos is not None:
+                only = torch.zeros_like(change)
+                only[:, pos] = change[:, pos]
+                change = only
             total = change if total is None else total + change
         rows.append(total)
-    return torch.cat(rows)
+    return torch.stack(rows).flatten(0, 1)
 
 
 # The fixed cost of running one block in a forward, in units of one position of one copy

@@ -297,3 +297,23 @@ def test_bad_positions_name_the_choices(positions):
     for fn in (iv.activation_patching, iv.attribution_patching):
         with pytest.raises(hs.HookscopeError, match="positions must be 'all', 'each' or a list"):
             fn(model, clean, corrupted, iv.logit_diff(5, 9), positions=positions, progress=False)
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "neox_parallel", "gemma3"])
+def test_per_row_read_positions_before_and_after_the_skipped_prefix(name):
+    """Rows read at different positions (as IOI prompts of different lengths do): a row read
+    before a copy's first changed position takes the base run's value, one read after it the
+    patched one; the last MLP's read-position shortcut must not mix them up."""
+    model = hs.HookedModel.wrap(MODELS[name]())
+    clean, corrupted = _inputs(int(model.cfg.d_vocab), batch=3)
+    metric = iv.logit_diff(torch.tensor([5, 7, 8]), torch.tensor([9, 2, 3]),
+                           position=torch.tensor([6, 3, -2]))  # fmt: skip
+    res = iv.activation_patching(
+        model, clean, corrupted, metric, sites=["resid_pre.1", "head.0.*", "mlp_out.0"],
+        positions="each", chunk_size=7, progress=False,
+    )  # fmt: skip
+    reference = _one_at_a_time(model, clean, corrupted, metric, res.jobs, "denoise")
+    b = res.baselines
+    torch.testing.assert_close(
+        res.flat * (b["clean"] - b["corrupted"]) + b["corrupted"], reference, atol=2e-6, rtol=1e-5
+    )
