@@ -2,7 +2,7 @@
 
 Run from the repository root:
 
-    .venv/bin/python benchmarks/bench_patching.py            # median of 3 repeats (~2 minutes)
+    .venv/bin/python benchmarks/bench_patching.py            # median of 3 repeats (~4 minutes)
     .venv/bin/python benchmarks/bench_patching.py --quick    # one repeat, shorter prompt
 
 Model: the pythia-70m-shaped GPT-NeoX of ``tests/builders.py`` (``pythia_like(0)``: exact
@@ -20,6 +20,9 @@ Sweeps (each one full result, timed end to end from tokens and a clean cache):
   vs ``iv.attribution_patching`` of the same sweep.
 * head outputs, all positions: TL ``get_act_patch_attn_head_out_all_pos`` (48 forwards) vs
   ``sites="head.*.*"``.
+* every block by position: TL ``get_act_patch_block_every`` (resid_pre, attn_out and mlp_out
+  at each layer and position, 360 forwards) vs ``sites=["resid_pre.*", "attn_out.*",
+  "mlp_out.*"], positions="each"``.
 * the same hookscope sweeps with a plain-callable metric (full logits, no early readout),
   to show what reading only the metric's logits saves.
 
@@ -94,6 +97,7 @@ def main() -> None:
             model, clean, corrupted, m, sites=sites, positions=positions, progress=False
         )
 
+    every = ["resid_pre.*", "attn_out.*", "mlp_out.*"]
     sweeps = {
         "resid_pre x pos": {
             "TL get_act_patch_resid_pre": tl_sweep("get_act_patch_resid_pre"),
@@ -110,6 +114,12 @@ def main() -> None:
             "hookscope activation_patching": ours("head.*.*", "all"),
             "hookscope, plain-callable metric": ours("head.*.*", "all", m=plain),
             "hookscope attribution_patching": ours("head.*.*", "all", fn=iv.attribution_patching),
+        },
+        "every block x pos": {
+            "TL get_act_patch_block_every": tl_sweep("get_act_patch_block_every"),
+            "hookscope activation_patching": ours(every, "each"),
+            "hookscope, plain-callable metric": ours(every, "each", m=plain),
+            "hookscope attribution_patching": ours(every, "each", fn=iv.attribution_patching),
         },
     }
 

@@ -39,8 +39,8 @@ repetition of the input.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
 import inspect
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
 from typing import Any
@@ -282,7 +282,9 @@ class StackedRunner:
                     lambda module, args, out, i=i: records.__setitem__(i, _rows(out, rows))
                 )
             )
-            handles.append(block.register_forward_pre_hook(partial(record_input, i), with_kwargs=True))
+            handles.append(
+                block.register_forward_pre_hook(partial(record_input, i), with_kwargs=True)
+            )
         probe = _Probe(self.unembed.module) if self.readout(uses_logits) else None
         kwargs: dict[str, Any] = {}
 
@@ -382,7 +384,9 @@ class StackedRunner:
                     (self.blocks[start - 1], partial(_join_output, parts, start == first))  # type: ignore[index]
                 )
         if self.batch > 1:
-            pre_hooks += [(block, partial(_batch_args, self.batch)) for block in self.blocks[first:]]  # type: ignore[index]
+            pre_hooks += [
+                (block, partial(_batch_args, self.batch)) for block in self.blocks[first:]
+            ]  # type: ignore[index]
         kwargs: dict[str, Any] = {}
         if prefix:
             rows_at = [self.batch * sum(k for s, k, _ in groups if s <= i) for i in range(n_blocks)]  # type: ignore[operator]

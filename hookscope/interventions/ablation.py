@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from hookscope.addresses import Address, Slot, slot_address
 from hookscope.errors import InputError, format_choices
 from hookscope.interventions.metrics import Metric
-from hookscope.interventions.patching import _as_tokens, _metric_value, _position_axis, _sweep_dims
+from hookscope.interventions.patching import _as_tokens, _metric_value, _sweep_dims, position_axis
 from hookscope.interventions.result import PatchingResult
 from hookscope.model import HookedModel
 
@@ -78,7 +78,7 @@ class _Values:
             )
         ref_t = _as_tokens(model, reference)
         slots = list(dict.fromkeys(a.slot for a in addresses))
-        positional = _position_axis(model, slots[0]) is not None
+        positional = position_axis(model, slots[0]) is not None
         same = tuple(ref_t.shape[1:]) == tuple(inputs_t.shape[1:])
         what = "positions" if positional and not inputs_t.is_floating_point() else "shape"
         mismatch = f"inputs {tuple(inputs_t.shape)} and reference {tuple(ref_t.shape)}"

@@ -31,9 +31,9 @@ from hookscope.interventions._stacked import StackedRunner
 from hookscope.interventions.metrics import Metric
 from hookscope.interventions.patching import (
     _metric_value,
-    _position_axis,
     _sweep_dims,
     check_inputs,
+    position_axis,
     resolve_positions,
 )
 from hookscope.interventions.result import PatchingResult
@@ -207,7 +207,7 @@ def _unit_table(
     if per_unit:
         keep.append(model.adapter.unit_axis(slot) % ndim)
     if pos_list != [None]:
-        keep.append(_position_axis(model, slot) % ndim)  # type: ignore[operator]
+        keep.append(position_axis(model, slot) % ndim)  # type: ignore[operator]
     summed = [d for d in range(ndim) if d not in keep]
     reduced = product.sum(summed) if summed else product
     if len(keep) == 2 and keep[0] > keep[1]:

@@ -6,9 +6,13 @@ is one patched run; jobs are stacked along the batch (``chunk_size`` patched run
 forward, each a copy of the input batch), so a sweep of N jobs costs about N / chunk_size
 forwards instead of N. The per-job metric is computed on that job's rows only.
 
-On transformers, jobs are grouped by the block they patch: blocks below it run once on the
-base batch, and structured metrics read only their own logits
-(:mod:`hookscope.interventions._stacked`).
+On transformers a forward skips everything a job's patch cannot change or the metric does
+not read (:mod:`hookscope.interventions._stacked`): blocks below the patch are replayed from
+the baseline run, each copy joins the batch at the block it patches, causal models skip the
+positions before the first changed one, a head's ``z``/``result`` patch in a parallel block
+(GPT-NeoX) is added to the block output instead of recomputing the block, and structured
+metrics read only their own logits at their own position. Every shortcut is exact: results
+equal one plain patched forward per job (``tests/interventions/test_stacked.py``).
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from hookscope.adapters.transformer import TransformerAdapter
 from hookscope.addresses import Address, Selection, Slot, parse, slot_address
 from hookscope.errors import InputError, format_choices
+from hookscope.interventions import _plan as plan
+from hookscope.interventions._plan import position_axis, unit_index
 from hookscope.interventions._stacked import StackedRunner
 from hookscope.interventions.metrics import Metric
 from hookscope.interventions.result import PatchingResult
@@ -52,14 +57,6 @@ def _sweep_dims(sites: Any, model: HookedModel) -> tuple[list[str], list[int]]:
     if isinstance(item, Address):
         return [], []
     return ["site"], [len(model.resolve(sites))]
-
-
-def _position_axis(model: HookedModel, slot: Slot) -> int | None:
-    if isinstance(model.adapter, TransformerAdapter):
-        if slot.kind == "logits" and not model.adapter.spec.token_input:
-            return None  # a vision transformer's logits: [batch, classes]
-        return 2 if slot.kind == "pattern" else 1
-    return None
 
 
 def _as_tokens(model: HookedModel, inputs: Any) -> Tensor:
@@ -157,7 +154,7 @@ def resolve_positions(
         return [None]
     if isinstance(positions, str) and positions != "each":
         raise InputError(f"positions must be 'all', 'each' or a list of ints, got {positions!r}")
-    axes = [(a, _position_axis(model, a.slot)) for a in addresses]
+    axes = [(a, position_axis(model, a.slot)) for a in addresses]
     if any(axis is None for _, axis in axes):
         raise InputError(
             f"{model.adapter.name} activations have no position axis; use positions='all'"
@@ -252,7 +249,7 @@ class Patcher:
         for address, pos in job if isinstance(job, list) else [job]:
             name = slot_address(address.slot)
             source, base = self.source[name], self.base_acts[name]
-            index = tuple(_unit_index(self.model, address, pos, source.ndim))
+            index = tuple(unit_index(self.model, address, pos, source.ndim))
             if not torch.equal(source[index], base[index]):
                 return False
         return True
@@ -276,17 +273,11 @@ def _baseline_runs(
     batch = clean_t.shape[0]
     uses_logits = any(parse(name).slot.kind in ("logits", "module") for name in slot_names)
     rows = slice(batch, None) if direction == "denoise" else slice(0, batch)
-    out, cache = runner.baseline(
-        torch.cat([clean_t, corrupted_t]), rows, slot_names, uses_logits
-    )
+    out, cache = runner.baseline(torch.cat([clean_t, corrupted_t]), rows, slot_names, uses_logits)
     m_clean, m_corrupted = runner.values(out, 2, hidden=runner.readout(uses_logits))
     clean_acts = {name: cache[name][:batch] for name in slot_names}
     corrupted_acts = {name: cache[name][batch:] for name in slot_names}
     return m_clean, m_corrupted, clean_acts, corrupted_acts
-
-
-def _pairs(job: Any) -> list[tuple[Address, int | None]]:
-    return job if isinstance(job, list) else [job]
 
 
 def _run_jobs(
@@ -301,18 +292,18 @@ def _run_jobs(
     """The metric of each job's patched copy of the base batch (a job is one ``(address,
     position)`` or a list of them), at most ``k`` copies per forward."""
     raw = [0.0] * len(jobs)
-    chunks = _chunks(model, jobs, k, runner, source, base)
+    chunks = plan.chunks(model, jobs, k, runner, source, base)
     bar = tqdm(total=len(jobs), desc="patching", disable=not progress or len(chunks) < 2)
     with bar:
         for prefix, idx in chunks:
             part = [jobs[i] for i in idx]
-            pairs = [pair for job in part for pair in _pairs(job)]
+            pairs = [pair for job in part for pair in plan.pairs(job)]
             groups: list[tuple[int | None, int, Tensor | None]] = []
             hooked: list[tuple[int, Any]] = []
             i = 0
-            for (start, tail), members in _groups(runner, part):
+            for (start, tail), members in plan.groups(runner, part):
                 if tail is not None:
-                    delta = _tail_delta(model, members, source, base, runner.batch)
+                    delta = plan.tail_delta(model, members, source, base, runner.batch)
                     groups.append((tail + 1, len(members), delta))
                 else:
                     groups.append((start, len(members), None))
@@ -328,172 +319,6 @@ def _run_jobs(
     return raw
 
 
-def _job_start(runner: StackedRunner, job: Any) -> tuple[int | None, int | None]:
-    """``(start block, tail layer)`` of a job (see :meth:`StackedRunner.tail_layer`)."""
-    slots = [a.slot for a, _ in _pairs(job)]
-    tail = runner.tail_layer(slots)
-    starts = [runner.start(s) for s in slots]
-    start = None if None in starts else min(starts)  # type: ignore[type-var]
-    return start, tail
-
-
-def _effective(key: tuple[int | None, int | None]) -> int:
-    start, tail = key
-    return tail + 1 if tail is not None else -1 if start is None else start
-
-
-def _groups(runner: StackedRunner, part: list) -> list[tuple[tuple[int | None, int | None], list]]:
-    """The jobs of one forward grouped by ``(start, tail)``, in the order the runner adds
-    them to the batch (ascending start block); ``part`` must already be in that order."""
-    out: list[tuple[tuple[int | None, int | None], list]] = []
-    for job in part:
-        key = _job_start(runner, job)
-        if out and out[-1][0] == key:
-            out[-1][1].append(job)
-        else:
-            out.append((key, [job]))
-    return out
-
-
-def _tail_delta(
-    model: HookedModel, part: list, source: dict[str, Tensor], base: dict[str, Tensor], batch: int
-) -> Tensor:
-    """Per copy, how much its ``z``/``result`` patches change the block output:
-    ``[len(part) * batch, pos, d_model]`` (the output projection is linear)."""
-    per_head: dict[str, Tensor] = {}  # slot -> each head's change [batch, pos, heads, d_model]
-    rows = []
-    for job in part:
-        total: Tensor | None = None
-        for address, pos in _pairs(job):
-            name = slot_address(address.slot)
-            if name not in per_head:
-                diff = source[name] - base[name]  # [batch, pos, heads, d_head or d_model]
-                if address.slot.kind == "z":
-                    w_o, _ = model.adapter.w_o(address.slot.layer)  # type: ignore[attr-defined]
-                    diff = torch.einsum("bphk,hkd->bphd", diff, w_o.to(diff.dtype))
-                per_head[name] = diff
-            change = per_head[name]
-            if address.index is not None:
-                change = change[:, :, model.adapter.unit_index(address.slot, address.index)]
-            else:
-                change = change.sum(2)
-            if pos is not None:
-                only = torch.zeros_like(change)
-                only[:, pos] = change[:, pos]
-                change = only
-            total = change if total is None else total + change
-        rows.append(total)
-    return torch.stack(rows).flatten(0, 1)
-
-
-# The fixed cost of running one block in a forward, in units of one position of one copy
-# through one block: on CPUs, reading a block's weights costs about as much as ~50 rows.
-_BLOCK_COST = 48
-
-
-def _chunks(
-    model: HookedModel,
-    jobs: list,
-    k: int,
-    runner: StackedRunner,
-    source: dict[str, Tensor],
-    base: dict[str, Tensor],
-) -> list[tuple[int, list[int]]]:
-    """Job indices in forwards of at most ``k`` copies, as ``(first position, indices)``.
-
-    A forward mixes jobs patching different blocks (each copy joins at its own block, see
-    :meth:`StackedRunner.run`), ordered by that block. On causal models with the readout a
-    forward also skips the positions before its earliest change; jobs are then sorted by
-    first changed position and cut where the positions saved outweigh another forward's
-    fixed cost. Jobs outside the blocks (the embedding, logits, vision inputs) run in plain
-    forwards of their own.
-    """
-    keys = [_job_start(runner, job) for job in jobs]
-    plain = [i for i, key in enumerate(keys) if key[0] is None and key[1] is None]
-    stacked = [i for i, key in enumerate(keys) if not (key[0] is None and key[1] is None)]
-    out = [(0, plain[j : j + k]) for j in range(0, len(plain), k)]
-    if not stacked or runner.records is None:
-        return out + [(0, stacked[j : j + k]) for j in range(0, len(stacked), k)]
-    uses_logits = any(a.slot.kind in ("logits", "module") for i in stacked for a, _ in _pairs(jobs[i]))
-    n_blocks = len(runner.records)
-    if runner.can_skip_prefix(uses_logits):
-        first = {i: _first_change(model, jobs[i], source, base) for i in stacked}
-    else:
-        first = dict.fromkeys(stacked, 0)
-    stacked.sort(key=lambda i: first[i])
-    n_pos = int(runner.base.shape[1]) if runner.base.ndim == 2 else 1
-    depth = [n_blocks - _effective(keys[i]) for i in stacked]  # blocks each copy runs
-    for a, b in _split([first[i] for i in stacked], depth, n_pos, k):
-        idx = sorted(stacked[a:b], key=lambda i: _effective(keys[i]))
-        out.append((first[stacked[a]], idx))
-    return out
-
-
-def _first_change(model: HookedModel, job: Any, source, base) -> int:
-    """The first position at which ``job``'s patch writes a value the base run lacks."""
-    first = None
-    for address, pos in _pairs(job):
-        name = slot_address(address.slot)
-        axis = _position_axis(model, address.slot)
-        if axis is None:
-            return 0
-        n_pos = source[name].shape[axis]
-        if pos is not None:
-            at = pos % n_pos
-        else:
-            index: list[Any] = [slice(None)] * source[name].ndim
-            if address.index is not None:  # keep the unit's axis: a slice, not an int
-                u = model.adapter.unit_index(address.slot, address.index)
-                index[model.adapter.unit_axis(address.slot)] = slice(u, u + 1)
-            differs = source[name][tuple(index)] != base[name][tuple(index)]
-            per_pos = differs.movedim(axis, 0).reshape(n_pos, -1).any(1)
-            hits = per_pos.nonzero()
-            at = int(hits[0]) if len(hits) else n_pos
-        first = at if first is None else min(first, at)
-    return first or 0
-
-
-def _split(firsts: list[int], depth: list[int], n_pos: int, k: int) -> list[tuple[int, int]]:
-    """Cut jobs sorted by first changed position into forwards ``[a, b)`` of at most ``k``
-    copies, minimising the work: per forward, ``_BLOCK_COST`` for each block it runs, plus
-    the positions ``firsts[a]..`` of each copy through its ``depth`` blocks. Cuts are only
-    considered between different first positions (and every ``k`` jobs)."""
-    n = len(firsts)
-    bounds = [0] + [i for i in range(1, n) if firsts[i] != firsts[i - 1]] + [n]
-    m = len(bounds)
-    seg_max = [max(depth[bounds[i] : bounds[i + 1]]) for i in range(m - 1)]
-    seg_sum = [sum(depth[bounds[i] : bounds[i + 1]]) for i in range(m - 1)]
-    best = [0.0] + [float("inf")] * (m - 1)
-    cut = [0] * m
-    for j in range(1, m):
-        deepest, blocks_run = 0, 0  # over segments i..j-1, as i goes down
-        for i in range(j - 1, max(-1, j - 65), -1):
-            deepest, blocks_run = max(deepest, seg_max[i]), blocks_run + seg_sum[i]
-            forwards = -(-(bounds[j] - bounds[i]) // k)
-            c = best[i] + forwards * _BLOCK_COST * deepest + blocks_run * (n_pos - firsts[bounds[i]])
-            if c < best[j]:
-                best[j], cut[j] = c, i
-    runs = []
-    j = m - 1
-    while j > 0:
-        a, b = bounds[cut[j]], bounds[j]
-        runs += [(x, min(x + k, b)) for x in range(a, b, k)][::-1]
-        j = cut[j]
-    return runs[::-1]
-
-
-def _unit_index(model: HookedModel, address: Address, pos: int | None, ndim: int) -> list[Any]:
-    """Index of ``address``'s unit (at ``pos``) in its slot's tensor of ``ndim`` dimensions."""
-    slot = address.slot
-    index: list[Any] = [slice(None)] * ndim
-    if pos is not None:
-        index[_position_axis(model, slot)] = pos  # type: ignore[index]
-    if address.index is not None:
-        axis = model.adapter.unit_axis(slot)
-        index[axis % ndim] = model.adapter.unit_index(slot, address.index)
-    return index
-
-
 def _patch_hooks(model: HookedModel, part: list, source, batch: int, prefix: int = 0):
     """One hook per slot: write the source value of each job's unit/position into its rows.
 
@@ -504,17 +329,17 @@ def _patch_hooks(model: HookedModel, part: list, source, batch: int, prefix: int
     """
     by_slot: dict[Slot, list[tuple[int, Address, int | None]]] = {}
     for i, job in part:
-        for address, pos in _pairs(job):
+        for address, pos in plan.pairs(job):
             by_slot.setdefault(address.slot, []).append((i, address, pos))
     hooks = []
     for slot, entries in by_slot.items():
         value = source[slot_address(slot)]  # [batch, ...]
-        axis = _position_axis(model, slot)
+        axis = position_axis(model, slot)
 
         def write(act: Tensor, _address: Address, entries=entries, value=value, axis=axis):
             out = act.clone()
             for i, address, pos in entries:
-                src = _unit_index(model, address, pos, act.ndim)
+                src = unit_index(model, address, pos, act.ndim)
                 dst = list(src)
                 if prefix and axis is not None:
                     if pos is None:

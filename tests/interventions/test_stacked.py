@@ -152,7 +152,9 @@ def _record_calls(hf, n_layers=2):
                     with_kwargs=True,
                 )
             )
-    handles.append(hf.lm_head.register_forward_hook(lambda m, a, o: seen["lm_head"].append(o.shape)))
+    handles.append(
+        hf.lm_head.register_forward_hook(lambda m, a, o: seen["lm_head"].append(o.shape))
+    )
     return seen, handles
 
 
@@ -240,7 +242,9 @@ def test_readout_falls_back_when_logits_are_post_processed():
         assert out.shape[-1] == (m.cfg.d_model if kept else 300)  # hidden states or logits
         with torch.no_grad():
             expected = [float(metric(m(clean))), float(metric(m(corrupted)))]
-        torch.testing.assert_close(runner.values(out, 2, hidden=kept), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            runner.values(out, 2, hidden=kept), expected, rtol=1e-5, atol=1e-5
+        )
     res = iv.activation_patching(
         model, clean, corrupted, metric, sites="resid_pre.*", positions="each", progress=False
     )
