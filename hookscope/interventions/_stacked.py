@@ -343,7 +343,8 @@ class StackedRunner:
         """Forward copies of the base batch with ``hooks``; one metric value per copy.
 
         ``groups``: ``(start, n, delta)`` each, ``n`` copies that first differ from the base
-        at block ``start``'s input (None: at the input itself; such a group must be alone),
+        at block ``start``'s input (None: at the input itself; then every copy is a plain
+        copy of the whole input, without ``delta``),
         plus ``delta`` (``[n * batch, pos, d_model]`` or None) added there. All groups run
         in one forward: a group's copies join the batch at its start block, so every block
         is computed once for all copies that reach it, in ascending ``start`` order (copy
@@ -358,8 +359,8 @@ class StackedRunner:
         n = sum(g[1] for g in groups)
         starts = [g[0] for g in groups]
         if self.records is None or self.inputs is None or None in starts:
-            if len(groups) != 1 or prefix or groups[0][2] is not None:
-                raise ValueError("without block records a forward takes one plain group")
+            if prefix or any(g[2] is not None for g in groups):
+                raise ValueError("without block records a forward takes plain copies only")
             return self._plain(hooks, n, uses_logits)
         if starts != sorted(starts):  # type: ignore[type-var]
             raise ValueError("groups must be sorted by start block")
