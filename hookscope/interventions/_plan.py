@@ -34,9 +34,30 @@ def job_start(runner: StackedRunner, job: Any) -> tuple[int | None, int | None]:
     """``(start block, tail layer)`` of a job (see :meth:`StackedRunner.tail_layer`)."""
     slots = [a.slot for a, _ in pairs(job)]
     tail = runner.tail_layer(slots)
+    if tail is not None and not _disjoint(job, int(runner.base.shape[-1])):
+        tail = None  # overlapping writes: patch through hooks, where writing twice is harmless
     starts = [runner.start(s) for s in slots]
     start = None if None in starts else min(starts)  # type: ignore[type-var]
     return start, tail
+
+
+def _disjoint(job: Any, n_pos: int) -> bool:
+    """Whether a job's pairs write separate values (one slot; no unit and position written
+    twice), so that their changes to a block output add up. Conservative: a whole-slot
+    pair beside any other counts as overlapping."""
+    items = pairs(job)
+    if len(items) == 1:
+        return True
+    if len({a.slot for a, _ in items}) > 1 or any(a.index is None for a, _ in items):
+        return False
+    seen: dict[int, set[int | None]] = {}
+    for address, pos in items:
+        at = seen.setdefault(address.index, set())  # type: ignore[arg-type]
+        p = None if pos is None else pos % n_pos
+        if p in at or (at and (p is None or None in at)):
+            return False
+        at.add(p)
+    return True
 
 
 def _effective(key: tuple[int | None, int | None]) -> int:

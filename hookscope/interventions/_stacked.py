@@ -286,13 +286,27 @@ class StackedRunner:
                 block.register_forward_pre_hook(partial(record_input, i), with_kwargs=True)
             )
         probe = _Probe(self.unembed.module) if self.readout(uses_logits) else None
+        seen: dict[str, Tensor] = {}  # with full logits: the unembedding's input and output
+        if self.unembed is not None and probe is None:
+            handles.append(
+                self.unembed.module.register_forward_hook(
+                    lambda module, args, out: seen.update(hidden=args[0], logits=out)
+                )
+            )
         kwargs: dict[str, Any] = {}
 
         def forward() -> tuple[Any, Any]:
+            kwargs.clear()
             if self.causal:  # a fresh cache each time: it keeps the keys and values
                 from transformers import DynamicCache
 
                 kwargs.update(past_key_values=DynamicCache(), use_cache=True)
+                try:
+                    with torch.no_grad():
+                        return self.model.run_with_cache(inputs, names=names, **kwargs)
+                except Exception:  # a transformers version whose model takes no Cache object
+                    self.causal = False
+                    kwargs.clear()
             with torch.no_grad():
                 return self.model.run_with_cache(inputs, names=names, **kwargs)
 
@@ -313,6 +327,17 @@ class StackedRunner:
         if self.unembed is not None and probe is not None:
             out = probe.hidden
             self.base_hidden = out[rows]  # type: ignore[index]
+        elif self.unembed is not None:  # full logits were needed: are they the unembedding's?
+            logits = seen.get("logits")
+            if (
+                isinstance(logits, Tensor)
+                and isinstance(out, Tensor)
+                and out.shape == logits.shape
+                and torch.equal(out.to(logits.dtype), logits)
+            ):
+                self.base_hidden = seen["hidden"][rows]
+            else:
+                self.unembed = None
         layers = getattr(kwargs.get("past_key_values"), "layers", None)
         if self.causal and layers is not None and len(layers) == len(self.blocks or []):
             self.prefix_kv = [(layer.keys[rows], layer.values[rows]) for layer in layers]

@@ -17,7 +17,7 @@ equal one plain patched forward per job (``tests/interventions/test_stacked.py``
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -60,6 +60,16 @@ def _sweep_dims(sites: Any, model: HookedModel) -> tuple[list[str], list[int]]:
 
 
 def _as_tokens(model: HookedModel, inputs: Any) -> Tensor:
+    if isinstance(inputs, Mapping):  # a tokenizer's output
+        if "input_ids" not in inputs:
+            raise InputError(f"a dict input needs 'input_ids'; got keys {sorted(inputs)}")
+        mask = inputs.get("attention_mask")
+        if mask is not None and not bool(torch.as_tensor(mask).bool().all()):
+            raise InputError(
+                "patching needs prompts of equal token length without padding; this input's "
+                "attention_mask pads some rows (tokenize prompts of one template together)"
+            )
+        inputs = torch.as_tensor(inputs["input_ids"])
     if isinstance(inputs, Tensor):
         return (
             inputs.unsqueeze(0) if inputs.ndim == 1 and not inputs.is_floating_point() else inputs

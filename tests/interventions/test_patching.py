@@ -204,3 +204,26 @@ def test_vision_has_no_position_axis():
         iv.activation_patching(
             model, x, x + 1, iv.logit(0, position=None), sites="neuron.0.*", positions="each"
         )
+
+
+def test_tokenizer_dicts_are_read_by_their_input_ids():
+    model = hs.HookedModel.wrap(builders.tiny_neox())
+    g = torch.Generator().manual_seed(0)
+    clean = torch.randint(1, 500, (2, 6), generator=g)
+    corrupted = clean.clone()
+    corrupted[:, 2] = (clean[:, 2] + 7) % 500
+    metric = iv.logit_diff(5, 9)
+    ones = torch.ones_like(clean)
+    as_dicts = iv.activation_patching(
+        model, {"input_ids": clean, "attention_mask": ones},
+        {"input_ids": corrupted, "attention_mask": ones}, metric, progress=False,
+    )  # fmt: skip
+    plain = iv.activation_patching(model, clean, corrupted, metric, progress=False)
+    assert torch.equal(as_dicts.scores, plain.scores)
+    padded = ones.clone()
+    padded[0, -1] = 0
+    with pytest.raises(hs.HookscopeError, match="without padding"):
+        iv.activation_patching(
+            model, {"input_ids": clean, "attention_mask": padded}, corrupted, metric,
+            progress=False,
+        )  # fmt: skip

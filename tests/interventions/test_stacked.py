@@ -321,3 +321,98 @@ def test_per_row_read_positions_before_and_after_the_skipped_prefix(name):
     torch.testing.assert_close(
         res.flat * (b["clean"] - b["corrupted"]) + b["corrupted"], reference, atol=2e-6, rtol=1e-5
     )
+
+
+def test_softcapped_logits_with_a_logits_site_in_the_sweep():
+    """When the logits are themselves a site the baseline computes full logits; the runner
+    must still notice the soft-cap after the unembedding before reading other jobs from
+    hidden states."""
+    model = hs.HookedModel.wrap(builders.tiny_gemma3(softcap=0.5))
+    clean, corrupted = _inputs(300)
+    metric = iv.logit_diff(5, 9)
+    for sites in (["resid_pre.1", "embed", "logits"], ["head.0.*", "module:model.norm"]):
+        res = iv.activation_patching(
+            model, clean, corrupted, metric, sites=sites, positions="each", progress=False
+        )
+        reference = _one_at_a_time(model, clean, corrupted, metric, res.jobs, "denoise")
+        b = res.baselines
+        raw = res.flat * (b["clean"] - b["corrupted"]) + b["corrupted"]
+        torch.testing.assert_close(raw, reference, atol=2e-6, rtol=1e-5)
+
+
+def test_overlapping_head_patches_in_one_job_are_not_added_twice():
+    """A job patching head 1.2 twice (or within all of layer 1, or as z and result) writes
+    each value once; the parallel block's additive shortcut must not count it twice."""
+    from hookscope.interventions.patching import Patcher
+
+    model = hs.HookedModel.wrap(builders.tiny_neox(parallel=True))
+    clean, corrupted = _inputs(500)
+    metric = iv.logit_diff(5, 9)
+    h12, h1, r12, h13 = (
+        model.resolve(s)[0] for s in ("head.1.2", "head.1", "head.1.2.result", "head.1.3")
+    )
+    jobs = [
+        [(h12, None), (h12, None)],
+        [(h12, None), (h1, None)],
+        [(h12, None), (r12, None)],
+        [(h12, None), (h12, 4)],
+        [(h12, None), (h13, None)],  # disjoint: may use the shortcut
+        [(h12, 4), (h12, -1)],
+    ]
+    patcher = Patcher(
+        model, clean, corrupted, metric, ["head.1.*", "head.1.2.result"], progress=False
+    )
+    got = torch.tensor(patcher.run(jobs), dtype=torch.float64)
+    reference = []
+    for job in jobs:
+        hooks = []
+        for address, pos in job:
+            name = slot_address(address.slot)
+            value = patcher.source[name]
+
+            def write(act, _a, value=value, pos=pos, address=address):
+                act = act.clone()
+                axis = model.adapter.unit_axis(address.slot)
+                target = act if address.index is None else act.select(axis, address.index)
+                src = value if address.index is None else value.select(axis, address.index)
+                if pos is None:
+                    target.copy_(src)
+                else:
+                    target.select(1, pos).copy_(src.select(1, pos))
+                return act
+
+            hooks.append((name, write))
+        with torch.no_grad():
+            reference.append(float(metric(model.run_with_hooks(corrupted, hooks=hooks))))
+    torch.testing.assert_close(
+        got, torch.tensor(reference, dtype=torch.float64), atol=2e-6, rtol=1e-5
+    )
+
+
+def test_a_model_that_takes_no_cache_object_keeps_every_position():
+    """Older transformers versions' models do not accept a Cache object; the runner then
+    turns the position shortcut off instead of failing."""
+    import functools
+
+    hf = builders.tiny_gpt2()
+    forward = hf.forward
+
+    @functools.wraps(forward)
+    def no_cache(*args, **kwargs):
+        if kwargs.get("past_key_values") is not None:
+            raise KeyError("Cache only has 0 layers")
+        return forward(*args, **kwargs)
+
+    hf.forward = no_cache
+    model = hs.HookedModel.wrap(hf)
+    clean, corrupted = _inputs(int(model.cfg.d_vocab))
+    metric = iv.logit_diff(5, 9)
+    res = iv.activation_patching(
+        model, clean, corrupted, metric, sites=["resid_pre.*", "head.1.*"], positions="each",
+        progress=False,
+    )  # fmt: skip
+    reference = _one_at_a_time(model, clean, corrupted, metric, res.jobs, "denoise")
+    b = res.baselines
+    torch.testing.assert_close(
+        res.flat * (b["clean"] - b["corrupted"]) + b["corrupted"], reference, atol=2e-6, rtol=1e-5
+    )
