@@ -6,14 +6,15 @@ skips it:
 
 * **Blocks below the patched block.** A patch at block ``L`` leaves blocks ``< L`` equal
   to the unpatched base run. The baseline forward (clean and corrupted in one batch,
-  :meth:`StackedRunner.baseline`) records every block's output on the base rows; a sweep
-  forward replays those outputs for blocks ``< L`` instead of computing them, and repeats
-  the base batch ``n`` times at block ``L``'s input (a forward pre-hook; every later
-  block's batch-shaped arguments, such as padding masks, are repeated alongside).
-* **A linear tail** (``add=``). When a patch reaches the residual stream through linear maps
-  only (a head's ``z`` or ``result`` in a parallel-residual block, as in GPT-NeoX), block
-  ``L``'s patched output is its recorded output plus a per-copy difference the caller
-  computes; block ``L`` is replayed too and the forward starts at ``L + 1``.
+  :meth:`StackedRunner.baseline`) records every block's input and output on the base rows;
+  a sweep forward replays the outputs for blocks below its first patch instead of
+  computing them. Copies patching different blocks share one forward: each joins the
+  batch at its own block, as copies of the base rows' recorded input there (every block's
+  batch-shaped arguments, such as padding masks, are repeated to match).
+* **A linear tail** (a group's ``delta``). When a patch reaches the residual stream through
+  linear maps only (a head's ``z`` or ``result`` in a parallel-residual block, as in
+  GPT-NeoX), block ``L``'s patched output is its recorded output plus a per-copy
+  difference the caller computes, so the copy joins at block ``L + 1``.
 * **The unembedding.** A structured metric needs a few logits (two for ``logit_diff``)
   at one position, not ``[batch, pos, vocab]``: the unembedding is replaced by the identity
   for the forward, and the metric reads only its own columns from the hidden states
@@ -27,11 +28,12 @@ skips it:
   forward with ``prefix=s`` runs positions ``s..`` only, attending to the recorded keys
   and values of the others (the model's own key-value cache); the metric reads the base
   run's hidden states at positions ``< s``.
-* **The last block's MLP at unread positions.** A metric that reads one position per row
-  needs the last block's output there only. Attention still sees every position, but the
-  last MLP (two thirds of a block) is computed on the read position alone, and its output
-  is broadcast by the block's residual addition (other positions' outputs are then wrong
-  and never read). Only when no patch lies in the last block.
+* **The last block at unread positions.** A metric that reads one position per row needs
+  the last block's output there only. Attention still sees every position, but the last
+  MLP (two thirds of a block) and attention output projection are computed on the read
+  position alone, and their outputs are broadcast by the block's residual addition (other
+  positions' outputs are then wrong and never read). Only where no patched or cached slot
+  needs those modules at other positions.
 
 Vision models without these modules, ``module:`` sites and the embedding fall back to plain
 repetition of the input.
@@ -251,8 +253,8 @@ class StackedRunner:
         return slot.layer
 
     def tail_layer(self, slots: Sequence[Slot]) -> int | None:
-        """The layer whose output a patch of ``slots`` changes linearly (see ``add`` of
-        :meth:`run`), or None when the patch must be run through its block."""
+        """The layer whose output a patch of ``slots`` changes linearly (a group ``delta``
+        of :meth:`run`), or None when the patch must be run through its block."""
         layers = {s.layer for s in slots}
         if (
             not self.linear_tail
@@ -367,17 +369,16 @@ class StackedRunner:
     ) -> list[float]:
         """Forward copies of the base batch with ``hooks``; one metric value per copy.
 
-        ``groups``: ``(start, n, delta)`` each, ``n`` copies that first differ from the base
-        at block ``start``'s input (None: at the input itself; then every copy is a plain
-        copy of the whole input, without ``delta``),
-        plus ``delta`` (``[n * batch, pos, d_model]`` or None) added there. All groups run
-        in one forward: a group's copies join the batch at its start block, so every block
+        ``groups``: ``(start, n, delta)`` each: ``n`` copies that first differ from the base
+        at block ``start``'s input, where ``delta`` (``[n * batch, pos, d_model]`` or None)
+        is added to them. ``start`` None means the model input itself: then every copy is a
+        plain copy of the whole input, without ``delta``. All groups run in one forward: a group's copies join the batch at its start block, so every block
         is computed once for all copies that reach it, in ascending ``start`` order (copy
         ``i`` of the forward occupies rows ``i * batch .. (i + 1) * batch`` from its start
         on, which is how ``hooks`` address it). Groups must come sorted by start.
         ``uses_logits``: a hook reads or writes the logits, so the forward must not stop early.
-        ``slots``: the patched slots (a patch in the last block's MLP or after it keeps that
-        MLP at every position).
+        ``slots``: the patched slots (a patch in the last block at or after its attention
+        output projection keeps the modules it needs at every position).
         ``prefix``: the first position any copy differs at (needs :meth:`can_skip_prefix`):
         the forward runs positions ``prefix..`` only, and hooks see those positions only.
         """
