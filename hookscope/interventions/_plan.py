@@ -137,11 +137,8 @@ def chunks(
     out = [(0, plain[j : j + k]) for j in range(0, len(plain), k)]
     if not stacked or runner.records is None:
         return out + [(0, stacked[j : j + k]) for j in range(0, len(stacked), k)]
-    uses_logits = any(
-        a.slot.kind in ("logits", "module") for i in stacked for a, _ in pairs(jobs[i])
-    )
     n_blocks = len(runner.records)
-    if runner.can_skip_prefix(uses_logits):
+    if runner.can_skip_prefix():  # (logits and module: sites are plain jobs, never stacked)
         first = {i: _first_change(model, jobs[i], source, base) for i in stacked}
     else:
         first = dict.fromkeys(stacked, 0)

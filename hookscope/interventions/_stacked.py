@@ -42,8 +42,7 @@ repetition of the input.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -54,6 +53,20 @@ from hookscope.adapters.base import submodule
 from hookscope.adapters.transformer import TransformerAdapter
 from hookscope.addresses import Slot, parse
 from hookscope.errors import InputError
+from hookscope.interventions._forward_edits import (
+    Probe,
+    at_read_position,
+    batch_args,
+    first_tensor,
+    forward_replaced,
+    identity,
+    join_input,
+    join_output,
+    positions,
+    repeat,
+    replay,
+    rows_of,
+)
 from hookscope.interventions.metrics import Metric, Unembed
 from hookscope.model import HookedModel
 
@@ -67,135 +80,6 @@ _LINEAR_TAIL = ("z", "result")
 _MLP_AND_AFTER = ("neuron_pre", "neuron_post", "mlp_out", "resid_post")
 # Slots computed before a block's attention output projection.
 _BEFORE_OUT_PROJ = ("resid_pre", "q", "k", "v", "pattern")
-
-
-def _repeat(t: Tensor, n: int) -> Tensor:
-    return t.repeat(n, *([1] * (t.ndim - 1)))
-
-
-def _rows(value: Any, rows: slice) -> Any:
-    """``value`` (a tensor, or a tuple holding tensors) restricted to batch ``rows``."""
-    if isinstance(value, Tensor):
-        return value[rows]
-    if isinstance(value, tuple):
-        return tuple(_rows(v, rows) for v in value)
-    return value
-
-
-def _positions(value: Any, cut: slice) -> Any:
-    """A recorded block output (a tensor [batch, pos, ...] or a tuple starting with one)
-    restricted to positions ``cut``."""
-    if isinstance(value, Tensor):
-        return value[:, cut]
-    return (value[0][:, cut], *value[1:])
-
-
-def _first(value: Any) -> Tensor:
-    return value if isinstance(value, Tensor) else value[0]
-
-
-def _batch_args(batch: int, module: nn.Module, args: tuple, kwargs: dict):
-    """Block pre-hook: repeat batch-shaped arguments (such as padding masks) to as many
-    copies of the base batch as the hidden states hold."""
-    hidden = args[0] if args else kwargs["hidden_states"]
-    n = hidden.shape[0] // batch
-
-    def batched(value: Any) -> Any:
-        if isinstance(value, Tensor):
-            if value is not hidden and value.ndim >= 2 and value.shape[0] == batch:
-                return _repeat(value, n)
-            return value
-        if isinstance(value, tuple) and any(isinstance(v, Tensor) for v in value):
-            return tuple(batched(v) for v in value)
-        return value
-
-    if n == 1:
-        return None
-    return tuple(batched(a) for a in args), {k: batched(v) for k, v in kwargs.items()}
-
-
-def _join_input(parts: list[Tensor], module: nn.Module, args: tuple, kwargs: dict):
-    """Block 0 pre-hook: its input becomes the copies that start there."""
-    hidden = torch.cat(parts) if len(parts) > 1 else parts[0]
-    if args:
-        return (hidden, *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": hidden}
-
-
-def _join_output(parts: list[Tensor], first: bool, module: nn.Module, args: tuple, out: Any):
-    """Block forward hook: the copies starting at the next block join the batch (at the
-    first start they replace the base rows, which no copy uses)."""
-    hidden = _first(out)
-    joined = torch.cat(parts if first else [hidden, *parts])
-    return joined if isinstance(out, Tensor) else (joined, *out[1:])
-
-
-def _replay(output: Any, *args: Any, **kwargs: Any) -> Any:
-    """A block forward that returns a recorded output instead of computing it."""
-    return output
-
-
-def _identity(hidden: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-    return hidden
-
-
-class _Probe:
-    """An unembedding forward that keeps its input and computes a few logit columns only:
-    if the model returns exactly those, nothing follows the unembedding and sweeps may
-    read the metric from its input."""
-
-    def __init__(self, module: nn.Linear):
-        self.module = module
-        self.hidden: Tensor | None = None
-        self.logits: Tensor | None = None
-
-    def __call__(self, hidden: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        weight, bias = self.module.weight, self.module.bias
-        cols = torch.linspace(0, weight.shape[0] - 1, min(16, weight.shape[0])).long()
-        cols = cols.to(weight.device)
-        self.hidden = hidden
-        self.logits = nn.functional.linear(
-            hidden, weight[cols], bias[cols] if bias is not None else None
-        )
-        return self.logits
-
-    def matches(self, out: Any) -> bool:
-        ref = self.logits
-        return (
-            ref is not None
-            and isinstance(out, Tensor)
-            and out.shape == ref.shape
-            and torch.equal(out.to(ref.dtype), ref)
-        )
-
-
-def _at_read_position(position: Tensor, module: nn.Module, args: tuple, kwargs: dict):
-    """MLP pre-hook: keep only each row's read position (``position``: one per row of the
-    base batch, counted in the tensor the MLP sees) of the input, as [rows, 1, d]."""
-    x = args[0] if args else next(iter(kwargs.values()))
-    reps = x.shape[0] // position.shape[0]
-    x = x[torch.arange(x.shape[0], device=x.device), position.repeat(reps)][:, None]
-    if args:
-        return (x, *args[1:]), kwargs
-    key = next(iter(kwargs))
-    return args, {**kwargs, key: x}
-
-
-@contextmanager
-def _forward_replaced(replacements: dict[nn.Module, Callable]) -> Iterator[None]:
-    """Give each module an instance-level ``forward`` for the ``with`` block (hooks still
-    run); the previous forward is restored however the block ends."""
-    saved = {m: m.__dict__.get("forward") for m in replacements}
-    try:
-        for module, fn in replacements.items():
-            module.forward = fn  # type: ignore[method-assign]
-        yield
-    finally:
-        for module, old in saved.items():
-            if old is None:
-                module.__dict__.pop("forward", None)
-            else:
-                module.forward = old  # type: ignore[method-assign]
 
 
 class StackedRunner:
@@ -275,19 +159,19 @@ class StackedRunner:
         block_inputs: list[Any] = [None] * len(self.blocks or [])
 
         def record_input(i: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
-            block_inputs[i] = _rows(args[0] if args else kwargs["hidden_states"], rows)
+            block_inputs[i] = rows_of(args[0] if args else kwargs["hidden_states"], rows)
 
         handles = []
         for i, block in enumerate(self.blocks or []):
             handles.append(
                 block.register_forward_hook(
-                    lambda module, args, out, i=i: records.__setitem__(i, _rows(out, rows))
+                    lambda module, args, out, i=i: records.__setitem__(i, rows_of(out, rows))
                 )
             )
             handles.append(
                 block.register_forward_pre_hook(partial(record_input, i), with_kwargs=True)
             )
-        probe = _Probe(self.unembed.module) if self.readout(uses_logits) else None
+        probe = Probe(self.unembed.module) if self.readout(uses_logits) else None
         seen: dict[str, Tensor] = {}  # with full logits: the unembedding's input and output
         if self.unembed is not None and probe is None:
             handles.append(
@@ -316,7 +200,7 @@ class StackedRunner:
             for module, fn in self._read_position_only([parse(name).slot for name in names]):
                 handles.append(module.register_forward_pre_hook(fn, with_kwargs=True, prepend=True))
         try:
-            with _forward_replaced({probe.module: probe} if probe else {}):
+            with forward_replaced({probe.module: probe} if probe else {}):
                 out, cache = forward()
             if probe is not None and not probe.matches(out):
                 self.unembed = None  # the logits are post-processed: read full logits
@@ -345,7 +229,7 @@ class StackedRunner:
             self.prefix_kv = [(layer.keys[rows], layer.values[rows]) for layer in layers]
         return out, cache
 
-    def can_skip_prefix(self, uses_logits: bool) -> bool:
+    def can_skip_prefix(self, uses_logits: bool = False) -> bool:
         """Whether forwards may start at a later position (:meth:`run`'s ``prefix``)."""
         return (
             self.prefix_kv is not None
@@ -397,30 +281,28 @@ class StackedRunner:
         pre_hooks: list[tuple[nn.Module, Callable]] = []
         out_hooks: list[tuple[nn.Module, Callable]] = []
         for i in range(first):  # below every copy: the base run, recorded
-            replace[self.blocks[i]] = partial(_replay, _positions(self.records[i], cut))  # type: ignore[index]
+            replace[self.blocks[i]] = partial(replay, positions(self.records[i], cut))  # type: ignore[index]
         joins: dict[int, list[Tensor]] = {}
         for start, k, delta in groups:
-            base_in = self.inputs[start] if start < n_blocks else _first(self.records[-1])  # type: ignore[index]
-            rows = _repeat(base_in[:, cut], k)
+            base_in = self.inputs[start] if start < n_blocks else first_tensor(self.records[-1])  # type: ignore[index]
+            rows = repeat(base_in[:, cut], k)
             joins.setdefault(start, []).append(rows if delta is None else rows + delta[:, cut])  # type: ignore[arg-type]
         for start, parts in joins.items():
             if start == 0:
-                pre_hooks.append((self.blocks[0], partial(_join_input, parts)))  # type: ignore[index]
+                pre_hooks.append((self.blocks[0], partial(join_input, parts)))  # type: ignore[index]
             else:
                 out_hooks.append(
-                    (self.blocks[start - 1], partial(_join_output, parts, start == first))  # type: ignore[index]
+                    (self.blocks[start - 1], partial(join_output, parts, start == first))  # type: ignore[index]
                 )
         if self.batch > 1:
-            pre_hooks += [
-                (block, partial(_batch_args, self.batch)) for block in self.blocks[first:]
-            ]  # type: ignore[index]
+            pre_hooks += [(block, partial(batch_args, self.batch)) for block in self.blocks[first:]]  # type: ignore[index]
         kwargs: dict[str, Any] = {}
         if prefix:
             rows_at = [self.batch * sum(k for s, k, _ in groups if s <= i) for i in range(n_blocks)]  # type: ignore[operator]
             kwargs = {"past_key_values": self._prefix_cache(rows_at, prefix), "use_cache": True}
         readout = self.readout(uses_logits)
         if readout:
-            replace[self.unembed.module] = _identity  # type: ignore[union-attr]
+            replace[self.unembed.module] = identity  # type: ignore[union-attr]
             if first < n_blocks:
                 pre_hooks += self._read_position_only(slots, prefix)
         handles = []
@@ -429,13 +311,13 @@ class StackedRunner:
                 handles.append(module.register_forward_pre_hook(fn, with_kwargs=True, prepend=True))
             for module, fn in out_hooks:
                 handles.append(module.register_forward_hook(fn, prepend=True))
-            with _forward_replaced(replace), torch.no_grad():
+            with forward_replaced(replace), torch.no_grad():
                 out = self.model.run_with_hooks(self.base[:, cut], hooks=hooks, **kwargs)
         finally:
             for handle in handles:
                 handle.remove()
         if prefix:  # positions before the prefix are the base run's
-            out = torch.cat([_repeat(self.base_hidden[:, :prefix], n), out], dim=1)  # type: ignore[index]
+            out = torch.cat([repeat(self.base_hidden[:, :prefix], n), out], dim=1)  # type: ignore[index]
         return self.values(out, n, hidden=readout)
 
     def _read_position_only(self, slots: Sequence[Slot], prefix: int = 0) -> list:
@@ -446,7 +328,7 @@ class StackedRunner:
             return []
         last = len(self.blocks or []) - 1
         in_last = [s.kind for s in slots if s.layer == last and s.kind not in _OUTSIDE_BLOCKS]
-        at = partial(_at_read_position, self.read_position - prefix)
+        at = partial(at_read_position, self.read_position - prefix)
         hooks = []
         if self.last_out_proj is not None and all(k in _BEFORE_OUT_PROJ for k in in_last):
             hooks.append((self.last_out_proj, at))
@@ -457,9 +339,9 @@ class StackedRunner:
     def _plain(self, hooks: list, n: int, uses_logits: bool) -> list[float]:
         """``n`` copies of the whole input, patched by ``hooks`` (no shortcut but the readout)."""
         readout = self.readout(uses_logits)
-        replace = {self.unembed.module: _identity} if readout else {}  # type: ignore[union-attr]
-        with _forward_replaced(replace), torch.no_grad():
-            out = self.model.run_with_hooks(_repeat(self.base, n), hooks=hooks)
+        replace = {self.unembed.module: identity} if readout else {}  # type: ignore[union-attr]
+        with forward_replaced(replace), torch.no_grad():
+            out = self.model.run_with_hooks(repeat(self.base, n), hooks=hooks)
         return self.values(out, n, hidden=readout)
 
     def _prefix_cache(self, rows_at: list[int], prefix: int) -> Any:
@@ -470,7 +352,7 @@ class StackedRunner:
         cache = DynamicCache()
         for i, (keys, values) in enumerate(self.prefix_kv):  # type: ignore[arg-type]
             k = max(1, rows_at[i] // self.batch)
-            cache.update(_repeat(keys[:, :, :prefix], k), _repeat(values[:, :, :prefix], k), i)
+            cache.update(repeat(keys[:, :, :prefix], k), repeat(values[:, :, :prefix], k), i)
         return cache
 
     @torch.no_grad()
