@@ -139,7 +139,8 @@ def chunks(
         return out + [(0, stacked[j : j + k]) for j in range(0, len(stacked), k)]
     n_blocks = len(runner.records)
     if runner.can_skip_prefix():  # (logits and module: sites are plain jobs, never stacked)
-        first = {i: _first_change(model, jobs[i], source, base) for i in stacked}
+        memo: dict = {}
+        first = {i: _first_change(model, jobs[i], source, base, memo) for i in stacked}
     else:
         first = dict.fromkeys(stacked, 0)
     stacked.sort(key=lambda i: first[i])
@@ -151,28 +152,46 @@ def chunks(
     return out
 
 
-def _first_change(model: HookedModel, job: Any, source, base) -> int:
-    """The first position at which ``job``'s patch writes a value the base run lacks."""
+def _first_change(model: HookedModel, job: Any, source, base, memo: dict | None = None) -> int:
+    """The first position at which ``job``'s patch writes a value the base run lacks.
+    ``memo``: per slot, the first differing position of each unit (shared by a sweep's jobs)."""
+    memo = {} if memo is None else memo
     first = None
     for address, pos in pairs(job):
-        name = slot_address(address.slot)
         axis = position_axis(model, address.slot)
         if axis is None:
             return 0
-        n_pos = source[name].shape[axis]
         if pos is not None:
-            at = pos % n_pos
+            at = pos % source[slot_address(address.slot)].shape[axis]
         else:
-            index: list[Any] = [slice(None)] * source[name].ndim
-            if address.index is not None:  # keep the unit's axis: a slice, not an int
-                u = model.adapter.unit_index(address.slot, address.index)
-                index[model.adapter.unit_axis(address.slot)] = slice(u, u + 1)
-            differs = source[name][tuple(index)] != base[name][tuple(index)]
-            per_pos = differs.movedim(axis, 0).reshape(n_pos, -1).any(1)
-            hits = per_pos.nonzero()
-            at = int(hits[0]) if len(hits) else n_pos
+            unit = None
+            if address.index is not None:
+                unit = model.adapter.unit_index(address.slot, address.index)
+            at = _first_difference(model, address.slot, axis, unit, source, base, memo)
         first = at if first is None else min(first, at)
     return first or 0
+
+
+def _first_difference(
+    model: HookedModel, slot: Slot, axis: int, unit: int | None, source, base, memo: dict
+) -> int:
+    """The first position where ``slot`` (its ``unit``, or all of it) differs between
+    source and base; the number of positions where it never does. Computed for every
+    unit of a slot at once (``memo``)."""
+    key = (slot, unit is not None)
+    if key not in memo:
+        name = slot_address(slot)
+        differs = source[name] != base[name]
+        n_pos = differs.shape[axis]
+        if unit is None:
+            at = differs.movedim(axis, 0).reshape(n_pos, 1, -1).any(-1)  # [pos, 1]
+        else:
+            u = model.adapter.unit_axis(slot) % differs.ndim
+            d = differs.movedim((axis, u), (0, 1))
+            at = d.reshape(n_pos, d.shape[1], -1).any(-1)  # [pos, units]
+        # first True along positions (argmax returns the first maximum), else n_pos
+        memo[key] = torch.where(at.any(0), at.int().argmax(0), n_pos).tolist()
+    return memo[key][0 if unit is None else unit]
 
 
 def _split(firsts: list[int], depth: list[int], n_pos: int, k: int) -> list[tuple[int, int]]:

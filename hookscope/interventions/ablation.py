@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from hookscope.addresses import Address, Slot, slot_address
 from hookscope.errors import InputError, format_choices
+from hookscope.interventions._forward_edits import fast_linears, forward_replaced
 from hookscope.interventions.metrics import Metric
 from hookscope.interventions.patching import _as_tokens, _metric_value, _sweep_dims, position_axis
 from hookscope.interventions.result import PatchingResult
@@ -185,10 +186,11 @@ def _run_jobs(
     k = chunk_size or max(1, 4096 // (batch * (inputs_t.shape[1] if tokens else 1)))
     found: list[Any] = []
     chunks = range(0, len(jobs), k)
+    linears = fast_linears(model.model.modules())
     for start in tqdm(chunks, desc="ablation", disable=not progress or len(chunks) < 2):
         part = jobs[start : start + k]
         stacked = inputs_t.repeat(len(part), *([1] * (inputs_t.ndim - 1)))
-        with torch.no_grad():
+        with torch.no_grad(), forward_replaced(linears):
             out = model.run_with_hooks(stacked, hooks=_ablation_hooks(model, part, values, batch))
         if len(part) == 1:
             found.append(reduce(out))

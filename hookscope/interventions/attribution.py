@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from hookscope.addresses import Slot, slot_address
 from hookscope.errors import InputError
+from hookscope.interventions._forward_edits import Probe, forward_replaced
 from hookscope.interventions._stacked import StackedRunner
 from hookscope.interventions.metrics import Metric
 from hookscope.interventions.patching import (
@@ -75,23 +76,19 @@ def attribution_patching(
     unembed = StackedRunner(model, base_t, metric).unembed
     if any(a.slot.kind in ("logits", "module") for a in addresses):
         unembed = None  # the logits themselves are a site: keep the full unembedding
-    captured: list[Tensor] = []
-    handle = unembed.module.register_forward_pre_hook(
-        lambda module, args: captured.append(args[0])
-    ) if unembed is not None else None  # fmt: skip
-    try:
+    # the source run computes a few logit columns only; if the model returns exactly those
+    # (nothing follows the unembedding), the metric is read from the unembedding's input
+    probe = Probe(unembed.module) if unembed is not None else None
+    with forward_replaced({probe.module: probe} if probe is not None else {}):
         source_out, source_cache = model.run_with_cache(source_t, names=slot_names)
-    finally:
-        if handle is not None:
-            handle.remove()
-    m_source = _metric_value(metric, source_out)
-    if unembed is not None:  # read only the metric's logits in the backward run, if exact
+    if probe is not None and probe.matches(source_out):
         with torch.no_grad():
-            got = float(metric.per_example_hidden(captured[-1], unembed).mean())  # type: ignore[union-attr]
-        if not abs(got - m_source) <= 1e-4 * max(1.0, abs(m_source)):
+            m_source = float(metric.per_example_hidden(probe.hidden, unembed).mean())  # type: ignore[union-attr, arg-type]
+    else:
+        if probe is not None:  # post-processed logits (e.g. soft-capped): the full forward
             unembed = None
-        else:  # both baselines from the same computation
-            m_source = got
+            source_out, source_cache = model.run_with_cache(source_t, names=slot_names)
+        m_source = _metric_value(metric, source_out)
     base_cache = _base_run(model, base_t, slot_names, metric, unembed)
     m_base = float(base_cache.backward_value)  # type: ignore[arg-type]
     m_clean, m_corrupted = (m_source, m_base) if direction == "denoise" else (m_base, m_source)

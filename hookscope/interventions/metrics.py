@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -64,6 +65,15 @@ def _single(position: Position) -> int | Tensor | None:
         return position
     pos = torch.as_tensor(position)
     return pos.long() if pos.ndim == 1 and not pos.is_floating_point() else None
+
+
+def _as_rows(position: Position) -> Position:
+    """A position sequence as a tensor (so that it can be repeated per copy)."""
+    return (
+        position
+        if position is None or isinstance(position, int | Tensor)
+        else torch.tensor(position)
+    )
 
 
 def _gather(logits: Tensor, ids: Tensor) -> Tensor:
@@ -125,8 +135,28 @@ class Metric(ABC):
     def __call__(self, output: Tensor) -> Tensor:
         return self.per_example(output).mean()
 
+    def repeated(self, n: int, rows: int) -> Metric | None:
+        """The same metric for ``n`` copies of a batch of ``rows`` stacked along rows (per-row
+        ids and positions repeated), so a sweep reads all copies in one call; None where a
+        metric cannot say or its per-row values do not fit ``rows`` (it is then read one
+        copy at a time, which reports the mismatch)."""
+        return None
+
     def __repr__(self) -> str:
         return self.name
+
+
+def _repeat_rows(values: Sequence[Any], n: int, rows: int) -> list[Any] | None:
+    """``values`` for ``n`` stacked copies of a batch of ``rows``: one-per-row tensors
+    repeated; None if one of them has another length."""
+    out = []
+    for value in values:
+        if isinstance(value, Tensor) and value.ndim == 1:
+            if value.shape[0] != rows:
+                return None
+            value = value.repeat(n)
+        out.append(value)
+    return out
 
 
 class _LogitDiff(Metric):
@@ -143,6 +173,10 @@ class _LogitDiff(Metric):
     def per_example_hidden(self, hidden: Tensor, unembed: Unembed) -> Tensor:
         at = _at_position(hidden, self.position)
         return unembed.columns(at, self.correct) - unembed.columns(at, self.incorrect)
+
+    def repeated(self, n: int, rows: int) -> Metric | None:
+        per_row = _repeat_rows([self.correct, self.incorrect, _as_rows(self.position)], n, rows)
+        return None if per_row is None else _LogitDiff(*per_row)
 
 
 class _Logit(Metric):
@@ -162,6 +196,10 @@ class _Logit(Metric):
         if self.probability:
             return _gather(unembed.full(at).float().softmax(-1), self.token)
         return unembed.columns(at, self.token)
+
+    def repeated(self, n: int, rows: int) -> Metric | None:
+        per_row = _repeat_rows([self.token, _as_rows(self.position)], n, rows)
+        return None if per_row is None else _Logit(*per_row, self.probability)
 
 
 class _Loss(Metric):

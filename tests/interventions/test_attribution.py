@@ -187,6 +187,29 @@ def test_equals_plain_torch_autograd_reference(neox, site, direction):
     )
 
 
+def test_soft_capped_logits_are_read_from_the_full_forward():
+    """Gemma's final soft-capping follows the unembedding: the metric must not be read from
+    the unembedding's input. Baselines and estimates equal plain autograd on HF's logits."""
+    hf = builders.tiny_gemma3(softcap=0.5).double()
+    model = hs.HookedModel.wrap(hf)
+    layers = hf.model.layers
+    base_acts, grads, m_corrupted = _capture(
+        hf, CORRUPTED, lambda layer: layers[layer], n=3, metric=_logit_diff, kwarg="hidden_states"
+    )
+    source_acts, _, m_clean = _capture(
+        hf, CLEAN, lambda layer: layers[layer], n=3, metric=_logit_diff, kwarg="hidden_states"
+    )
+    expected = torch.stack(
+        [(g * (s - b)).sum((0, 2)) for g, s, b in zip(grads, source_acts, base_acts)]
+    )  # [layer, pos]
+    expected = (m_corrupted + expected - m_corrupted) / (m_clean - m_corrupted)
+    res = iv.attribution_patching(
+        model, CLEAN, CORRUPTED, iv.logit_diff(5, 9), "resid_pre.*", positions="each"
+    )
+    assert res.baselines == pytest.approx({"clean": m_clean, "corrupted": m_corrupted}, abs=1e-12)
+    torch.testing.assert_close(res.scores, expected, atol=1e-9, rtol=0)
+
+
 def test_grouped_query_k_heads_share_their_kv_head():
     """Llama GQA: query heads 2k and 2k+1 read k/v head k; both get that k head's estimate."""
     hf = builders.tiny_llama_gqa().double()
