@@ -144,9 +144,9 @@ def forward_replaced(replacements: dict[nn.Module, Callable]) -> Iterator[None]:
 
 @cache
 def _onednn_linear() -> Callable | None:
-    """oneDNN's fp32 matrix product with bias (PyTorch's own ``mkldnn._linear_pointwise``,
-    the kernel ``torch.compile`` uses for linear layers on x86 CPUs), or None where this
-    build lacks it or it disagrees with ``nn.functional.linear`` on a small check."""
+    """oneDNN's matrix product with bias (PyTorch's own operator
+    ``torch.ops.mkldnn._linear_pointwise``), or None where this build or CPU lacks it or it
+    disagrees with ``nn.functional.linear`` on a small check."""
     op = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
     if op is None or not torch.backends.mkldnn.is_available():
         return None

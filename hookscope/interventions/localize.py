@@ -42,7 +42,7 @@ from hookscope.errors import InputError, format_choices
 from hookscope.interventions.ablation import KNOCKOUT_METHODS, Knockout, knockout
 from hookscope.interventions.attribution import attribution_patching
 from hookscope.interventions.metrics import Metric
-from hookscope.interventions.patching import Patcher, activation_patching, metric_name
+from hookscope.interventions.patching import Patcher, metric_name
 from hookscope.interventions.result import PatchingResult
 from hookscope.model import HookedModel
 
@@ -237,12 +237,13 @@ def localize_circuit(
     patcher = Patcher(
         model, clean, corrupted, metric, sites, direction, chunk_size, progress, require_gap=True
     )
-    screen_fn = attribution_patching if method == "attribution" else activation_patching
-    kwargs = {} if method == "attribution" else {"chunk_size": chunk_size}
-    screen = screen_fn(
-        model, clean, corrupted, metric, sites=sites, positions=positions,
-        direction=direction, progress=progress, **kwargs,
-    )  # fmt: skip
+    if method == "attribution":
+        screen = attribution_patching(
+            model, clean, corrupted, metric, sites=sites, positions=positions,
+            direction=direction, progress=progress,
+        )  # fmt: skip
+    else:  # the exact screen on the same baselines
+        screen = patcher.sweep(positions)
     jobs: list[Component] = screen.jobs
     k = min(len(jobs), candidates or 20)
     picked = [jobs[i] for i in screen.effects.argsort(descending=True, stable=True)[:k].tolist()]

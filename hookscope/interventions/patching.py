@@ -109,27 +109,7 @@ def activation_patching(
     for ``head.*.*``, ``[layer, pos]`` for ``resid_pre.*`` with ``positions="each"``.
     """
     patcher = Patcher(model, clean, corrupted, metric, sites, direction, chunk_size, progress)
-    names, sizes = _sweep_dims(sites, model)
-    pos_list = patcher.positions(positions)
-    jobs = [(a, p) for a in patcher.addresses for p in pos_list]
-    flat = torch.tensor(patcher.run(jobs), dtype=torch.float64)
-    normalised = isinstance(metric, Metric)
-    if normalised:
-        flat = patcher.fraction(flat)
-    shape = sizes + ([len(pos_list)] if pos_list != [None] else [])
-    dims = tuple(names + (["pos"] if pos_list != [None] else []))
-    scores = flat.reshape(shape) if shape else flat.reshape(())
-    return PatchingResult(
-        scores=scores,
-        dims=dims,
-        jobs=jobs,
-        flat=flat,
-        direction=direction,
-        metric=metric_name(metric),
-        normalised=normalised,
-        baselines={"clean": patcher.m_clean, "corrupted": patcher.m_corrupted},
-        higher_is_better=getattr(metric, "higher_is_better", True),
-    )
+    return patcher.sweep(positions)
 
 
 def check_inputs(
@@ -211,6 +191,7 @@ class Patcher:
             model, clean, corrupted, sites, direction
         )
         self.model, self.metric, self.direction, self.progress = model, metric, direction, progress
+        self.sites = sites
         self.clean_t, self.corrupted_t = clean_t, corrupted_t
         slot_names = list(dict.fromkeys(slot_address(a.slot) for a in self.addresses))
         base_t = corrupted_t if direction == "denoise" else clean_t
@@ -232,6 +213,31 @@ class Patcher:
         batch = base_t.shape[0]
         tokens_per_run = batch * max(1, self.n_pos if not base_t.is_floating_point() else 1)
         self.chunk_size = chunk_size or max(1, 4096 // tokens_per_run)
+
+    def sweep(self, positions: str | Sequence[int]) -> PatchingResult:
+        """:func:`activation_patching`'s result: every site of this patcher at ``positions``."""
+        model, metric, direction = self.model, self.metric, self.direction
+        names, sizes = _sweep_dims(self.sites, model)
+        pos_list = self.positions(positions)
+        jobs = [(a, p) for a in self.addresses for p in pos_list]
+        flat = torch.tensor(self.run(jobs), dtype=torch.float64)
+        normalised = isinstance(metric, Metric)
+        if normalised:
+            flat = self.fraction(flat)
+        shape = sizes + ([len(pos_list)] if pos_list != [None] else [])
+        dims = tuple(names + (["pos"] if pos_list != [None] else []))
+        scores = flat.reshape(shape) if shape else flat.reshape(())
+        return PatchingResult(
+            scores=scores,
+            dims=dims,
+            jobs=jobs,
+            flat=flat,
+            direction=direction,
+            metric=metric_name(metric),
+            normalised=normalised,
+            baselines={"clean": self.m_clean, "corrupted": self.m_corrupted},
+            higher_is_better=getattr(metric, "higher_is_better", True),
+        )
 
     def positions(self, positions: str | Sequence[int]) -> list[int | None]:
         """The position list of a sweep (``[None]`` for all positions at once)."""
