@@ -153,9 +153,10 @@ def _onednn_linear() -> Callable | None:
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return None  # only measured on x86 (MKL's sgemm is the reference it beats)
     g = torch.Generator().manual_seed(0)
-    x, w, b = (torch.randn(*s, generator=g) for s in ((3, 5, 16), (7, 16), (7,)))
-    try:
-        with torch.no_grad():
+    shapes = ((3, 5, 16), (7, 16), (7,))
+    x, w, b = (torch.randn(*s, generator=g, dtype=torch.float32) for s in shapes)
+    try:  # (whatever autocast or precision state the first caller is in)
+        with torch.no_grad(), torch.autocast("cpu", enabled=False):
             ok = torch.allclose(op(x, w, b, "none", [], ""), nn.functional.linear(x, w, b),
                                 rtol=1e-5, atol=1e-5)  # fmt: skip
     except Exception:  # an op of another signature in this torch version
@@ -167,21 +168,41 @@ def _onednn_allowed() -> bool:
     """Whether the user leaves oneDNN on (``torch.backends.mkldnn.enabled``) and computing
     fp32 products in full fp32 (not allowed to round them to bf16/tf32)."""
     matmul = getattr(torch.backends.mkldnn, "matmul", None)
-    return bool(torch.backends.mkldnn.enabled) and getattr(matmul, "fp32_precision", "none") in (
-        "none",
-        "ieee",
+    precision = getattr(matmul, "fp32_precision", "none")
+    return bool(torch.backends.mkldnn.enabled) and precision in ("none", "ieee")
+
+
+_PLAIN = (Tensor, nn.Parameter)  # not tensor subclasses (quantized, distributed, fake)
+
+
+def _plain_fp32(t: Tensor | None) -> bool:
+    """A plain, contiguous fp32 CPU tensor (what the oneDNN operator reads correctly)."""
+    return (
+        type(t) in _PLAIN
+        and t.dtype == torch.float32  # type: ignore[union-attr]
+        and t.device.type == "cpu"  # type: ignore[union-attr]
+        and t.is_contiguous()  # type: ignore[union-attr]
     )
+
+
+def _autocast_cpu() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled()
 
 
 def fast_linears(modules: Iterable[nn.Module]) -> dict[nn.Module, Callable]:
     """Forwards for the plain fp32 CPU ``nn.Linear`` layers among ``modules`` that compute
-    them with oneDNN instead of MKL (see :func:`_onednn_linear`): 1.15-1.7x faster at the
+    them with oneDNN instead of MKL (see :func:`_onednn_linear`): 1.1-1.7x faster at the
     sweeps' shapes on the AMD EPYC measured (``benchmarks/bench_patching.py``), with fp32
     results equal to ``nn.functional.linear``'s up to summation order. Empty where oneDNN
     is not usable or turned off. Layers with their own forward (subclasses overriding it,
-    wrappers such as accelerate's offloading) keep it. Each forward falls back to
-    ``nn.functional.linear`` when gradients are on, the input is of another dtype or
-    device, or has no rows."""
+    wrappers such as accelerate's offloading) keep it, as do layers whose weight or bias is
+    not a plain contiguous fp32 CPU tensor. Each call reads the layer's current weight and
+    bias and falls back to ``nn.functional.linear`` when gradients or autocast are on, a
+    torch function mode is active, or the input is not a plain fp32 CPU tensor with rows
+    and the layer's input width."""
     op = _onednn_linear()
     if op is None or not _onednn_allowed():
         return {}
@@ -191,20 +212,28 @@ def fast_linears(modules: Iterable[nn.Module]) -> dict[nn.Module, Callable]:
             isinstance(module, nn.Linear)
             and type(module).forward is nn.Linear.forward
             and "forward" not in module.__dict__
-            and module.weight.dtype == torch.float32
-            and module.weight.device.type == "cpu"
-            and module.weight.is_contiguous()
+            and _plain_fp32(module.weight)
+            and (module.bias is None or _plain_fp32(module.bias))
         ):
-            out[module] = partial(_onednn_forward, op, module.weight, module.bias)
+            out[module] = partial(_onednn_forward, op, module)
     return out
 
 
-def _onednn_forward(op: Callable, weight: Tensor, bias: Tensor | None, x: Tensor) -> Tensor:
+def _onednn_forward(op: Callable, module: nn.Linear, input: Tensor) -> Tensor:
+    """``module(input)`` through oneDNN where it computes the same (``input``: the name
+    ``nn.Linear.forward`` gives it, for keyword calls)."""
+    weight, bias = module.weight, module.bias
     if (
         torch.is_grad_enabled()
-        or x.dtype != weight.dtype
-        or x.device != weight.device
-        or x.numel() == 0
+        or type(input) is not Tensor
+        or input.dtype != torch.float32
+        or input.device.type != "cpu"
+        or input.numel() == 0
+        or input.shape[-1] != weight.shape[-1]
+        or not _plain_fp32(weight)
+        or not (bias is None or _plain_fp32(bias))
+        or _autocast_cpu()
+        or torch._C._is_torch_function_mode_enabled()
     ):
-        return nn.functional.linear(x, weight, bias)
-    return op(x, weight, bias, "none", [], "")
+        return nn.functional.linear(input, weight, bias)
+    return op(input, weight, bias, "none", [], "")

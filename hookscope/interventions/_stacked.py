@@ -213,7 +213,8 @@ class StackedRunner:
                 out, cache = forward()
             if probe is not None and not probe.matches(out):
                 self.unembed = None  # the logits are post-processed: read full logits
-                out, cache = forward()
+                with forward_replaced(self.linears):
+                    out, cache = forward()
         finally:
             for handle in handles:
                 handle.remove()

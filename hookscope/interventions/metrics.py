@@ -67,15 +67,6 @@ def _single(position: Position) -> int | Tensor | None:
     return pos.long() if pos.ndim == 1 and not pos.is_floating_point() else None
 
 
-def _as_rows(position: Position) -> Position:
-    """A position sequence as a tensor (so that it can be repeated per copy)."""
-    return (
-        position
-        if position is None or isinstance(position, int | Tensor)
-        else torch.tensor(position)
-    )
-
-
 def _gather(logits: Tensor, ids: Tensor) -> Tensor:
     ids = ids.to(logits.device)
     if ids.ndim == 0:
@@ -146,17 +137,21 @@ class Metric(ABC):
         return self.name
 
 
-def _repeat_rows(values: Sequence[Any], n: int, rows: int) -> list[Any] | None:
-    """``values`` for ``n`` stacked copies of a batch of ``rows``: one-per-row tensors
-    repeated; None if one of them has another length."""
-    out = []
-    for value in values:
-        if isinstance(value, Tensor) and value.ndim == 1:
-            if value.shape[0] != rows:
-                return None
-            value = value.repeat(n)
-        out.append(value)
-    return out
+def _repeat_rows(ids: Sequence[Tensor], position: Position, n: int, rows: int):
+    """Answer ``ids`` and ``position`` for ``n`` stacked copies of a batch of ``rows``: one
+    per row repeated, one for all kept. None if any has a shape the per-copy read rejects
+    (it then reports the mismatch in the batch's own terms)."""
+    out: list[Any] = []
+    for t in ids:  # 0-d (one id for every row) or 1-D
+        if t.ndim == 1 and t.shape[0] != rows:
+            return None
+        out.append(t.repeat(n) if t.ndim == 1 else t)
+    if position is None or (isinstance(position, int) and not isinstance(position, bool)):
+        return out, position
+    pos = torch.as_tensor(position)
+    if pos.ndim != 1 or pos.shape[0] != rows or pos.is_floating_point():
+        return None
+    return out, pos.repeat(n)
 
 
 class _LogitDiff(Metric):
@@ -175,8 +170,8 @@ class _LogitDiff(Metric):
         return unembed.columns(at, self.correct) - unembed.columns(at, self.incorrect)
 
     def repeated(self, n: int, rows: int) -> Metric | None:
-        per_row = _repeat_rows([self.correct, self.incorrect, _as_rows(self.position)], n, rows)
-        return None if per_row is None else _LogitDiff(*per_row)
+        stacked = _repeat_rows([self.correct, self.incorrect], self.position, n, rows)
+        return None if stacked is None else _LogitDiff(*stacked[0], stacked[1])
 
 
 class _Logit(Metric):
@@ -198,8 +193,10 @@ class _Logit(Metric):
         return unembed.columns(at, self.token)
 
     def repeated(self, n: int, rows: int) -> Metric | None:
-        per_row = _repeat_rows([self.token, _as_rows(self.position)], n, rows)
-        return None if per_row is None else _Logit(*per_row, self.probability)
+        if self.probability:  # a softmax over the vocabulary: one copy at a time bounds memory
+            return None
+        stacked = _repeat_rows([self.token], self.position, n, rows)
+        return None if stacked is None else _Logit(*stacked[0], stacked[1], False)
 
 
 class _Loss(Metric):

@@ -35,7 +35,9 @@ def test_onednn_linears_equal_a_float64_reference_and_skip_what_they_cannot_take
     doubled = Doubled(4, 4)
     wrapped = nn.Linear(4, 4)
     wrapped.forward = lambda x: x  # an instance-level forward (e.g. an offloading wrapper)
-    found = edits.fast_linears([plain, no_bias, half, doubled, wrapped, nn.ReLU()])
+    strided = nn.Linear(4, 6)
+    strided.bias = nn.Parameter(torch.randn(6, 2)[:, 0])  # a non-contiguous bias
+    found = edits.fast_linears([plain, no_bias, half, doubled, wrapped, strided, nn.ReLU()])
     assert set(found) == {plain, no_bias}
     with warnings.catch_warnings():  # torch warns about Intel GPUs when the flags change
         warnings.simplefilter("ignore")
@@ -62,11 +64,52 @@ def test_onednn_linears_equal_a_float64_reference_and_skip_what_they_cannot_take
 
 
 @needs_onednn
+def test_onednn_linears_fall_back_where_they_would_compute_something_else():
+    """Every call reads the layer's current parameters and defers to torch's linear under
+    autocast, a torch function mode, or a parameter replaced by a strided view; keyword
+    calls work as on nn.Linear."""
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 6)
+    forward = edits.fast_linears([layer])[layer]
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            forward(input=x), nn.functional.linear(x, layer.weight, layer.bias)
+        )
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected = layer(x)
+            got = forward(x)
+        assert expected.dtype == got.dtype == torch.bfloat16
+        torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+        seen = []
+
+        class Record(torch.overrides.TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                seen.append(getattr(func, "__name__", str(func)))
+                return func(*args, **(kwargs or {}))
+
+        with Record():
+            forward(x)
+        assert "linear" in seen
+
+        values = torch.randn(6, 3)
+        layer.bias = nn.Parameter(values[:, 1])  # strided: oneDNN would misread it
+        torch.testing.assert_close(
+            forward(x), x @ layer.weight.T + values[:, 1], atol=1e-6, rtol=1e-6
+        )
+
+
+@needs_onednn
 def test_sweeps_compute_block_linears_with_onednn_and_restore_them(monkeypatch):
     """The sweep's forwards go through oneDNN (counted), give the scores of the plain
     torch path within fp32 rounding, and leave every module's own forward in place,
     also when a forward fails half-way."""
     hf = builders.tiny_neox()
+    with torch.no_grad():  # Hugging Face initialises biases to zero: give them values
+        for module in hf.modules():
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                module.bias.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(1))
     model = hs.HookedModel.wrap(hf)
     g = torch.Generator().manual_seed(3)
     clean = torch.randint(1, 500, (2, 7), generator=g)
@@ -134,15 +177,15 @@ def test_first_change_per_unit_and_for_the_whole_slot():
     assert plan._first_change(model, together, sources, bases, memo) == 4
 
 
-@pytest.mark.parametrize("probability", [False, True])
-def test_a_metric_read_for_stacked_copies_equals_explicit_indexing(probability):
+@pytest.mark.parametrize("kind", ["logit_diff", "logit"])
+def test_a_metric_read_for_stacked_copies_equals_explicit_indexing(kind):
     """Per-row answer ids and positions, repeated for 3 stacked copies of a batch of 2."""
     torch.manual_seed(1)
     head = nn.Linear(16, 40)
     hidden = torch.randn(6, 5, 16)  # 3 copies x 2 rows
     correct, incorrect, position = [4, 9], [7, 1], [3, 1]
-    if probability:
-        metric = iv.prob(correct, position=position)
+    if kind == "logit":
+        metric = iv.logit(correct, position=position)
     else:
         metric = iv.logit_diff(correct, incorrect, position=position)
     with torch.no_grad():
@@ -152,9 +195,19 @@ def test_a_metric_read_for_stacked_copies_equals_explicit_indexing(probability):
     for row in range(6):
         r = row % 2
         at = logits[row, position[r]]
-        if probability:
-            expected.append(float(at.softmax(-1)[correct[r]]))
-        else:
-            expected.append(float(at[correct[r]] - at[incorrect[r]]))
+        expected.append(float(at[correct[r]] - (at[incorrect[r]] if kind == "logit_diff" else 0)))
     torch.testing.assert_close(got, torch.tensor(expected), atol=1e-5, rtol=1e-5)
     assert metric.repeated(3, 4) is None  # per-row values for another batch size
+    # a softmax over the vocabulary is read one copy at a time (bounded memory)
+    assert iv.prob(correct, position=position).repeated(3, 2) is None
+
+
+@pytest.mark.parametrize("position", [torch.tensor(2), [1, 2, 3]])
+def test_a_position_that_fits_no_row_is_reported_for_the_batch(position):
+    """A 0-d tensor or a list of the wrong length: the message counts the batch's rows."""
+    model = hs.HookedModel.wrap(builders.tiny_neox())
+    clean = torch.randint(1, 500, (2, 6), generator=torch.Generator().manual_seed(0))
+    corrupted = clean.flip(1)
+    metric = iv.logit_diff(3, 8, position=position)
+    with pytest.raises(hs.HookscopeError, match=r"one per row \(2\)"):
+        iv.activation_patching(model, clean, corrupted, metric, "resid_pre.*", progress=False)
