@@ -5,7 +5,9 @@ Typed component addresses (:class:`Residual`, :class:`AttentionHead`, :class:`ML
 them. See README.md for a tour.
 """
 
-from hookscope import analysis, data, zoo
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from hookscope.addresses import (
     Address,
     AttentionHead,
@@ -36,6 +38,25 @@ from hookscope.model import HookedModel
 from hookscope.models import ViT
 
 __version__ = "0.1.0"
+
+# Subpackages with heavy dependencies (matplotlib, scipy, datasets) load on first use, so
+# that ``import hookscope`` and the command line start fast; ``hs.data`` works as before.
+_LAZY = ("analysis", "data", "zoo")
+
+if TYPE_CHECKING:
+    from hookscope import analysis, data, zoo
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module = importlib.import_module(f"hookscope.{name}")
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module 'hookscope' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 __all__ = [
     "analysis",

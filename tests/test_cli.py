@@ -177,3 +177,25 @@ def test_ctrl_c_exits_130(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(hs.zoo, "load", interrupted)
     assert cli.main(LOCALIZE + ["--out", str(tmp_path)]) == 130
     assert capsys.readouterr().err.splitlines() == ["hookscope: interrupted"]
+
+
+def test_import_leaves_plotting_and_datasets_until_first_use():
+    """``import hookscope`` (and so the command line) does not import matplotlib, scipy or
+    datasets; ``hs.analysis`` / ``hs.data`` / ``hs.zoo`` load on first use."""
+    code = (
+        "import sys, hookscope as hs\n"
+        "heavy = [m for m in ('matplotlib', 'scipy', 'datasets') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "assert {'analysis', 'data', 'zoo'} <= set(dir(hs))\n"
+        "assert callable(hs.data.ioi) and callable(hs.zoo.load) and hs.analysis.cka\n"
+        "from hookscope import data\n"
+        "assert data is hs.data\n"
+        "try:\n"
+        "    hs.no_such_thing\n"
+        "except AttributeError as e:\n"
+        "    assert 'no_such_thing' in str(e)\n"
+        "else:\n"
+        "    raise SystemExit('no AttributeError')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
