@@ -31,7 +31,7 @@ from hookscope.interventions._plan import position_axis, unit_index
 from hookscope.interventions._stacked import StackedRunner
 from hookscope.interventions.metrics import Metric
 from hookscope.interventions.result import PatchingResult
-from hookscope.model import HookedModel
+from hookscope.model import HookedModel, _is_texts
 
 __all__ = ["activation_patching"]
 
@@ -65,15 +65,18 @@ def _as_tokens(model: HookedModel, inputs: Any) -> Tensor:
             raise InputError(f"a dict input needs 'input_ids'; got keys {sorted(inputs)}")
         mask = inputs.get("attention_mask")
         if mask is not None and not bool(torch.as_tensor(mask).bool().all()):
+            lengths = torch.as_tensor(mask).sum(-1).tolist()
             raise InputError(
-                "patching needs prompts of equal token length without padding; this input's "
-                "attention_mask pads some rows (tokenize prompts of one template together)"
+                "interventions need prompts of equal token length without padding; these rows "
+                f"are {lengths} tokens long (use prompts of one template, or pass token ids)"
             )
         inputs = torch.as_tensor(inputs["input_ids"])
     if isinstance(inputs, Tensor):
         return (
             inputs.unsqueeze(0) if inputs.ndim == 1 and not inputs.is_floating_point() else inputs
         )
+    if _is_texts(inputs):  # prompts of different token lengths would be padded: refuse them
+        return _as_tokens(model, model._tokenize(inputs)).to(model.device)
     return model.to_tokens(inputs)
 
 

@@ -227,3 +227,20 @@ def test_tokenizer_dicts_are_read_by_their_input_ids():
             model, {"input_ids": clean, "attention_mask": padded}, corrupted, metric,
             progress=False,
         )  # fmt: skip
+
+
+def test_prompts_of_different_token_lengths_are_refused_not_padded():
+    """Strings tokenise to rows of different lengths: right-padding would make the metric
+    read a pad token in the shorter row, so the sweep refuses them and says how long each
+    row is. Prompts of equal length patch as their token ids do."""
+    model = hs.HookedModel.wrap(builders.tiny_neox(), tokenizer=builders.make_tokenizer())
+    metric = iv.logit_diff(5, 9)
+    lengths = [len(model.to_str_tokens(t)) for t in ("a b c d", "a b")]
+    assert lengths[0] != lengths[1]
+    with pytest.raises(hs.HookscopeError, match=rf"\[{lengths[0]}, {lengths[1]}\] tokens"):
+        iv.activation_patching(model, ["a b c d", "a b"], ["a b c a", "a d"], metric)
+    as_text = iv.activation_patching(model, ["a b c d"], ["a b c a"], metric, progress=False)
+    as_ids = iv.activation_patching(
+        model, model.to_tokens("a b c d"), model.to_tokens("a b c a"), metric, progress=False
+    )
+    assert torch.equal(as_text.scores, as_ids.scores)
