@@ -24,6 +24,7 @@ the batch as in :func:`~hookscope.interventions.activation_patching`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -67,7 +68,10 @@ def _resolve(model: HookedModel, sites: Any) -> list[Address]:
 class _Values:
     """Ablation values per slot; ``get(slot, draw)`` broadcasts against one batch copy."""
 
-    def __init__(self, model, addresses, method, inputs_t, reference, per_position, n_draws, seed):
+    def __init__(
+        self, model, addresses, method, inputs_t, reference, per_position, n_draws, seed,
+        progress=False,
+    ):  # fmt: skip
         self.method, self.n_draws = method, 1
         self.source: dict[Slot, Tensor] = {}
         if method == "zero":
@@ -118,19 +122,21 @@ class _Values:
                 "mean ablation of an attention pattern needs per-position means (a reference with "
                 f"the inputs' {what}): a pattern averaged over positions is no longer causal"
             )
-        with torch.no_grad():
-            _, cache = model.run_with_cache(ref_t, names=[slot_address(s) for s in slots])
-        for slot in slots:
-            act = cache[slot_address(slot)]
-            if method == "mean":
-                dims = [0, 1] if positional and not by_position else [0]
-                act = act.float().mean(dims, keepdim=True).to(act.dtype)
-            self.source[slot] = act
-        if method == "resample":
+        if method == "mean":
+            dims = [0, 1] if positional and not by_position else [0]
+            self.source = _reference_means(model, ref_t, slots, dims, progress)
+            return
+        if method == "resample":  # only the drawn reference rows are run
             self.n_draws = n_draws
             g = torch.Generator().manual_seed(seed)
             n_ref, batch = ref_t.shape[0], inputs_t.shape[0]
-            self.rows = [torch.randint(n_ref, (batch,), generator=g) for _ in range(n_draws)]
+            drawn = [torch.randint(n_ref, (batch,), generator=g) for _ in range(n_draws)]
+            used, where = torch.cat(drawn).unique(return_inverse=True)
+            self.rows = list(where.split(batch))
+            ref_t = ref_t[used.to(ref_t.device)]
+        with torch.no_grad():
+            _, cache = model.run_with_cache(ref_t, names=[slot_address(s) for s in slots])
+        self.source = {slot: cache[slot_address(slot)] for slot in slots}
 
     def get(self, slot: Slot, draw: int) -> Tensor | None:
         """Replacement for the whole slot tensor of one batch copy (None: zeros)."""
@@ -140,6 +146,32 @@ class _Values:
         if self.method == "resample":
             return value[self.rows[draw].to(value.device)]
         return value
+
+
+def _reference_means(
+    model: HookedModel, ref_t: Tensor, slots: list[Slot], dims: list[int], progress: bool
+) -> dict[Slot, Tensor]:
+    """Each slot's mean over the reference's rows (and positions, ``dims=[0, 1]``), kept
+    as a broadcastable tensor: summed in float64 over forwards of ~4096 tokens, so memory
+    stays that of one chunk however large the reference."""
+    tokens = ref_t.ndim >= 2 and not ref_t.is_floating_point()
+    per = max(1, 4096 // (ref_t.shape[1] if tokens else 1))
+    names = [slot_address(s) for s in slots]
+    sums: dict[Slot, Tensor] = {}
+    dtypes: dict[Slot, torch.dtype] = {}
+    count = 0
+    starts = range(0, ref_t.shape[0], per)
+    for start in tqdm(starts, desc="reference means", disable=not progress or len(starts) < 2):
+        with torch.no_grad():
+            _, cache = model.run_with_cache(ref_t[start : start + per], names=names)
+        for slot, name in zip(slots, names, strict=True):
+            act = cache[name]
+            total = act.double().sum(dims, keepdim=True)
+            sums[slot] = total if slot not in sums else sums[slot] + total
+            dtypes[slot] = act.dtype
+            if slot is slots[0]:
+                count += math.prod(act.shape[d] for d in dims)
+    return {slot: (total / count).to(dtypes[slot]) for slot, total in sums.items()}
 
 
 def _ablation_hooks(model: HookedModel, part: list[Job], values: _Values, batch: int):
@@ -229,7 +261,9 @@ def ablate(
     """Ablate ``sites`` (zero / mean / resample; see the module docstring for the values).
 
     ``sites``: an address, a selection (``"head.*.*"``) or a list. ``reference``: inputs
-    (token ids, texts, float images) whose activations give the mean or the resampled rows.
+    (token ids, texts, float images) whose activations give the mean or the resampled rows
+    (a mean is accumulated over forwards of ~4096 tokens, so the reference may be large;
+    resampling runs only the rows it draws).
     ``per_position``: None = per position when the reference has the inputs' positions, True
     forces it, False averages over positions too. ``chunk_size``: ablated runs stacked per
     forward (default keeps a forward near 4096 tokens).
@@ -245,7 +279,9 @@ def ablate(
     _check_method(method, METHODS)
     inputs_t = _as_tokens(model, inputs)
     addresses = _resolve(model, sites)
-    values = _Values(model, addresses, method, inputs_t, reference, per_position, n_draws, seed)
+    values = _Values(
+        model, addresses, method, inputs_t, reference, per_position, n_draws, seed, progress
+    )
     draws = range(values.n_draws)
     if metric is None:
         jobs: list[Job] = [(tuple(addresses), d) for d in draws]

@@ -183,6 +183,43 @@ def test_resample_equals_hand_loop(neox):
     torch.testing.assert_close(out, expected.mean(0), atol=1e-5, rtol=0)
 
 
+def _reference_batches(hf):
+    """Rows of each forward the model runs (a pre-hook on the embedding)."""
+    seen: list[int] = []
+    handle = hf.gpt_neox.embed_in.register_forward_hook(lambda m, a, o: seen.append(o.shape[0]))
+    return seen, handle
+
+
+def test_a_large_reference_is_averaged_in_chunks_and_resampling_runs_drawn_rows(neox):
+    """A reference of 1500 rows x 6 positions (9000 tokens) is averaged over forwards of at
+    most ~4096 tokens, equal to the mean of the whole reference taken by hand; resampling
+    runs only the rows it draws."""
+    hf, model = neox
+    big = torch.randint(0, 500, (1500, 6), generator=torch.Generator().manual_seed(5))
+    zb = z_of(hf, big)
+    seen, handle = _reference_batches(hf)
+    try:
+        res = iv.ablate(model, INPUTS, ["head.0.1", "head.1.3"], "mean", reference=big, metric=ld,
+                        progress=False)  # fmt: skip
+    finally:
+        handle.remove()
+    # the reference forwards come first (the means are needed before any ablated run)
+    reference_runs = [n for i, n in enumerate(seen) if sum(seen[:i]) < 1500]
+    assert sum(reference_runs) == 1500
+    assert len(reference_runs) >= 3 and max(reference_runs) * 6 <= 4096
+    for i, (layer, head) in enumerate([(0, 1), (1, 3)]):
+        mean = zb[layer].double().mean(0).float()
+        expected = float(ld(run(hf, INPUTS, [(layer, head)], lambda lay, m=mean: m)))
+        assert abs(float(res.scores[i]) - expected) < 1e-5
+
+    seen, handle = _reference_batches(hf)
+    try:
+        iv.ablate(model, INPUTS, "head.0.1", "resample", reference=big, n_draws=2, seed=3)
+    finally:
+        handle.remove()
+    assert seen[0] <= 2 * INPUTS.shape[0]  # the reference forward: the drawn rows only
+
+
 def test_resample_special_cases(neox):
     _, model = neox
     one = REF[:1]
