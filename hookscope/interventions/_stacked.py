@@ -74,6 +74,7 @@ from hookscope.interventions._forward_edits import (
     replay,
     rows_of,
 )
+from hookscope.interventions._inputs import is_causal_lm
 from hookscope.interventions.metrics import Metric, Unembed
 from hookscope.model import HookedModel
 
@@ -122,8 +123,7 @@ class StackedRunner:
                 and adapter.spec.attn_out_module is None
             )
             self.causal = (
-                adapter.spec.token_input
-                and bool(getattr(adapter.attention_module(0), "is_causal", False))
+                is_causal_lm(model)
                 and "past_key_values" in inspect.signature(model.model.forward).parameters
             )
         # the position each base row's metric reads (absolute), if one per row

@@ -24,7 +24,6 @@ the batch as in :func:`~hookscope.interventions.activation_patching`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -38,8 +37,15 @@ from tqdm.auto import tqdm
 from hookscope.addresses import Address, Slot, slot_address
 from hookscope.errors import InputError, format_choices
 from hookscope.interventions._forward_edits import fast_linears, forward_replaced
+from hookscope.interventions._inputs import (
+    as_tokens,
+    causal_only,
+    fit_metric,
+    paired_lengths,
+    tokens_of,
+)
 from hookscope.interventions.metrics import Metric
-from hookscope.interventions.patching import _as_tokens, _metric_value, _sweep_dims, position_axis
+from hookscope.interventions.patching import _metric_value, _sweep_dims, position_axis
 from hookscope.interventions.result import PatchingResult
 from hookscope.model import HookedModel
 
@@ -70,7 +76,7 @@ class _Values:
 
     def __init__(
         self, model, addresses, method, inputs_t, reference, per_position, n_draws, seed,
-        progress=False,
+        progress=False, lengths=None,
     ):  # fmt: skip
         self.method, self.n_draws = method, 1
         self.source: dict[Slot, Tensor] = {}
@@ -81,7 +87,15 @@ class _Values:
                 f"method={method!r} needs reference inputs (reference=...); "
                 "method='zero' needs none"
             )
-        ref_t = _as_tokens(model, reference)
+        if method == "corrupted":  # aligned with the inputs: padded alike, if at all
+            ref_t, ref_lengths = tokens_of(model, reference)
+            if ref_t.shape == inputs_t.shape:
+                paired_lengths(model, inputs_t, lengths, ref_lengths, "the reference")
+        elif method == "mean":  # padded rows: only real tokens are averaged
+            ref_t, ref_lengths = tokens_of(model, reference)
+            causal_only(model, ref_lengths)
+        else:
+            ref_t = as_tokens(model, reference, "a resampling reference")
         slots = list(dict.fromkeys(a.slot for a in addresses))
         positional = position_axis(model, slots[0]) is not None
         same = tuple(ref_t.shape[1:]) == tuple(inputs_t.shape[1:])
@@ -124,7 +138,7 @@ class _Values:
             )
         if method == "mean":
             dims = [0, 1] if positional and not by_position else [0]
-            self.source = _reference_means(model, ref_t, slots, dims, progress)
+            self.source = _reference_means(model, ref_t, slots, dims, progress, ref_lengths)
             return
         if method == "resample":  # only the drawn reference rows are run
             self.n_draws = n_draws
@@ -149,29 +163,55 @@ class _Values:
 
 
 def _reference_means(
-    model: HookedModel, ref_t: Tensor, slots: list[Slot], dims: list[int], progress: bool
+    model: HookedModel,
+    ref_t: Tensor,
+    slots: list[Slot],
+    dims: list[int],
+    progress: bool,
+    lengths: Tensor | None = None,
 ) -> dict[Slot, Tensor]:
     """Each slot's mean over the reference's rows (and positions, ``dims=[0, 1]``), kept
     as a broadcastable tensor: summed in float64 over forwards of ~4096 tokens, so memory
-    stays that of one chunk however large the reference."""
+    stays that of one chunk however large the reference. With ``lengths`` (right-padded
+    rows) only real tokens count: a position's mean is over the rows that reach it."""
     tokens = ref_t.ndim >= 2 and not ref_t.is_floating_point()
     per = max(1, 4096 // (ref_t.shape[1] if tokens else 1))
     names = [slot_address(s) for s in slots]
     sums: dict[Slot, Tensor] = {}
+    counts: dict[Slot, Tensor] = {}
     dtypes: dict[Slot, torch.dtype] = {}
-    count = 0
     starts = range(0, ref_t.shape[0], per)
     for start in tqdm(starts, desc="reference means", disable=not progress or len(starts) < 2):
         with torch.no_grad():
             _, cache = model.run_with_cache(ref_t[start : start + per], names=names)
         for slot, name in zip(slots, names, strict=True):
             act = cache[name]
-            total = act.double().sum(dims, keepdim=True)
+            weight = _real_tokens(model, slot, act, lengths, start)
+            total = (act.double() * weight).sum(dims, keepdim=True)
+            n = weight.expand(*[act.shape[d] if d in dims else -1 for d in range(act.ndim)])
+            n = n.sum(dims, keepdim=True)
             sums[slot] = total if slot not in sums else sums[slot] + total
+            counts[slot] = n if slot not in counts else counts[slot] + n
             dtypes[slot] = act.dtype
-            if slot is slots[0]:
-                count += math.prod(act.shape[d] for d in dims)
-    return {slot: (total / count).to(dtypes[slot]) for slot, total in sums.items()}
+    return {
+        slot: torch.where(counts[slot] > 0, total / counts[slot].clamp(min=1), 0).to(dtypes[slot])
+        for slot, total in sums.items()
+    }
+
+
+def _real_tokens(
+    model: HookedModel, slot: Slot, act: Tensor, lengths: Tensor | None, start: int
+) -> Tensor:
+    """1.0 where ``act``'s rows (reference rows ``start..``) hold a real token, 0.0 on
+    padding; shaped to broadcast against ``act`` (batch and position axes only)."""
+    shape = [act.shape[0]] + [1] * (act.ndim - 1)
+    axis = position_axis(model, slot)
+    if lengths is None or axis is None:
+        return torch.ones(shape, dtype=torch.float64, device=act.device)
+    shape[axis] = act.shape[axis]
+    rows = lengths[start : start + act.shape[0]].to(act.device)
+    real = torch.arange(act.shape[axis], device=act.device) < rows[:, None]
+    return real.reshape(shape).to(torch.float64)
 
 
 def _ablation_hooks(model: HookedModel, part: list[Job], values: _Values, batch: int):
@@ -277,11 +317,15 @@ def ablate(
     >>> res.scores.shape  # [layer, head]
     """
     _check_method(method, METHODS)
-    inputs_t = _as_tokens(model, inputs)
+    inputs_t, lengths = tokens_of(model, inputs)
+    lengths = causal_only(model, lengths)  # padded prompts: causal models only
+    if metric is not None:
+        metric = fit_metric(metric, lengths)  # read at each row's own tokens
     addresses = _resolve(model, sites)
     values = _Values(
-        model, addresses, method, inputs_t, reference, per_position, n_draws, seed, progress
-    )
+        model, addresses, method, inputs_t, reference, per_position, n_draws, seed, progress,
+        lengths,
+    )  # fmt: skip
     draws = range(values.n_draws)
     if metric is None:
         jobs: list[Job] = [(tuple(addresses), d) for d in draws]
@@ -364,7 +408,8 @@ def knockout(
     ...          method="corrupted", reference=corrupted).faithfulness
     """
     _check_method(method, KNOCKOUT_METHODS)
-    inputs_t = _as_tokens(model, inputs)
+    inputs_t, lengths = tokens_of(model, inputs)
+    metric = fit_metric(metric, causal_only(model, lengths))  # read at each row's own tokens
     addresses = _resolve(model, sites)
     kept = model.resolve(keep) if keep is not None else []
     site_set, kept_set = set(addresses), set(kept)
@@ -376,7 +421,9 @@ def knockout(
             f"({format_choices(addresses)})"
         )
     removed = tuple(a for a in addresses if a not in kept_set)
-    values = _Values(model, addresses, method, inputs_t, reference, per_position, n_draws, seed)
+    values = _Values(
+        model, addresses, method, inputs_t, reference, per_position, n_draws, seed, False, lengths
+    )
     clean = _clean_metric(model, inputs_t, metric)
     draws = range(values.n_draws)
     jobs: list[Job] = [(tuple(addresses), d) for d in draws]

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from hookscope.addresses import Slot, slot_address
 from hookscope.errors import InputError
 from hookscope.interventions._forward_edits import Probe, forward_replaced
+from hookscope.interventions._inputs import fit_metric
 from hookscope.interventions._stacked import StackedRunner
 from hookscope.interventions.metrics import Metric
 from hookscope.interventions.patching import (
@@ -68,7 +69,10 @@ def attribution_patching(
     >>> res = iv.attribution_patching(model, clean, corrupted, iv.logit_diff(a, b), "neuron.*.*")
     >>> res.top(20)   # candidates; check them with activation_patching
     """
-    clean_t, corrupted_t, addresses = check_inputs(model, clean, corrupted, sites, direction)
+    clean_t, corrupted_t, addresses, lengths = check_inputs(
+        model, clean, corrupted, sites, direction
+    )
+    metric = fit_metric(metric, lengths)  # padded rows: read at each row's own tokens
     names, sizes = _sweep_dims(sites, model)
     slot_names = list(dict.fromkeys(slot_address(a.slot) for a in addresses))
     base_t, source_t = (corrupted_t, clean_t) if direction == "denoise" else (clean_t, corrupted_t)

@@ -126,6 +126,12 @@ class Metric(ABC):
     def __call__(self, output: Tensor) -> Tensor:
         return self.per_example(output).mean()
 
+    def for_lengths(self, lengths: Tensor) -> Metric | None:
+        """The same metric for right-padded rows of ``lengths`` real tokens: read at each
+        row's own tokens (a negative position counts from the row's end); None where a
+        metric would read the padding (then padded inputs are refused)."""
+        return None
+
     def repeated(self, n: int, rows: int) -> Metric | None:
         """The same metric for ``n`` copies of a batch of ``rows`` stacked along rows (per-row
         ids and positions repeated), so a sweep reads all copies in one call; None where a
@@ -154,6 +160,28 @@ def _repeat_rows(ids: Sequence[Tensor], position: Position, n: int, rows: int):
     return out, pos.repeat(n)
 
 
+def _row_positions(position: Position, lengths: Tensor) -> Tensor:
+    """Each row's read position in right-padded rows of ``lengths`` real tokens."""
+    if position is None:
+        raise InputError("position=None reads [batch, classes] outputs; token inputs need one")
+    pos = torch.as_tensor(position, device=lengths.device).long()
+    if pos.ndim == 0:
+        pos = pos.expand(lengths.shape)
+    if pos.shape != lengths.shape:
+        raise InputError(
+            f"position must be an int or one per row ({lengths.shape[0]}), got shape "
+            f"{tuple(pos.shape)}"
+        )
+    pos = torch.where(pos < 0, pos + lengths, pos)
+    bad = ((pos < 0) | (pos >= lengths)).nonzero().flatten().tolist()
+    if bad:
+        raise InputError(
+            f"position {position!r} falls outside rows {bad} of {lengths[bad].tolist()} tokens "
+            "(their padding or before their start)"
+        )
+    return pos
+
+
 class _LogitDiff(Metric):
     def __init__(self, correct: TokenIds, incorrect: TokenIds, position: Position):
         self.correct, self.incorrect = _ids(correct, "correct"), _ids(incorrect, "incorrect")
@@ -168,6 +196,9 @@ class _LogitDiff(Metric):
     def per_example_hidden(self, hidden: Tensor, unembed: Unembed) -> Tensor:
         at = _at_position(hidden, self.position)
         return unembed.columns(at, self.correct) - unembed.columns(at, self.incorrect)
+
+    def for_lengths(self, lengths: Tensor) -> Metric:
+        return _LogitDiff(self.correct, self.incorrect, _row_positions(self.position, lengths))
 
     def repeated(self, n: int, rows: int) -> Metric | None:
         stacked = _repeat_rows([self.correct, self.incorrect], self.position, n, rows)
@@ -191,6 +222,9 @@ class _Logit(Metric):
         if self.probability:
             return _gather(unembed.full(at).float().softmax(-1), self.token)
         return unembed.columns(at, self.token)
+
+    def for_lengths(self, lengths: Tensor) -> Metric:
+        return _Logit(self.token, _row_positions(self.position, lengths), self.probability)
 
     def repeated(self, n: int, rows: int) -> Metric | None:
         if self.probability:  # a softmax over the vocabulary: one copy at a time bounds memory

@@ -17,7 +17,7 @@ equal one plain patched forward per job (``tests/interventions/test_stacked.py``
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -27,11 +27,12 @@ from tqdm.auto import tqdm
 from hookscope.addresses import Address, Selection, Slot, parse, slot_address
 from hookscope.errors import InputError, format_choices
 from hookscope.interventions import _plan as plan
+from hookscope.interventions._inputs import fit_metric, paired_lengths, tokens_of
 from hookscope.interventions._plan import position_axis, unit_index
 from hookscope.interventions._stacked import StackedRunner
 from hookscope.interventions.metrics import Metric
 from hookscope.interventions.result import PatchingResult
-from hookscope.model import HookedModel, _is_texts
+from hookscope.model import HookedModel
 
 __all__ = ["activation_patching"]
 
@@ -57,27 +58,6 @@ def _sweep_dims(sites: Any, model: HookedModel) -> tuple[list[str], list[int]]:
     if isinstance(item, Address):
         return [], []
     return ["site"], [len(model.resolve(sites))]
-
-
-def _as_tokens(model: HookedModel, inputs: Any) -> Tensor:
-    if isinstance(inputs, Mapping):  # a tokenizer's output
-        if "input_ids" not in inputs:
-            raise InputError(f"a dict input needs 'input_ids'; got keys {sorted(inputs)}")
-        mask = inputs.get("attention_mask")
-        if mask is not None and not bool(torch.as_tensor(mask).bool().all()):
-            lengths = torch.as_tensor(mask).sum(-1).tolist()
-            raise InputError(
-                "interventions need prompts of equal token length without padding; these rows "
-                f"are {lengths} tokens long (use prompts of one template, or pass token ids)"
-            )
-        inputs = torch.as_tensor(inputs["input_ids"])
-    if isinstance(inputs, Tensor):
-        return (
-            inputs.unsqueeze(0) if inputs.ndim == 1 and not inputs.is_floating_point() else inputs
-        )
-    if _is_texts(inputs):  # prompts of different token lengths would be padded: refuse them
-        return _as_tokens(model, model._tokenize(inputs)).to(model.device)
-    return model.to_tokens(inputs)
 
 
 def _metric_value(metric: Callable[[Tensor], Tensor] | Metric, output: Tensor) -> float:
@@ -117,22 +97,27 @@ def activation_patching(
 
 def check_inputs(
     model: HookedModel, clean: Any, corrupted: Any, sites: Any, direction: str
-) -> tuple[Tensor, Tensor, list[Address]]:
-    """Validated ``(clean tokens, corrupted tokens, addresses of sites)`` of a sweep."""
+) -> tuple[Tensor, Tensor, list[Address], Tensor | None]:
+    """Validated ``(clean tokens, corrupted tokens, addresses of sites, row lengths)`` of a
+    sweep; row lengths only for right-padded prompts (see :mod:`._inputs`), else None."""
     if direction not in DIRECTIONS:
         raise InputError(
             f"direction must be one of {format_choices(DIRECTIONS)}, got {direction!r}"
         )
-    clean_t, corrupted_t = _as_tokens(model, clean), _as_tokens(model, corrupted)
+    (clean_t, clean_len), (corrupted_t, corrupted_len) = (
+        tokens_of(model, clean),
+        tokens_of(model, corrupted),
+    )
     if clean_t.shape != corrupted_t.shape:
         raise InputError(
             f"clean and corrupted inputs must have the same shape, got {tuple(clean_t.shape)} "
             f"and {tuple(corrupted_t.shape)} (prompts of equal token length)"
         )
+    lengths = paired_lengths(model, clean_t, clean_len, corrupted_len, "the corrupted inputs")
     addresses = model.resolve(sites)
     if not addresses:
         raise InputError(f"sites {sites!r} selects no address")
-    return clean_t, corrupted_t, addresses
+    return clean_t, corrupted_t, addresses, lengths
 
 
 def resolve_positions(
@@ -190,9 +175,10 @@ class Patcher:
     ):
         if chunk_size is not None and chunk_size < 1:
             raise InputError(f"chunk_size must be >= 1, got {chunk_size}")
-        clean_t, corrupted_t, self.addresses = check_inputs(
+        clean_t, corrupted_t, self.addresses, lengths = check_inputs(
             model, clean, corrupted, sites, direction
         )
+        metric = fit_metric(metric, lengths)  # padded rows: read at each row's own tokens
         self.model, self.metric, self.direction, self.progress = model, metric, direction, progress
         self.sites = sites
         self.clean_t, self.corrupted_t = clean_t, corrupted_t

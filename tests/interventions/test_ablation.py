@@ -400,3 +400,35 @@ def test_errors_leave_no_hooks(neox, call, kwargs, error, message):
         getattr(iv, call)(model, **args)
     assert _no_hooks(hf) and hf.config._attn_implementation == attn
     torch.testing.assert_close(run(hf, INPUTS), before, atol=0, rtol=0)
+
+
+def test_mean_over_a_padded_reference_counts_real_tokens_only(neox):
+    """Texts of different token lengths (right-padded): a position's mean is over the
+    reference rows that reach it, the pooled mean over real tokens; the metric reads each
+    input row at its last real token."""
+    hf, _ = neox
+    model = hs.HookedModel.wrap(hf, tokenizer=builders.make_tokenizer())
+    inputs, reference = ["a b c d", "a b"], ["a b c a", "a d", "a b c d"]
+    tokens, ref = model.to_tokens(inputs), model.to_tokens(reference)
+    lengths, ref_lengths = torch.tensor([5, 2]), torch.tensor([5, 2, 5])
+    real = (torch.arange(5) < ref_lengths[:, None]).float()[..., None]  # [3, 5, 1]
+    z = z_of(hf, ref)
+
+    def at_ends(logits):
+        rows = torch.arange(2)
+        return float((logits[rows, lengths - 1, 5] - logits[rows, lengths - 1, 9]).mean())
+
+    metric = iv.logit_diff(5, 9)
+    per_pos = iv.ablate(model, inputs, "head.1.2", "mean", reference=reference, metric=metric)
+    pooled = iv.ablate(
+        model, inputs, "head.1.2", "mean", reference=reference, metric=metric, per_position=False
+    )
+    by_position = (z[1] * real).sum(0) / real.sum(0)  # [5, 64]
+    over_tokens = (z[1] * real).sum((0, 1)) / real.sum()  # [64]
+    expected_pos = at_ends(run(hf, tokens, [(1, 2)], lambda lay: by_position))
+    expected_pooled = at_ends(run(hf, tokens, [(1, 2)], lambda lay: over_tokens))
+    assert abs(float(per_pos.scores) - expected_pos) < 1e-5
+    assert abs(float(pooled.scores) - expected_pooled) < 1e-5
+    assert abs(expected_pos - expected_pooled) > 1e-4  # the padding-aware means differ
+    with pytest.raises(hs.HookscopeError, match="resampling reference needs prompts of equal"):
+        iv.ablate(model, inputs, "head.1.2", "resample", reference=reference, metric=metric)

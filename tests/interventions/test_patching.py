@@ -222,25 +222,56 @@ def test_tokenizer_dicts_are_read_by_their_input_ids():
     assert torch.equal(as_dicts.scores, plain.scores)
     padded = ones.clone()
     padded[0, -1] = 0
-    with pytest.raises(hs.HookscopeError, match="without padding"):
+    with pytest.raises(hs.HookscopeError, match=r"rows \[0\] differ in token length"):
         iv.activation_patching(
             model, {"input_ids": clean, "attention_mask": padded}, corrupted, metric,
             progress=False,
         )  # fmt: skip
 
 
-def test_prompts_of_different_token_lengths_are_refused_not_padded():
-    """Strings tokenise to rows of different lengths: right-padding would make the metric
-    read a pad token in the shorter row, so the sweep refuses them and says how long each
-    row is. Prompts of equal length patch as their token ids do."""
+def test_prompts_of_different_token_lengths_read_each_row_at_its_own_end():
+    """Texts of different token lengths are right-padded; on a causal model the padding
+    after a row cannot reach it, and logit_diff's position -1 reads each row's last real
+    token: every raw score equals the mean over rows of the same patch run on each row
+    alone, unpadded. What would read the padding is refused with a message."""
     model = hs.HookedModel.wrap(builders.tiny_neox(), tokenizer=builders.make_tokenizer())
+    clean, corrupted = ["a b c d", "a b"], ["a b c a", "a d"]
+    assert [len(model.to_str_tokens(t)) for t in clean + corrupted] == [5, 2, 5, 2]
     metric = iv.logit_diff(5, 9)
-    lengths = [len(model.to_str_tokens(t)) for t in ("a b c d", "a b")]
-    assert lengths[0] != lengths[1]
-    with pytest.raises(hs.HookscopeError, match=rf"\[{lengths[0]}, {lengths[1]}\] tokens"):
-        iv.activation_patching(model, ["a b c d", "a b"], ["a b c a", "a d"], metric)
-    as_text = iv.activation_patching(model, ["a b c d"], ["a b c a"], metric, progress=False)
-    as_ids = iv.activation_patching(
-        model, model.to_tokens("a b c d"), model.to_tokens("a b c a"), metric, progress=False
+    res = iv.activation_patching(model, clean, corrupted, metric, "head.*.*", progress=False)
+    atp = iv.attribution_patching(model, clean, corrupted, metric, "head.*.*", progress=False)
+    rows = [
+        iv.activation_patching(model, [c], [k], metric, "head.*.*", progress=False)
+        for c, k in zip(clean, corrupted, strict=True)
+    ]
+
+    def raw(r):
+        b = r.baselines
+        return r.flat * (b["clean"] - b["corrupted"]) + b["corrupted"]
+
+    torch.testing.assert_close(raw(res), (raw(rows[0]) + raw(rows[1])) / 2, atol=1e-5, rtol=0)
+    assert res.baselines["clean"] == pytest.approx(
+        sum(r.baselines["clean"] for r in rows) / 2, abs=1e-5
     )
-    assert torch.equal(as_text.scores, as_ids.scores)
+    singles = [
+        iv.attribution_patching(model, [c], [k], metric, "head.*.*", progress=False)
+        for c, k in zip(clean, corrupted, strict=True)
+    ]
+    torch.testing.assert_close(raw(atp), (raw(singles[0]) + raw(singles[1])) / 2, atol=1e-5, rtol=0)
+
+    # knockout (localize_circuit's faithfulness) reads the same rows at the same tokens
+    kept = iv.knockout(model, clean, "head.*.*", metric, keep=["head.1.2"], method="corrupted",
+                       reference=corrupted)  # fmt: skip
+    assert kept.clean == pytest.approx(res.baselines["clean"], abs=1e-5)
+
+    with pytest.raises(hs.HookscopeError, match=r"logit_diff, logit and prob do"):
+        iv.activation_patching(model, clean, corrupted, lambda out: out[:, -1, 5].mean())
+    with pytest.raises(hs.HookscopeError, match=r"rows \[1\] differ in token length"):
+        iv.activation_patching(model, clean, ["a b c a", "a b c"], metric)
+    with pytest.raises(hs.HookscopeError, match=r"position 3 falls outside rows \[1\]"):
+        iv.activation_patching(model, clean, corrupted, iv.logit_diff(5, 9, position=3))
+    bert = hs.HookedModel.wrap(builders.tiny_bert(), tokenizer=builders.make_tokenizer())
+    with pytest.raises(hs.HookscopeError, match="not a causal language model"):
+        iv.activation_patching(bert, clean, corrupted, metric)
+    with pytest.raises(hs.HookscopeError, match="resampling reference needs prompts of equal"):
+        iv.ablate(model, clean, "head.0.*", "resample", reference=clean, metric=metric)

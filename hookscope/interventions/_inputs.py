@@ -1,0 +1,125 @@
+"""Inputs of interventions: token ids from tensors, texts and tokenizer dicts, and what
+prompts of different token lengths ask of the model and the metric.
+
+Texts of different token lengths are right-padded (``HookedModel.to_tokens``), so position
+``p`` is the ``p``-th token of every row. On a causal language model the padding after a
+row's last token cannot change anything at or before it, so a sweep over such a batch is
+exact as long as the metric reads each row at a real token: a structured metric's
+negative position then counts from each row's own end (``-1``: its last token). Clean and
+corrupted rows must have the same lengths (their positions pair up). Models that attend in
+both directions, plain-callable metrics and ``loss`` would see the padding: such inputs
+are refused with a message, never patched silently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hookscope.adapters.transformer import TransformerAdapter
+from hookscope.errors import InputError
+from hookscope.interventions.metrics import Metric
+from hookscope.model import HookedModel, _is_texts
+
+
+def tokens_of(model: HookedModel, inputs: Any) -> tuple[Tensor, Tensor | None]:
+    """``(inputs as a tensor, each row's length)``; lengths only where rows are padded
+    (texts of different token lengths, a tokenizer dict with padding), else None."""
+    if _is_texts(inputs):
+        enc = model._tokenize(inputs)
+        ids, mask = enc["input_ids"].to(model.device), enc["attention_mask"]
+    elif isinstance(inputs, Mapping):  # a tokenizer's output
+        if "input_ids" not in inputs:
+            raise InputError(f"a dict input needs 'input_ids'; got keys {sorted(inputs)}")
+        ids, mask = torch.as_tensor(inputs["input_ids"]), inputs.get("attention_mask")
+        if ids.ndim == 1:
+            ids, mask = ids[None], None if mask is None else torch.as_tensor(mask)[None]
+    elif isinstance(inputs, Tensor):
+        token_row = inputs.ndim == 1 and not inputs.is_floating_point()
+        return (inputs.unsqueeze(0) if token_row else inputs), None
+    else:
+        return model.to_tokens(inputs), None
+    if mask is None:
+        return ids, None
+    mask = torch.as_tensor(mask).bool().cpu()
+    if bool(mask.all()):
+        return ids, None
+    lengths = mask.sum(-1)
+    if not torch.equal(mask, torch.arange(mask.shape[-1]) < lengths[:, None]):
+        raise InputError(
+            "the attention_mask pads rows on the left or has gaps; interventions read "
+            "right-padded rows (padding after each row's last token), as to_tokens builds them"
+        )
+    return ids, lengths.to(ids.device)
+
+
+def as_tokens(model: HookedModel, inputs: Any, what: str) -> Tensor:
+    """Inputs as a tensor, refusing padded rows (``what`` names who needs them unpadded)."""
+    ids, lengths = tokens_of(model, inputs)
+    if lengths is not None:
+        raise InputError(
+            f"{what} needs prompts of equal token length; these rows are {lengths.tolist()} "
+            "tokens long (use prompts of one template, or pass token ids)"
+        )
+    return ids
+
+
+def is_causal_lm(model: HookedModel) -> bool:
+    """A language model whose position ``t`` sees tokens ``<= t`` only."""
+    adapter = model.adapter
+    return (
+        isinstance(adapter, TransformerAdapter)
+        and adapter.spec.token_input
+        and bool(getattr(adapter.attention_module(0), "is_causal", False))
+    )
+
+
+def paired_lengths(
+    model: HookedModel, ids: Tensor, lengths: Tensor | None, other: Tensor | None, what: str
+) -> Tensor | None:
+    """The row lengths shared by two aligned inputs (``lengths``, ``other``; None for an
+    unpadded one), or None when neither is padded. ``what`` names the other input."""
+    if lengths is None and other is None:
+        return None
+    full = torch.full((ids.shape[0],), ids.shape[1], device=ids.device)
+    a = full if lengths is None else lengths
+    b = full if other is None else other.to(a.device)
+    if not torch.equal(a, b):
+        rows = (a != b).nonzero().flatten().tolist()
+        raise InputError(
+            f"rows {rows} differ in token length between the inputs and {what} "
+            f"({a[rows].tolist()} vs {b[rows].tolist()} tokens); aligned rows must have the "
+            "same length (pair prompts of one template)"
+        )
+    return causal_only(model, a)
+
+
+def causal_only(model: HookedModel, lengths: Tensor | None) -> Tensor | None:
+    """``lengths``, after checking that padding after each row cannot reach its tokens."""
+    if lengths is not None and not is_causal_lm(model):
+        raise InputError(
+            f"prompts of different token lengths ({lengths.tolist()}) are right-padded, and "
+            f"{model.adapter.name} is not a causal language model: its positions see the "
+            "padding. Use prompts of equal token length"
+        )
+    return lengths
+
+
+def fit_metric(metric: Any, lengths: Tensor | None) -> Any:
+    """``metric`` reading each padded row at its own tokens (:meth:`Metric.for_lengths`);
+    ``metric`` itself when nothing is padded."""
+    if lengths is None:
+        return metric
+    fitted = metric.for_lengths(lengths) if isinstance(metric, Metric) else None
+    if fitted is None:
+        name = getattr(metric, "name", getattr(metric, "__name__", type(metric).__name__))
+        raise InputError(
+            f"prompts of different token lengths ({lengths.tolist()}) are right-padded, so the "
+            "metric must read each row at its own tokens: logit_diff, logit and prob do (a "
+            f"negative position counts from each row's end); {name} cannot. Use prompts of "
+            "equal token length, or one of those metrics"
+        )
+    return fitted
