@@ -12,13 +12,30 @@ from hookscope.interventions._stacked import StackedRunner
 
 import builders
 
+def _biased(make):
+    """A builder whose linear layers get nonzero biases (Hugging Face initialises them to
+    zero, which would hide a shortcut that drops or doubles a bias)."""
+
+    def build():
+        hf = make()
+        g = torch.Generator().manual_seed(11)
+        with torch.no_grad():
+            for module in hf.modules():
+                bias = getattr(module, "bias", None)
+                if isinstance(bias, torch.nn.Parameter) and bias.ndim == 1:
+                    bias.copy_(0.1 * torch.randn(bias.shape, generator=g))
+        return hf
+
+    return build
+
+
 MODELS = {
-    "neox_parallel": lambda: builders.tiny_neox(parallel=True),
-    "neox_sequential": lambda: builders.tiny_neox(parallel=False),
-    "gpt2": builders.tiny_gpt2,
-    "llama_gqa": builders.tiny_llama_gqa,
-    "gemma3": builders.tiny_gemma3,
-    "bert": builders.tiny_bert,
+    "neox_parallel": _biased(lambda: builders.tiny_neox(parallel=True)),
+    "neox_sequential": _biased(lambda: builders.tiny_neox(parallel=False)),
+    "gpt2": _biased(builders.tiny_gpt2),
+    "llama_gqa": builders.tiny_llama_gqa,  # (no biases)
+    "gemma3": builders.tiny_gemma3,  # (no biases)
+    "bert": _biased(builders.tiny_bert),
 }
 SITES = [
     "embed",
@@ -120,7 +137,7 @@ def test_loss_metric_reads_full_logits_from_the_stopped_forward():
 
 
 def test_vit_stacked_sweep_equals_one_forward_per_job():
-    model = hs.HookedModel.wrap(builders.tiny_vit())
+    model = hs.HookedModel.wrap(_biased(builders.tiny_vit)())
     g = torch.Generator().manual_seed(0)
     clean, corrupted = torch.randn(3, 1, 8, 8, generator=g), torch.randn(3, 1, 8, 8, generator=g)
     metric = iv.logit_diff(1, 4, position=None)
@@ -195,7 +212,7 @@ def test_head_outputs_of_a_parallel_block_are_added_not_recomputed():
     """GPT-NeoX's parallel block adds attention and MLP outputs to its input, so a head's
     z patch changes block L's output by (z_source - z_base) W_O: block L is not run again,
     and the scores equal one plain patched forward per job."""
-    hf = builders.tiny_neox()
+    hf = _biased(builders.tiny_neox)()
     model = hs.HookedModel.wrap(hf)
     clean, corrupted = _inputs(500)
     metric = iv.logit_diff(torch.tensor([5, 7]), torch.tensor([9, 2]))
@@ -345,7 +362,7 @@ def test_overlapping_head_patches_in_one_job_are_not_added_twice():
     each value once; the parallel block's additive shortcut must not count it twice."""
     from hookscope.interventions.patching import Patcher
 
-    model = hs.HookedModel.wrap(builders.tiny_neox(parallel=True))
+    model = hs.HookedModel.wrap(_biased(lambda: builders.tiny_neox(parallel=True))())
     clean, corrupted = _inputs(500)
     metric = iv.logit_diff(5, 9)
     h12, h1, r12, h13 = (
