@@ -12,6 +12,7 @@ from hookscope.interventions._stacked import StackedRunner
 
 import builders
 
+
 def _biased(make):
     """A builder whose linear layers get nonzero biases (Hugging Face initialises them to
     zero, which would hide a shortcut that drops or doubles a bias)."""
