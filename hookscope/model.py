@@ -201,17 +201,14 @@ class HookedModel:
         text = [text] if isinstance(text, str) else list(text)
         if not text or not all(isinstance(t, str) for t in text):
             raise InputError("text input must be a string or a non-empty list of strings")
-        pad, side = tok.pad_token is None, tok.padding_side
-        if pad:
-            tok.pad_token = tok.eos_token
-        tok.padding_side = "right"  # positions then mean the same in every row
-        try:
-            enc = tok(list(text), return_tensors="pt", padding=True)
-        finally:
-            tok.padding_side = side
-            if pad:
-                tok.pad_token = None
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        rows = tok(list(text))["input_ids"]  # padded here, on the right, whatever the
+        # tokenizer's own padding side, so positions mean the same in every row; with its
+        # pad token, else its eos token, else 0 (the mask marks padding either way)
+        width = max(len(r) for r in rows)
+        pad = next((p for p in (tok.pad_token_id, tok.eos_token_id) if p is not None), 0)
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long)
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        return {"input_ids": ids, "attention_mask": mask}
 
     def to_tokens(self, text: str | Sequence[str]) -> Tensor:
         """Token ids [batch, pos]; strings of different lengths are right-padded (whatever the

@@ -6,9 +6,12 @@ Texts of different token lengths are right-padded (``HookedModel.to_tokens``), s
 row's last token cannot change anything at or before it, so a sweep over such a batch is
 exact as long as the metric reads each row at a real token: a structured metric's
 negative position then counts from each row's own end (``-1``: its last token). Clean and
-corrupted rows must have the same lengths (their positions pair up). Models that attend in
-both directions, plain-callable metrics and ``loss`` would see the padding: such inputs
-are refused with a message, never patched silently.
+corrupted rows must have the same lengths (their positions pair up). A sweep's positions
+are columns counted from the start (a column past a row's end patches padding, which
+changes nothing there); negative sweep positions are refused, as they would count from
+the padded width. Models that attend in both directions, plain-callable metrics, ``loss``
+and resampling references would see the padding: such inputs are refused with a message,
+never patched silently.
 """
 
 from __future__ import annotations
@@ -35,8 +38,15 @@ def tokens_of(model: HookedModel, inputs: Any) -> tuple[Tensor, Tensor | None]:
         if "input_ids" not in inputs:
             raise InputError(f"a dict input needs 'input_ids'; got keys {sorted(inputs)}")
         ids, mask = torch.as_tensor(inputs["input_ids"]), inputs.get("attention_mask")
-        if ids.ndim == 1:
-            ids, mask = ids[None], None if mask is None else torch.as_tensor(mask)[None]
+        ids = (ids[None] if ids.ndim == 1 else ids).to(model.device)
+        if mask is not None:
+            mask = torch.as_tensor(mask)
+            if mask.numel() != ids.numel():
+                raise InputError(
+                    f"attention_mask {tuple(mask.shape)} does not match input_ids "
+                    f"{tuple(ids.shape)}"
+                )
+            mask = mask.reshape(ids.shape)
     elif isinstance(inputs, Tensor):
         token_row = inputs.ndim == 1 and not inputs.is_floating_point()
         return (inputs.unsqueeze(0) if token_row else inputs), None
@@ -56,13 +66,14 @@ def tokens_of(model: HookedModel, inputs: Any) -> tuple[Tensor, Tensor | None]:
     return ids, lengths.to(ids.device)
 
 
-def as_tokens(model: HookedModel, inputs: Any, what: str) -> Tensor:
-    """Inputs as a tensor, refusing padded rows (``what`` names who needs them unpadded)."""
+def as_tokens(model: HookedModel, inputs: Any, what: str, advice: str) -> Tensor:
+    """Inputs as a tensor, refusing padded rows (``what`` names who needs them unpadded,
+    ``advice`` what to do instead)."""
     ids, lengths = tokens_of(model, inputs)
     if lengths is not None:
         raise InputError(
             f"{what} needs prompts of equal token length; these rows are {lengths.tolist()} "
-            "tokens long (use prompts of one template, or pass token ids)"
+            f"tokens long ({advice})"
         )
     return ids
 
@@ -78,21 +89,38 @@ def is_causal_lm(model: HookedModel) -> bool:
 
 
 def paired_lengths(
-    model: HookedModel, ids: Tensor, lengths: Tensor | None, other: Tensor | None, what: str
+    model: HookedModel,
+    ids: Tensor,
+    lengths: Tensor | None,
+    other: Tensor | None,
+    what: str,
+    other_ids: Tensor | None = None,
+    this: str = "the inputs",
 ) -> Tensor | None:
     """The row lengths shared by two aligned inputs (``lengths``, ``other``; None for an
-    unpadded one), or None when neither is padded. ``what`` names the other input."""
-    if lengths is None and other is None:
+    unpadded one, whose rows are as long as its ``ids`` / ``other_ids``), or None when
+    neither is padded. ``this`` and ``what`` name the two inputs in messages."""
+    if lengths is None and other is None and (other_ids is None or other_ids.shape == ids.shape):
         return None
-    full = torch.full((ids.shape[0],), ids.shape[1], device=ids.device)
-    a = full if lengths is None else lengths
-    b = full if other is None else other.to(a.device)
+    other_ids = ids if other_ids is None else other_ids
+    a = torch.full((ids.shape[0],), ids.shape[1], device=ids.device) if lengths is None else lengths
+    b = (
+        torch.full((ids.shape[0],), other_ids.shape[1], device=a.device)
+        if other is None
+        else other.to(a.device)
+    )
     if not torch.equal(a, b):
         rows = (a != b).nonzero().flatten().tolist()
+        mixed = (lengths is None) != (other is None)
         raise InputError(
-            f"rows {rows} differ in token length between the inputs and {what} "
+            f"rows {rows} differ in token length between {this} and {what} "
             f"({a[rows].tolist()} vs {b[rows].tolist()} tokens); aligned rows must have the "
-            "same length (pair prompts of one template)"
+            "same length (pair prompts of one template"
+            + (
+                "; a tensor of ids counts every column as a token: pass both as texts)"
+                if mixed
+                else ")"
+            )
         )
     return causal_only(model, a)
 

@@ -95,7 +95,11 @@ class _Values:
             ref_t, ref_lengths = tokens_of(model, reference)
             causal_only(model, ref_lengths)
         else:
-            ref_t = as_tokens(model, reference, "a resampling reference")
+            ref_t = as_tokens(
+                model, reference, "a resampling reference",
+                "a drawn row shorter than an input row would lend it padding; use reference "
+                "prompts of one token length, or method='mean', which averages real tokens only",
+            )  # fmt: skip
         slots = list(dict.fromkeys(a.slot for a in addresses))
         positional = position_axis(model, slots[0]) is not None
         same = tuple(ref_t.shape[1:]) == tuple(inputs_t.shape[1:])
@@ -193,10 +197,14 @@ def _reference_means(
             sums[slot] = total if slot not in sums else sums[slot] + total
             counts[slot] = n if slot not in counts else counts[slot] + n
             dtypes[slot] = act.dtype
-    return {
-        slot: torch.where(counts[slot] > 0, total / counts[slot].clamp(min=1), 0).to(dtypes[slot])
-        for slot, total in sums.items()
-    }
+    for n in counts.values():
+        if not bool((n > 0).all()):
+            empty = (n.flatten() == 0).nonzero().flatten().tolist()
+            raise InputError(
+                f"positions {empty} are padding in every reference row, so their mean is "
+                "undefined; use a reference whose rows reach them, or per_position=False"
+            )
+    return {slot: (total / counts[slot]).to(dtypes[slot]) for slot, total in sums.items()}
 
 
 def _real_tokens(

@@ -104,7 +104,7 @@ def attribution_patching(
         )
 
     acts = {name: source_cache[name] for name in slot_names}
-    pos_list = resolve_positions(model, addresses, positions, acts)
+    pos_list = resolve_positions(model, addresses, positions, acts, lengths)
     jobs = [(a, p) for a in addresses for p in pos_list]
 
     # per address, the estimated change at each requested position: [address, position]

@@ -109,11 +109,17 @@ def check_inputs(
         tokens_of(model, corrupted),
     )
     if clean_t.shape != corrupted_t.shape:
+        padded = clean_len is not None or corrupted_len is not None
+        if padded and clean_t.shape[0] == corrupted_t.shape[0]:  # name the rows
+            paired_lengths(model, clean_t, clean_len, corrupted_len, "the corrupted inputs",
+                           other_ids=corrupted_t, this="the clean")  # fmt: skip
         raise InputError(
             f"clean and corrupted inputs must have the same shape, got {tuple(clean_t.shape)} "
-            f"and {tuple(corrupted_t.shape)} (prompts of equal token length)"
+            f"and {tuple(corrupted_t.shape)}"
         )
-    lengths = paired_lengths(model, clean_t, clean_len, corrupted_len, "the corrupted inputs")
+    lengths = paired_lengths(
+        model, clean_t, clean_len, corrupted_len, "the corrupted inputs", this="the clean"
+    )
     addresses = model.resolve(sites)
     if not addresses:
         raise InputError(f"sites {sites!r} selects no address")
@@ -125,9 +131,14 @@ def resolve_positions(
     addresses: list[Address],
     positions: str | Sequence[int],
     acts: dict[str, Tensor],
+    lengths: Tensor | None = None,
 ) -> list[int | None]:
     """``positions`` ("all", "each" or a list) as a list (``[None]``: all at once); the
-    number of positions is read from the activations ``acts`` of ``addresses``' slots."""
+    number of positions is read from the activations ``acts`` of ``addresses``' slots.
+    With right-padded rows of ``lengths`` tokens, positions are columns counted from the
+    start (a column past a row's end patches its padding, which changes nothing there), and
+    negative ones are refused: they would count from the padded width, not from each row's
+    end as a metric's position does."""
     if positions == "all":
         return [None]
     if isinstance(positions, str) and positions != "each":
@@ -150,6 +161,12 @@ def resolve_positions(
     bad = [p for p in pos_list if not -n_pos <= p < n_pos]  # type: ignore[operator]
     if bad:
         raise InputError(f"positions {bad} out of range for inputs of {n_pos} positions")
+    negative = [p for p in pos_list if p < 0]  # type: ignore[operator]
+    if negative and lengths is not None:
+        raise InputError(
+            f"positions {negative} count from the padded width ({n_pos}), but these prompts are "
+            f"{lengths.tolist()} tokens long; give sweep positions from the start (0..{n_pos - 1})"
+        )
     return pos_list
 
 
@@ -179,6 +196,7 @@ class Patcher:
             model, clean, corrupted, sites, direction
         )
         metric = fit_metric(metric, lengths)  # padded rows: read at each row's own tokens
+        self.lengths = lengths
         self.model, self.metric, self.direction, self.progress = model, metric, direction, progress
         self.sites = sites
         self.clean_t, self.corrupted_t = clean_t, corrupted_t
@@ -230,7 +248,7 @@ class Patcher:
 
     def positions(self, positions: str | Sequence[int]) -> list[int | None]:
         """The position list of a sweep (``[None]`` for all positions at once)."""
-        return resolve_positions(self.model, self.addresses, positions, self.source)
+        return resolve_positions(self.model, self.addresses, positions, self.source, self.lengths)
 
     def run(self, jobs: list) -> list[float]:
         """The raw metric of each job (an ``(address, position)`` or a list of them).

@@ -275,3 +275,45 @@ def test_prompts_of_different_token_lengths_read_each_row_at_its_own_end():
         iv.activation_patching(bert, clean, corrupted, metric)
     with pytest.raises(hs.HookscopeError, match="resampling reference needs prompts of equal"):
         iv.ablate(model, clean, "head.0.*", "resample", reference=clean, metric=metric)
+
+
+def test_padded_prompts_edge_cases_name_what_is_wrong():
+    """Negative sweep positions (they would count from the padded width), rows of another
+    length in a differently padded batch, a mean with no reference row at a position, a
+    tokenizer without pad or eos token, and a tokenizer dict with 1-D ids."""
+    tok = builders.make_tokenizer()
+    model = hs.HookedModel.wrap(builders.tiny_neox(), tokenizer=tok)
+    clean, corrupted = ["a b c d", "a b"], ["a b c a", "a d"]
+    metric = iv.logit_diff(5, 9)
+    with pytest.raises(hs.HookscopeError, match=r"positions \[-1\] count from the padded width"):
+        iv.activation_patching(model, clean, corrupted, metric, "resid_pre.1", positions=[-1])
+    with pytest.raises(hs.HookscopeError, match=r"positions \[-2\] count from the padded width"):
+        iv.attribution_patching(model, clean, corrupted, metric, "resid_pre.1", positions=[-2])
+    each = iv.activation_patching(model, clean, corrupted, metric, "resid_pre.1",
+                                  positions="each", progress=False)  # fmt: skip
+    assert each.scores.shape == (5,)
+    with pytest.raises(hs.HookscopeError, match=r"rows \[1\] differ in token length between the "
+                       r"clean and the corrupted inputs \(\[2\] vs \[4\]"):  # fmt: skip
+        iv.activation_patching(model, clean, ["a b c a", "a b c"], metric)
+
+    ids = model.to_tokens(["a b c d", "a b c a"])  # 5 tokens each, no padding
+    reference = {
+        "input_ids": ids,
+        "attention_mask": torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]]),
+    }
+    with pytest.raises(hs.HookscopeError, match=r"positions \[4\] are padding in every reference"):
+        iv.ablate(model, ids, "head.0.1", "mean", reference=reference, metric=metric)
+
+    one = iv.activation_patching(
+        model, {"input_ids": ids[0], "attention_mask": torch.ones(1, 5)}, ids[1:], metric,
+        progress=False,
+    )  # fmt: skip
+    assert torch.equal(one.scores, iv.activation_patching(model, ids[:1], ids[1:], metric,
+                                                          progress=False).scores)  # fmt: skip
+
+    bare = builders.make_tokenizer()
+    bare.pad_token, bare.eos_token = None, None
+    side = bare.padding_side
+    padded = hs.HookedModel.wrap(builders.tiny_neox(), tokenizer=bare).to_tokens(clean)
+    assert padded.shape == (2, 5) and padded[1, 2:].tolist() == [0, 0, 0]
+    assert bare.padding_side == side and bare.pad_token is None  # the tokenizer is untouched
