@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from statistics import fmean
 from typing import Any
 
@@ -44,8 +43,9 @@ from hookscope.interventions._inputs import (
     paired_lengths,
     tokens_of,
 )
+from hookscope.interventions._stacked import StackedRunner
 from hookscope.interventions.metrics import Metric
-from hookscope.interventions.patching import _metric_value, _sweep_dims, position_axis
+from hookscope.interventions.patching import _sweep_dims, position_axis
 from hookscope.interventions.result import PatchingResult
 from hookscope.model import HookedModel
 
@@ -259,11 +259,8 @@ def _run_jobs(
     progress: bool = False,
 ) -> list[Any]:
     """``reduce(output rows of the job)`` for each job, ``chunk_size`` jobs per forward."""
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise InputError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    k = _chunk(inputs_t, chunk_size)
     batch = inputs_t.shape[0]
-    tokens = inputs_t.ndim >= 2 and not inputs_t.is_floating_point()
-    k = chunk_size or max(1, 4096 // (batch * (inputs_t.shape[1] if tokens else 1)))
     found: list[Any] = []
     chunks = range(0, len(jobs), k)
     linears = fast_linears(model.model.modules())
@@ -284,9 +281,60 @@ def _run_jobs(
     return found
 
 
-def _clean_metric(model: HookedModel, inputs_t: Tensor, metric: MetricFn) -> float:
-    with torch.no_grad():
-        return _metric_value(metric, model(inputs_t))
+def _metric_jobs(
+    model: HookedModel,
+    inputs_t: Tensor,
+    values: _Values,
+    jobs: list[Job],
+    metric: MetricFn,
+    chunk_size: int | None = None,
+    progress: bool = False,
+) -> tuple[float, list[float]]:
+    """``(the unablated metric, each job's metric)``. Runs through the patching sweeps'
+    :class:`StackedRunner`: one forward of the inputs records every block; an ablated copy
+    joins the batch at its first ablated block (the blocks below are replayed), and a
+    structured metric reads only its own logits at its own positions. Jobs are ordered by
+    that block, ``chunk_size`` copies per forward."""
+    k = _chunk(inputs_t, chunk_size)
+    batch = inputs_t.shape[0]
+    runner = StackedRunner(model, inputs_t, metric)
+    slots = list(dict.fromkeys(a.slot for addresses, _ in jobs for a in addresses))
+    uses_logits = any(s.kind in ("logits", "module") for s in slots)
+    out, _ = runner.baseline(inputs_t, slice(0, batch), [], uses_logits)
+    clean = runner.values(out, 1, hidden=runner.readout(uses_logits))[0]
+    starts = []
+    for addresses, _ in jobs:
+        first = [runner.start(a.slot) for a in addresses]
+        starts.append(None if None in first else min(first))  # type: ignore[type-var]
+    plain = [i for i, s in enumerate(starts) if s is None]
+    stacked = sorted((i for i, s in enumerate(starts) if s is not None), key=lambda i: starts[i])  # type: ignore[arg-type, return-value]
+    parts = [plain[j : j + k] for j in range(0, len(plain), k)]
+    parts += [stacked[j : j + k] for j in range(0, len(stacked), k)]
+    found = [0.0] * len(jobs)
+    with tqdm(total=len(jobs), desc="ablation", disable=not progress or len(parts) < 2) as bar:
+        for idx in parts:
+            part = [jobs[i] for i in idx]
+            groups: list[tuple[int | None, int, None]] = []
+            for i in idx:
+                if groups and groups[-1][0] == starts[i]:
+                    groups[-1] = (starts[i], groups[-1][1] + 1, None)
+                else:
+                    groups.append((starts[i], 1, None))
+            hooks = _ablation_hooks(model, part, values, batch)
+            part_slots = [a.slot for addresses, _ in part for a in addresses]
+            got = runner.run(hooks, groups, uses_logits, slots=part_slots)
+            for i, value in zip(idx, got, strict=True):
+                found[i] = value
+            bar.update(len(idx))
+    return clean, found
+
+
+def _chunk(inputs_t: Tensor, chunk_size: int | None) -> int:
+    """Copies per forward: ``chunk_size``, by default about 4096 tokens' worth."""
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise InputError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    tokens = inputs_t.ndim >= 2 and not inputs_t.is_floating_point()
+    return chunk_size or max(1, 4096 // (inputs_t.shape[0] * (inputs_t.shape[1] if tokens else 1)))
 
 
 def _metric_name(metric: MetricFn) -> str:
@@ -339,11 +387,8 @@ def ablate(
         jobs: list[Job] = [(tuple(addresses), d) for d in draws]
         outs = _run_jobs(model, inputs_t, values, jobs, lambda o: o, chunk_size, progress)
         return outs[0] if len(outs) == 1 else torch.stack(outs).mean(0)
-    clean = _clean_metric(model, inputs_t, metric)
     jobs = [((a,), d) for a in addresses for d in draws]
-    raw = _run_jobs(
-        model, inputs_t, values, jobs, partial(_metric_value, metric), chunk_size, progress
-    )
+    clean, raw = _metric_jobs(model, inputs_t, values, jobs, metric, chunk_size, progress)
     flat = torch.tensor(raw, dtype=torch.float64).reshape(len(addresses), len(draws)).mean(1)
     names, sizes = _sweep_dims(sites, model)
     return PatchingResult(
@@ -432,12 +477,11 @@ def knockout(
     values = _Values(
         model, addresses, method, inputs_t, reference, per_position, n_draws, seed, False, lengths
     )
-    clean = _clean_metric(model, inputs_t, metric)
     draws = range(values.n_draws)
     jobs: list[Job] = [(tuple(addresses), d) for d in draws]
     if 0 < len(removed) < len(addresses):
         jobs += [(removed, d) for d in draws]
-    raw = _run_jobs(model, inputs_t, values, jobs, partial(_metric_value, metric))
+    clean, raw = _metric_jobs(model, inputs_t, values, jobs, metric)
     ablated = fmean(raw[: len(draws)])
     if not removed:
         value = clean

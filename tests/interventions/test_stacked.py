@@ -434,3 +434,47 @@ def test_a_model_that_takes_no_cache_object_keeps_every_position():
     torch.testing.assert_close(
         res.flat * (b["clean"] - b["corrupted"]) + b["corrupted"], reference, atol=2e-6, rtol=1e-5
     )
+
+
+@pytest.mark.parametrize("name", ["neox_parallel", "gpt2", "llama_gqa", "gemma3"])
+def test_ablation_sweeps_take_the_shortcuts_and_equal_one_forward_per_site(name):
+    """ablate() runs through the same runner (blocks below replayed, the metric's logits
+    only): each site's score equals one plain forward zeroing it with run_with_hooks."""
+    model = hs.HookedModel.wrap(MODELS[name]())
+    clean, _ = _inputs(300)
+    metric = iv.logit_diff(torch.tensor([5, 7]), torch.tensor([9, 2]))
+    sites = ["resid_pre.1", "head.1.2", "head.0.1.v", "neuron.0.3", "mlp_out.1", "attn_out.0"]
+    res = iv.ablate(model, clean, sites, "zero", metric=metric, progress=False)
+    expected = []
+    for address in res.jobs:
+        address = address[0]
+        unit = (
+            None if address.index is None else model.adapter.unit_index(address.slot, address.index)
+        )
+        axis = None if unit is None else model.adapter.unit_axis(address.slot)
+
+        def zero(act, _address, unit=unit, axis=axis):
+            act = act.clone()
+            (act if unit is None else act.select(axis, unit)).zero_()
+            return act
+
+        with torch.no_grad():
+            logits = model.run_with_hooks(clean, hooks=[(slot_address(address.slot), zero)])
+        expected.append(float(metric(logits)))
+    torch.testing.assert_close(res.flat, torch.tensor(expected, dtype=torch.float64),
+                               atol=2e-5, rtol=1e-5)  # fmt: skip
+    with torch.no_grad():
+        assert res.baselines["clean"] == pytest.approx(float(metric(model(clean))), abs=2e-5)
+    if name == "neox_parallel":  # sites in block 1 only: block 0 computes for the inputs alone
+        seen = []
+        attention0 = model.model.gpt_neox.layers[0].attention  # (a replayed block skips it)
+        handle = attention0.register_forward_pre_hook(
+            lambda m, a, kw: seen.append((a[0] if a else kw["hidden_states"]).shape[0]),
+            with_kwargs=True,
+        )
+        try:
+            iv.ablate(model, clean, ["head.1.*", "resid_pre.1"], "zero", metric=metric,
+                      progress=False)  # fmt: skip
+        finally:
+            handle.remove()
+        assert seen == [clean.shape[0]]
