@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import sys
 import textwrap
 import time
@@ -342,6 +343,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader (e.g. `| head`) stopped early: not an error of ours
+        with contextlib.suppress(OSError):  # keep Python from failing again at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

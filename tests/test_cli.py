@@ -199,3 +199,15 @@ def test_import_leaves_plotting_and_datasets_until_first_use():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_output_piped_into_a_reader_that_stops_early_is_not_a_traceback(tmp_path):
+    """`hookscope localize ... | head -2`: the closed pipe ends the run quietly."""
+    command = (
+        f"{sys.executable} -m hookscope localize --model tiny-induction --task induction "
+        f"--out {tmp_path} --no-progress | head -2"
+    )
+    done = subprocess.run(["bash", "-c", f"set -o pipefail; {command}"], capture_output=True,
+                          text=True)  # fmt: skip
+    assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr, done.stderr
+    assert len(done.stdout.splitlines()) == 2
