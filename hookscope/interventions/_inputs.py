@@ -151,3 +151,12 @@ def fit_metric(metric: Any, lengths: Tensor | None) -> Any:
             "equal token length, or one of those metrics"
         )
     return fitted
+
+
+def copies_per_forward(inputs_t: Tensor, chunk_size: int | None) -> int:
+    """Copies of ``inputs_t`` stacked per forward: ``chunk_size``, by default about 4096
+    tokens' worth (one copy per image for vision inputs)."""
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise InputError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    tokens = inputs_t.ndim >= 2 and not inputs_t.is_floating_point()
+    return chunk_size or max(1, 4096 // (inputs_t.shape[0] * (inputs_t.shape[1] if tokens else 1)))

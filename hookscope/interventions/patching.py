@@ -27,7 +27,12 @@ from tqdm.auto import tqdm
 from hookscope.addresses import Address, Selection, Slot, parse, slot_address
 from hookscope.errors import InputError, format_choices
 from hookscope.interventions import _plan as plan
-from hookscope.interventions._inputs import fit_metric, paired_lengths, tokens_of
+from hookscope.interventions._inputs import (
+    copies_per_forward,
+    fit_metric,
+    paired_lengths,
+    tokens_of,
+)
 from hookscope.interventions._plan import position_axis, unit_index
 from hookscope.interventions._stacked import StackedRunner
 from hookscope.interventions.metrics import Metric
@@ -190,8 +195,6 @@ class Patcher:
         progress: bool = True,
         require_gap: bool | None = None,
     ):
-        if chunk_size is not None and chunk_size < 1:
-            raise InputError(f"chunk_size must be >= 1, got {chunk_size}")
         clean_t, corrupted_t, self.addresses, lengths = check_inputs(
             model, clean, corrupted, sites, direction
         )
@@ -202,6 +205,7 @@ class Patcher:
         self.clean_t, self.corrupted_t = clean_t, corrupted_t
         slot_names = list(dict.fromkeys(slot_address(a.slot) for a in self.addresses))
         base_t = corrupted_t if direction == "denoise" else clean_t
+        self.chunk_size = copies_per_forward(base_t, chunk_size)  # (checked before any run)
         self.runner = StackedRunner(model, base_t, metric)
         self.m_clean, self.m_corrupted, clean_acts, corrupted_acts = _baseline_runs(
             model, self.runner, clean_t, corrupted_t, slot_names, metric, direction
@@ -217,9 +221,6 @@ class Patcher:
                 "metric"
             )
         self.n_pos = clean_t.shape[1] if clean_t.ndim >= 2 else 0
-        batch = base_t.shape[0]
-        tokens_per_run = batch * max(1, self.n_pos if not base_t.is_floating_point() else 1)
-        self.chunk_size = chunk_size or max(1, 4096 // tokens_per_run)
 
     def sweep(self, positions: str | Sequence[int]) -> PatchingResult:
         """:func:`activation_patching`'s result: every site of this patcher at ``positions``."""
