@@ -27,7 +27,7 @@ def _to_tensor(x: Any, name: str) -> Tensor:
         return x.detach()
     try:
         arr = np.asarray(x)
-    except Exception as err:  # ragged lists and the like
+    except (ValueError, TypeError) as err:  # ragged lists and the like
         raise AnalysisError(f"{name} could not be read as an array: {err}") from err
     if arr.dtype == object or arr.dtype.kind in "USV":
         raise AnalysisError(

@@ -4,13 +4,14 @@ patched copies to the batch, replay recorded blocks and stop at the unembedding.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from functools import cache, partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from hookscope.scope import Scope, protected
 
 
 def repeat(t: Tensor, n: int) -> Tensor:
@@ -125,21 +126,21 @@ def at_read_position(position: Tensor, module: nn.Module, args: tuple, kwargs: d
     return args, {**kwargs, key: x}
 
 
-@contextmanager
-def forward_replaced(replacements: dict[nn.Module, Callable]) -> Iterator[None]:
-    """Give each module an instance-level ``forward`` for the ``with`` block (hooks still
-    run); the previous forward is restored however the block ends."""
-    saved = {m: m.__dict__.get("forward") for m in replacements}
-    try:
-        for module, fn in replacements.items():
-            module.forward = fn  # type: ignore[method-assign]
-        yield
-    finally:
-        for module, old in saved.items():
-            if old is None:
-                module.__dict__.pop("forward", None)
-            else:
-                module.forward = old  # type: ignore[method-assign]
+class forward_replaced(Scope):
+    """``with forward_replaced({module: fn}):`` each module gets the instance ``forward`` ``fn``
+    for the block, in this thread (hooks still run); the previous forward is back however
+    the block ends (a :class:`~hookscope.scope.Scope`)."""
+
+    def __init__(self, replacements: dict[nn.Module, Callable]):
+        super().__init__()
+        self.replacements = replacements
+
+    @protected(rollback=lambda self: self.close())
+    def __enter__(self) -> forward_replaced:
+        self.open()
+        for module, fn in self.replacements.items():
+            self.replace_forward(module, fn)
+        return self
 
 
 @cache
@@ -152,16 +153,24 @@ def _onednn_linear() -> Callable | None:
         return None
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return None  # only measured on x86 (MKL's sgemm is the reference it beats)
+    if not _takes_linear_arguments():
+        return None  # an operator of another signature in this torch version
     g = torch.Generator().manual_seed(0)
     shapes = ((3, 5, 16), (7, 16), (7,))
     x, w, b = (torch.randn(*s, generator=g, dtype=torch.float32) for s in shapes)
-    try:  # (whatever autocast or precision state the first caller is in)
-        with torch.no_grad(), torch.autocast("cpu", enabled=False):
-            ok = torch.allclose(op(x, w, b, "none", [], ""), nn.functional.linear(x, w, b),
-                                rtol=1e-5, atol=1e-5)  # fmt: skip
-    except Exception:  # an op of another signature in this torch version
-        return None
+    # (whatever autocast or precision state the first caller is in)
+    with torch.no_grad(), torch.autocast("cpu", enabled=False):
+        ok = torch.allclose(op(x, w, b, "none", [], ""), nn.functional.linear(x, w, b),
+                            rtol=1e-5, atol=1e-5)  # fmt: skip
     return op if ok else None
+
+
+def _takes_linear_arguments() -> bool:
+    """Whether ``mkldnn::_linear_pointwise`` has the overload hookscope calls:
+    (X, W, B, attr, scalars, algorithm)."""
+    schemas = torch._C._jit_get_schemas_for_operator("mkldnn::_linear_pointwise")
+    wanted = ["X", "W", "B", "attr", "scalars", "algorithm"]
+    return any([a.name for a in s.arguments] == wanted for s in schemas)
 
 
 def _onednn_allowed() -> bool:

@@ -47,7 +47,6 @@ repetition of the input.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
@@ -59,6 +58,13 @@ from hookscope.adapters.base import submodule
 from hookscope.adapters.transformer import TransformerAdapter
 from hookscope.addresses import Slot, parse
 from hookscope.errors import InputError
+from hookscope.hf_compat import (
+    cache_kv,
+    kv_cache_candidates,
+    kv_cache_filled,
+    kv_cache_found,
+    new_cache,
+)
 from hookscope.interventions._forward_edits import (
     Probe,
     at_read_position,
@@ -77,6 +83,7 @@ from hookscope.interventions._forward_edits import (
 from hookscope.interventions._inputs import is_causal_lm
 from hookscope.interventions.metrics import Metric, Unembed
 from hookscope.model import HookedModel
+from hookscope.scope import Scope
 
 __all__ = ["StackedRunner"]
 
@@ -105,6 +112,8 @@ class StackedRunner:
         self.last_out_proj: nn.Module | None = None
         self.linear_tail = False
         self.causal = False
+        # keywords to pass the key/value cache under (hf_compat.kv_cache_candidates)
+        self.kv_keywords: tuple[str, ...] = ()
         self.prefix_kv: list[tuple[Tensor, Tensor]] | None = None  # base rows' keys, values
         self.base_hidden: Tensor | None = None  # base rows' unembedding input
         # linear layers computed by oneDNN in this runner's forwards (see fast_linears)
@@ -122,10 +131,10 @@ class StackedRunner:
                 not adapter.spec.sequential_residual(model.model)
                 and adapter.spec.attn_out_module is None
             )
-            self.causal = (
-                is_causal_lm(model)
-                and "past_key_values" in inspect.signature(model.model.forward).parameters
-            )
+            # the keyword under which the model takes a key/value cache (None: it takes none)
+            if is_causal_lm(model):
+                self.kv_keywords = kv_cache_candidates(model.model)
+            self.causal = bool(self.kv_keywords)
         # the position each base row's metric reads (absolute), if one per row
         position = getattr(metric, "single_position", None)
         self.read_position: Tensor | None = None
@@ -170,54 +179,51 @@ class StackedRunner:
         def record_input(i: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
             block_inputs[i] = rows_of(args[0] if args else kwargs["hidden_states"], rows)
 
-        handles = []
-        for i, block in enumerate(self.blocks or []):
-            handles.append(
-                block.register_forward_hook(
-                    lambda module, args, out, i=i: records.__setitem__(i, rows_of(out, rows))
-                )
-            )
-            handles.append(
-                block.register_forward_pre_hook(partial(record_input, i), with_kwargs=True)
-            )
         probe = Probe(self.unembed.module) if self.readout(uses_logits) else None
         seen: dict[str, Tensor] = {}  # with full logits: the unembedding's input and output
-        if self.unembed is not None and probe is None:
-            handles.append(
-                self.unembed.module.register_forward_hook(
-                    lambda module, args, out: seen.update(hidden=args[0], logits=out)
-                )
-            )
         kwargs: dict[str, Any] = {}
 
         def forward() -> tuple[Any, Any]:
-            kwargs.clear()
-            if self.causal:  # a fresh cache each time: it keeps the keys and values
-                from transformers import DynamicCache
+            # a fresh key/value cache each time (it keeps the base rows' keys and values),
+            # under the first keyword this model's forward fills (hf_compat)
+            tried = self.kv_keywords
+            for keyword in tried or (None,):
+                kwargs.clear()
+                if keyword is not None:
+                    kwargs.update({keyword: new_cache(), "use_cache": True})
+                with torch.no_grad():
+                    result = self.model.run_with_cache(inputs, names=names, **kwargs)
+                n_blocks, n_pos = len(self.blocks or []), inputs.shape[-1]
+                if keyword is None or kv_cache_filled(kwargs[keyword], n_blocks, n_pos):
+                    break
+            else:
+                keyword = None  # no keyword filled a cache: no prefix skipping
+            if tried:
+                kv_cache_found(self.model.model, keyword)
+            self.kv_keywords = () if keyword is None else (keyword,)
+            self.causal = keyword is not None
+            return result
 
-                kwargs.update(past_key_values=DynamicCache(), use_cache=True)
-                try:
-                    with torch.no_grad():
-                        return self.model.run_with_cache(inputs, names=names, **kwargs)
-                except Exception:  # a transformers version whose model takes no Cache object
-                    self.causal = False
-                    kwargs.clear()
-            with torch.no_grad():
-                return self.model.run_with_cache(inputs, names=names, **kwargs)
-
-        if probe is not None:
-            for module, fn in self._read_position_only([parse(name).slot for name in names]):
-                handles.append(module.register_forward_pre_hook(fn, with_kwargs=True, prepend=True))
-        try:
+        with Scope() as scope:
+            for i, block in enumerate(self.blocks or []):
+                scope.forward_hook(
+                    block, lambda module, args, out, i=i: records.__setitem__(i, rows_of(out, rows))
+                )
+                scope.pre_hook(block, partial(record_input, i), with_kwargs=True)
+            if self.unembed is not None and probe is None:
+                scope.forward_hook(
+                    self.unembed.module,
+                    lambda module, args, out: seen.update(hidden=args[0], logits=out),
+                )
+            if probe is not None:
+                for module, fn in self._read_position_only([parse(name).slot for name in names]):
+                    scope.pre_hook(module, fn, with_kwargs=True, prepend=True)
             with forward_replaced({**self.linears, **({probe.module: probe} if probe else {})}):
                 out, cache = forward()
             if probe is not None and not probe.matches(out):
                 self.unembed = None  # the logits are post-processed: read full logits
                 with forward_replaced(self.linears):
                     out, cache = forward()
-        finally:
-            for handle in handles:
-                handle.remove()
         if self.blocks is not None and all(r is not None for r in records + block_inputs):
             self.records, self.inputs = records, block_inputs
         if self.unembed is not None and probe is not None:
@@ -234,9 +240,9 @@ class StackedRunner:
                 self.base_hidden = seen["hidden"][rows]
             else:
                 self.unembed = None
-        layers = getattr(kwargs.get("past_key_values"), "layers", None)
-        if self.causal and layers is not None and len(layers) == len(self.blocks or []):
-            self.prefix_kv = [(layer.keys[rows], layer.values[rows]) for layer in layers]
+        kv = cache_kv(kwargs[self.kv_keywords[0]]) if self.causal else None
+        if kv is not None and len(kv) == len(self.blocks or []):
+            self.prefix_kv = [(keys[rows], values[rows]) for keys, values in kv]
         return out, cache
 
     def can_skip_prefix(self, uses_logits: bool = False) -> bool:
@@ -309,23 +315,19 @@ class StackedRunner:
         kwargs: dict[str, Any] = {}
         if prefix:
             rows_at = [self.batch * sum(k for s, k, _ in groups if s <= i) for i in range(n_blocks)]  # type: ignore[operator]
-            kwargs = {"past_key_values": self._prefix_cache(rows_at, prefix), "use_cache": True}
+            kwargs = {self.kv_keywords[0]: self._prefix_cache(rows_at, prefix), "use_cache": True}
         readout = self.readout(uses_logits)
         if readout:
             replace[self.unembed.module] = identity  # type: ignore[union-attr]
             if first < n_blocks:
                 pre_hooks += self._read_position_only(slots, prefix)
-        handles = []
-        try:
+        with Scope() as scope:
             for module, fn in reversed(pre_hooks):  # prepended: the first listed runs first
-                handles.append(module.register_forward_pre_hook(fn, with_kwargs=True, prepend=True))
+                scope.pre_hook(module, fn, with_kwargs=True, prepend=True)
             for module, fn in out_hooks:
-                handles.append(module.register_forward_hook(fn, prepend=True))
+                scope.forward_hook(module, fn, prepend=True)
             with forward_replaced(replace), torch.no_grad():
                 out = self.model.run_with_hooks(self.base[:, cut], hooks=hooks, **kwargs)
-        finally:
-            for handle in handles:
-                handle.remove()
         if prefix:  # positions before the prefix are the base run's
             out = torch.cat([repeat(self.base_hidden[:, :prefix], n), out], dim=1)  # type: ignore[index]
         return self.values(out, n, hidden=readout)
@@ -359,9 +361,7 @@ class StackedRunner:
     def _prefix_cache(self, rows_at: list[int], prefix: int) -> Any:
         """A key-value cache holding the base rows' first ``prefix`` positions, repeated to
         ``rows_at[i]`` rows at layer ``i``."""
-        from transformers import DynamicCache
-
-        cache = DynamicCache()
+        cache = new_cache()
         for i, (keys, values) in enumerate(self.prefix_kv):  # type: ignore[arg-type]
             k = max(1, rows_at[i] // self.batch)
             cache.update(repeat(keys[:, :, :prefix], k), repeat(values[:, :, :prefix], k), i)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import hookscope as hs
+from hookscope import hf_compat
 from hookscope import interventions as iv
 from hookscope.addresses import slot_address
 from hookscope.interventions._stacked import StackedRunner
@@ -171,7 +172,9 @@ def _record_calls(hf, n_layers=2):
                 )
             )
     handles.append(
-        hf.lm_head.register_forward_hook(lambda m, a, o: seen["lm_head"].append(o.shape))
+        hf.get_output_embeddings().register_forward_hook(
+            lambda m, a, o: seen["lm_head"].append(o.shape)
+        )
     )
     return seen, handles
 
@@ -407,21 +410,22 @@ def test_overlapping_head_patches_in_one_job_are_not_added_twice():
     )
 
 
-def test_a_model_that_takes_no_cache_object_keeps_every_position():
-    """Older transformers versions' models do not accept a Cache object; the runner then
-    turns the position shortcut off instead of failing."""
+def test_a_model_that_ignores_the_cache_object_keeps_every_position():
+    """A forward that takes the cache keyword but does not fill the cache (as a model of an
+    unforeseen transformers version might): the runner sees the empty cache and turns the
+    position shortcut off, and the scores stay exact."""
     import functools
 
     hf = builders.tiny_gpt2()
     forward = hf.forward
 
     @functools.wraps(forward)
-    def no_cache(*args, **kwargs):
-        if kwargs.get("past_key_values") is not None:
-            raise KeyError("Cache only has 0 layers")
+    def ignores_cache(*args, **kwargs):
+        for keyword in hf_compat.KV_KEYWORDS:
+            kwargs.pop(keyword, None)
         return forward(*args, **kwargs)
 
-    hf.forward = no_cache
+    hf.forward = ignores_cache
     model = hs.HookedModel.wrap(hf)
     clean, corrupted = _inputs(int(model.cfg.d_vocab))
     metric = iv.logit_diff(5, 9)
@@ -434,6 +438,11 @@ def test_a_model_that_takes_no_cache_object_keeps_every_position():
     torch.testing.assert_close(
         res.flat * (b["clean"] - b["corrupted"]) + b["corrupted"], reference, atol=2e-6, rtol=1e-5
     )
+    runner = StackedRunner(model, clean, metric)
+    runner.baseline(torch.cat([clean, corrupted]), slice(0, 1), ["resid_pre.0"], False)
+    assert not runner.can_skip_prefix() and runner.records is not None
+    # the patched instance forward is not remembered for the class
+    assert hf_compat.kv_cache_candidates(builders.tiny_gpt2())
 
 
 @pytest.mark.parametrize("name", ["neox_parallel", "gpt2", "llama_gqa", "gemma3"])
