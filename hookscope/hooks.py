@@ -4,9 +4,10 @@ A call plans, per :class:`~hookscope.addresses.Slot`, which user hooks run there
 the value is cached, stashed (for a derived site) or needs its gradient. Slots are grouped
 by the module event they live on (one module's output, or its input), and each group gets
 exactly one torch hook, so a full cache of a 6-layer model costs a few dozen Python calls.
-:func:`installed` registers those hooks and removes exactly them (and nothing of the
-user's) when its block ends, however it ends: a hook that raises, a forward that raises,
-a KeyboardInterrupt.
+:class:`installed` registers those hooks through a :class:`~hookscope.scope.Scope` and
+removes exactly them (and nothing of the user's) when its block ends, however it ends: a
+hook that raises, a forward that raises, a KeyboardInterrupt, also one arriving while the
+hooks are being registered or removed. The hooks act only in the thread that installed them.
 
 At an event the module tensor ``T`` is viewed as each slot's tensor; a user hook receives
 that view (or the view of one head/neuron) and may return a replacement. The first
@@ -16,8 +17,7 @@ writes through the view, so only the addressed head or neuron changes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from hookscope.adapters.base import Tap, output_tensor, submodule
 from hookscope.addresses import _SLOT_ORDER, Address, Slot
 from hookscope.errors import HookError
+from hookscope.scope import Scope, protected
 
 __all__ = ["HookFn", "SlotPlan", "Run", "Wiring", "wire", "installed"]
 
@@ -99,6 +100,14 @@ def _identity(t: Tensor) -> Tensor:
 
 
 def _check_replacement(ret: object, act: Tensor, address: Address) -> Tensor:
+    """``ret`` if it can replace ``act``, else HookError.
+
+    It must be a tensor of ``act``'s shape holding real data. A floating replacement of
+    another floating dtype is cast to the activation's dtype, and one on another device is
+    copied to the activation's device (both as ``Tensor.copy_`` does); a complex, boolean
+    or integer replacement of a floating activation is refused, since the copy would drop
+    the imaginary part or reinterpret a mask or an index as values.
+    """
     if not isinstance(ret, Tensor):
         raise HookError(
             f"hook on {address} returned {type(ret).__name__}; return a tensor of shape "
@@ -107,6 +116,23 @@ def _check_replacement(ret: object, act: Tensor, address: Address) -> Tensor:
     if ret.shape != act.shape:
         raise HookError(
             f"hook on {address} returned shape {tuple(ret.shape)} but the activation has shape {tuple(act.shape)}"
+        )
+    if ret.is_meta and not act.is_meta:
+        raise HookError(
+            f"hook on {address} returned a meta tensor (a shape without data); return a tensor "
+            f"with values on {act.device}, e.g. torch.zeros_like(act)"
+        )
+    if ret.is_complex() and not act.is_complex():
+        raise HookError(
+            f"hook on {address} returned a complex tensor ({ret.dtype}) for a {act.dtype} "
+            "activation; copying it would drop the imaginary part: return a real tensor "
+            "(e.g. ret.real or ret.abs())"
+        )
+    if act.is_floating_point() and not (ret.is_floating_point() or ret.is_complex()):
+        raise HookError(
+            f"hook on {address} returned a {ret.dtype} tensor for a {act.dtype} activation; "
+            f"return floating values (a floating tensor is cast to {act.dtype}; a mask or an "
+            "index tensor is not an activation)"
         )
     return ret
 
@@ -264,25 +290,37 @@ def wire(plans: list[SlotPlan]) -> Wiring:
     return [(path, event, group) for (path, event, _), group in groups.items()]
 
 
-@contextmanager
-def installed(root: nn.Module, wiring: Wiring, run: Run) -> Iterator[Run]:
-    """Register one torch hook per module event of ``wiring``; remove exactly them on exit."""
-    with ExitStack() as stack:
-        pattern: dict[nn.Module, Callable[[Tensor], Tensor]] = {}
-        for path, event, group in wiring:
-            module = submodule(root, path)
-            if event == "output":
-                handle = module.register_forward_hook(partial(_forward_hook, group, run))
-            elif event == "input":
-                handle = module.register_forward_pre_hook(
-                    partial(_pre_hook, group, run), with_kwargs=True
-                )
-            else:
-                pattern[module] = partial(_pattern_handler, group, run)
-                continue
-            stack.callback(handle.remove)
-        if pattern:
-            from hookscope.adapters.hf_attention import pattern_handlers
+class installed:
+    """``with installed(root, wiring, run):`` one torch hook per module event of ``wiring``
+    (and, for pattern sites, hookscope's attention routing) for the block, acting in this
+    thread only; exactly those are removed on exit, however the block ends (see
+    :mod:`hookscope.scope`). The block gets ``value`` if given, else ``run``."""
 
-            stack.enter_context(pattern_handlers(root, pattern))
-        yield run
+    def __init__(self, root: nn.Module, wiring: Wiring, run: Run, value: object = None):
+        self.root, self.wiring, self.run = root, wiring, run
+        self.value = run if value is None else value
+        self.scope = Scope()
+
+    @protected(rollback=lambda self: self.scope.close())
+    def __enter__(self) -> object:
+        scope = self.scope
+        scope.open()
+        pattern: dict[nn.Module, Callable[[Tensor], Tensor]] = {}
+        for path, event, group in self.wiring:
+            module = submodule(self.root, path)
+            if event == "output":
+                scope.forward_hook(module, partial(_forward_hook, group, self.run))
+            elif event == "input":
+                scope.pre_hook(module, partial(_pre_hook, group, self.run), with_kwargs=True)
+            else:
+                pattern[module] = partial(_pattern_handler, group, self.run)
+        if pattern:
+            from hookscope.adapters.hf_attention import route_patterns
+
+            route_patterns(scope, self.root, pattern)
+        return self.value
+
+    @protected()
+    def __exit__(self, *exc: object) -> bool:
+        self.scope.close()
+        return False

@@ -30,7 +30,8 @@ TOKS = torch.randint(0, 500, (1, 6), generator=torch.Generator().manual_seed(0))
 def _clean(hf, before):
     assert _hook_count(hf) == before
     assert hf.config._attn_implementation == "sdpa"
-    assert hf_attention._HANDLERS == {}
+    assert hf_attention.active_switches() == 0
+    assert not any(hf_attention.ATTR in m.__dict__ for m in hf.modules())
 
 
 def _boom(act, address):
@@ -68,7 +69,7 @@ def test_forward_that_raises_leaves_nothing(neox):
     try:
         with pytest.raises(RuntimeError, match="forward broke"):
             model.run_with_cache(TOKS)  # pattern included: attention switched to hookscope's
-        assert hf.config._attn_implementation == "sdpa" and hf_attention._HANDLERS == {}
+        assert hf.config._attn_implementation == "sdpa" and not hf_attention.active_switches()
         assert _hook_count(hf) == before + 1
     finally:
         broken.remove()
@@ -112,7 +113,10 @@ def test_nested_pattern_contexts_restore_in_order(neox):
     with model.hooks([("head.0.pattern", lambda act, a: None)]):
         _, cache = model.run_with_cache(TOKS, names="head.1.pattern")
         assert hf.config._attn_implementation == hf_attention.NAME
-        assert len(hf_attention._HANDLERS) == 1
+        assert hf_attention.active_switches() == 1
+        # only the outer context's handler remains on layer 0's attention module
+        assert len(hf.gpt_neox.layers[0].attention.__dict__[hf_attention.ATTR]) == 1
+        assert hf_attention.ATTR not in hf.gpt_neox.layers[1].attention.__dict__
     _clean(hf, 1)
     assert cache["head.1.pattern"].shape == (1, 4, 6, 6)
 
