@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from hookscope._checks import as_device, as_dtype
 from hookscope.addresses import (
     Address,
     Selection,
@@ -180,9 +181,15 @@ class ActivationCache(Mapping):
         return self.grads[key]
 
     def to(
-        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+        self, device: torch.device | str | None = None, dtype: torch.dtype | str | None = None
     ) -> ActivationCache:
-        """A copy of the cache on ``device`` / in ``dtype`` (floating tensors only change dtype)."""
+        """A copy of the cache on ``device`` / in ``dtype`` (floating tensors only change dtype).
+
+        ``device``: one this machine has (``"cpu"``, ``"cuda"``, ...); ``dtype``: a torch
+        floating dtype or one of float32, float16, bfloat16, float64. Anything else raises
+        InputError naming the choices.
+        """
+        device, dtype = as_device(device), as_dtype(dtype)
 
         def move(t: Tensor) -> Tensor:
             return t.to(

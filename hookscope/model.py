@@ -11,13 +11,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from hookscope._checks import (
+    DTYPES,
+    as_device,
+    as_dtype,
+    describe_signature,
+    takes_positional,
+)
 from hookscope.adapters import make_adapter
 from hookscope.adapters.base import Adapter
 from hookscope.adapters.transformer import TransformerAdapter
@@ -37,23 +43,27 @@ from hookscope.errors import (
     AddressError,
     AddressParseError,
     InputError,
-    ModelLoadError,
     format_choices,
     suggestion,
 )
 from hookscope.hooks import HookFn, Run, SlotPlan, Wiring, installed, wire
+from hookscope.model_inputs import (
+    aligned,
+    check_hooks,
+    check_keywords,
+    checked_input,
+    is_int_nest,
+    is_texts,
+    short,
+    token_ids,
+)
 
 __all__ = ["HookedModel"]
 
 HookSpec = tuple[Any, HookFn]
 #: slot kinds cached when run_with_cache gets names=None (per-head 'result' is opt-in)
 _DEFAULT_EXCLUDED = ("result", "module")
-_DTYPES = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-}
+_DTYPES = DTYPES  # the dtype names every dtype= argument accepts
 
 
 class _Dims:
@@ -104,34 +114,32 @@ class HookedModel:
         """Load a Hugging Face model (hub name or local folder) through transformers.
 
         The model is put in eval mode. ``dtype`` is a torch dtype or one of float32, float16,
-        bfloat16, float64. A folder without tokenizer files gives ``tokenizer=None``. ``head``
-        picks the model class: ``causal_lm``, ``masked_lm``, ``none`` (the bare encoder/decoder,
-        no logits) or ``auto`` (from the config's ``architectures``; causal LM if unnamed).
-        """
-        import transformers
+        bfloat16, float64; ``device`` a device this torch can use (``"cpu"``, ``"cuda:0"``, ...).
+        ``head`` picks the model class: ``causal_lm``, ``masked_lm``, ``none`` (the bare
+        encoder/decoder, no logits) or ``auto`` (from the config's ``architectures``; causal LM
+        if unnamed).
 
-        torch_dtype = _dtype(dtype)
-        try:
-            config = transformers.AutoConfig.from_pretrained(name_or_path, **hf_kwargs)
-        except (OSError, ValueError) as err:
-            raise ModelLoadError(
-                f"could not load a model config from {name_or_path!r}: {err}. Pass a local folder made by "
-                "save_pretrained, or make the Hugging Face hub (or its cache) reachable."
-            ) from None
-        auto = _auto_class(transformers, config, head)
-        try:
-            model = auto.from_pretrained(name_or_path, dtype=torch_dtype, **hf_kwargs)
-        except (OSError, ValueError) as err:
-            raise ModelLoadError(f"could not load weights from {name_or_path!r}: {err}") from None
-        model.eval()
-        if device is not None:
-            model.to(device)
-        tok = None
-        if tokenizer:
-            try:
-                tok = transformers.AutoTokenizer.from_pretrained(name_or_path, **hf_kwargs)
-            except (OSError, ValueError, TypeError):
-                tok = None
+        Tokenizer: a folder without tokenizer files gives ``tokenizer=None`` (transformers
+        would build an empty one from the config alone; a tokenizer holding only special
+        tokens counts as none for hub names too); ``tokenizer=False`` skips it. Tokenizer
+        files in a folder that do not load raise ModelLoadError naming them; a hub repo whose
+        tokenizer does not load gives ``tokenizer=None`` with a UserWarning saying why.
+
+        ``hf_kwargs`` go to transformers' ``from_pretrained`` (config, model and tokenizer),
+        with these rules: hookscope never unpickles arbitrary objects, so ``weights_only=False``
+        raises InputError (convert the checkpoint to safetensors; ``.bin`` files are read only
+        through torch's restricted ``weights_only`` loader); ``torch_dtype=`` raises InputError
+        (use ``dtype=``); ``trust_remote_code=True`` is allowed, because some architectures
+        need it, but it runs the repository's own Python code with your privileges, so it
+        warns (``UserWarning``) on every call.
+
+        Errors are ModelLoadError saying what to do: a zoo name (``"digits-cnn"``) points to
+        ``hookscope.zoo.load``; a path that does not exist says so; a missing, truncated or
+        corrupt config, weights or tokenizer file is named.
+        """
+        from hookscope.loading import load_pretrained
+
+        model, tok = load_pretrained(name_or_path, device, dtype, tokenizer, head, hf_kwargs)
         return cls(model, make_adapter(model, adapter), tok)
 
     # ------------------------------------------------------------------ facts
@@ -197,13 +205,23 @@ class HookedModel:
         return self.tokenizer
 
     def _tokenize(self, text: str | Sequence[str]) -> dict[str, Tensor]:
+        if not is_texts(text):
+            what = type(text).__name__ if not isinstance(text, (list, tuple)) else "a list"
+            raise InputError(
+                f"text input must be a string or a non-empty list of strings, got {what} "
+                f"{short(text)}; token ids go to the model directly (a LongTensor [batch, pos])"
+            )
         tok = self._need_tokenizer()
         text = [text] if isinstance(text, str) else list(text)
-        if not text or not all(isinstance(t, str) for t in text):
-            raise InputError("text input must be a string or a non-empty list of strings")
         rows = tok(list(text))["input_ids"]  # padded here, on the right, whatever the
         # tokenizer's own padding side, so positions mean the same in every row; with its
         # pad token, else its eos token, else 0 (the mask marks padding either way)
+        empty = [i for i, r in enumerate(rows) if not r]
+        if empty:
+            raise InputError(
+                f"text {text[empty[0]]!r} (row {empty[0]}) gives no tokens; every row needs at "
+                "least one token"
+            )
         width = max(len(r) for r in rows)
         pad = next((p for p in (tok.pad_token_id, tok.eos_token_id) if p is not None), 0)
         ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long)
@@ -217,43 +235,63 @@ class HookedModel:
 
     def to_string(self, tokens: Tensor | Sequence[int]) -> str | list[str]:
         """Decode ids: [pos] -> str, [batch, pos] -> list of str."""
+        t = token_ids(tokens, "to_string")
         tok = self._need_tokenizer()
-        t = torch.as_tensor(tokens)
         if t.ndim == 2:
             return [tok.decode(row) for row in t.tolist()]
         return tok.decode(t.tolist())
 
-    def to_str_tokens(self, text: str | Tensor) -> list[str]:
-        """Each token of one sequence as a string."""
+    def to_str_tokens(self, text: str | Tensor | Sequence[int]) -> list[str]:
+        """Each token of one sequence as a string (a text, or ids [pos] / [1, pos])."""
         tok = self._need_tokenizer()
-        ids = (
-            self.to_tokens(text)[0] if isinstance(text, str) else torch.as_tensor(text).reshape(-1)
-        )
+        if isinstance(text, str):
+            ids = self.to_tokens(text)[0]
+        else:
+            ids = token_ids(text, "to_str_tokens")
+            if ids.ndim == 2 and ids.shape[0] != 1:
+                raise InputError(
+                    f"to_str_tokens takes one sequence (a text, ids [pos] or [1, pos]), got ids "
+                    f"of shape {tuple(ids.shape)}; use to_string for a batch"
+                )
+            ids = ids.reshape(-1)
         return [tok.decode([i]) for i in ids.tolist()]
 
     # ------------------------------------------------------------------ forward
     def _prepare(self, inputs: Any, kwargs: dict) -> tuple[tuple, dict]:
+        """The module's ``(args, kwargs)`` for ``inputs``; every check runs here, before the
+        module is called. Floating inputs (images) are cast to the model's parameter dtype
+        (float64 images into a float32 CNN just work); token ids are never changed. A
+        keyword the module's forward does not take raises InputError (a Hugging Face model
+        would ignore it); an attention mask must have the input ids' shape."""
         is_hf = hasattr(self.model, "config") and hasattr(self.model.config, "model_type")
-        if _is_texts(inputs):
+        kwargs = dict(kwargs)
+        if is_texts(inputs):
             enc = self._tokenize(inputs)
             kwargs = {**{k: v.to(self.device) for k, v in enc.items()}, **kwargs}
             inputs = kwargs.pop("input_ids")
         elif isinstance(inputs, Mapping):
             kwargs = {**{k: v for k, v in inputs.items() if k != "input_ids"}, **kwargs}
             if "input_ids" not in inputs:
-                raise InputError(f"a dict input needs 'input_ids'; got keys {sorted(inputs)}")
+                raise InputError(
+                    f"a dict input needs 'input_ids' (and may hold attention_mask); got keys "
+                    f"{sorted(inputs)}"
+                )
             inputs = inputs["input_ids"]
-        if isinstance(inputs, (list, tuple)) and _is_int_nest(inputs):
+        if isinstance(inputs, (list, tuple)) and is_int_nest(inputs):
             inputs = torch.tensor(inputs, dtype=torch.long)
         if not isinstance(inputs, Tensor):
             raise InputError(
-                f"model input must be a tensor, a string or a list of strings, got {type(inputs).__name__}"
+                "model input must be a tensor, a string or a list of strings, got "
+                f"{type(inputs).__name__} {short(inputs)} (token ids may also be a list of "
+                "equal-length lists of ints)"
             )
-        token_model = isinstance(self.adapter, TransformerAdapter) and self.adapter.spec.token_input
-        if token_model and inputs.ndim == 1:
-            inputs = inputs.unsqueeze(0)
-        self.adapter.check_input(inputs)
-        inputs = inputs.to(self.device)
+        inputs = checked_input(self, inputs)
+        check_keywords(self.model, kwargs, is_hf)
+        for key in ("attention_mask", "token_type_ids"):
+            if key in kwargs:
+                kwargs[key] = aligned(key, kwargs[key], inputs).to(self.device)
+        cast = self.dtype if inputs.is_floating_point() and self.dtype.is_floating_point else None
+        inputs = inputs.to(device=self.device, dtype=cast)
         if is_hf:
             kwargs.setdefault("use_cache", False)
         return (inputs,), kwargs
@@ -341,7 +379,7 @@ class HookedModel:
                 plans[slot] = plan
             return plan
 
-        for entry in _check_hooks(hooks):
+        for entry in check_hooks(hooks):
             spec, fn = entry
             for address in iter_addresses(spec, self._dims, allow=self.adapter.check):
                 pos = (
@@ -412,8 +450,16 @@ class HookedModel:
         run too (the cache holds values after them). Runs under ``torch.no_grad()`` unless
         ``backward`` is given: then ``backward(output)`` must be a scalar and the cache's
         ``.grads`` (and ``cache.grad(address)``) hold its gradient at every cached address.
-        ``device``/``dtype`` move the cache once at the end.
+        ``device``/``dtype`` move the cache once at the end (a device this machine has; a
+        dtype as for ``from_pretrained``: float32, float16, bfloat16, float64).
         """
+        device, dtype = as_device(device), as_dtype(dtype)
+        if backward is not None and not (callable(backward) and takes_positional(backward, 1)):
+            raise InputError(
+                "backward must be a callable output -> scalar tensor (e.g. a Metric from "
+                f"hookscope.interventions, or lambda logits: logits[0, -1, 5]), got "
+                f"{describe_signature(backward) if callable(backward) else repr(backward)}"
+            )
         slots, requested, wiring, layout = self._prepare_cache(names, hooks, backward is not None)
         run = Run()
         value = None
@@ -428,6 +474,12 @@ class HookedModel:
                     raise InputError(
                         f"backward must return a scalar tensor, got "
                         f"{tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__}"
+                    )
+                if run.grad_targets and not value.requires_grad:
+                    raise InputError(
+                        "backward's value does not depend differentiably on the model output "
+                        "(computed under no_grad, detached, or through .item()/argmax?); return "
+                        "a scalar computed from the output, e.g. lambda logits: logits[0, -1, 42]"
                     )
                 grads = run.gradients(value.reshape(()))
         grad_cache = ActivationCache(grads, layout, requested) if grads is not None else None
@@ -447,20 +499,10 @@ class HookedModel:
         with installed(self.model, wire(self._plans(hooks)), Run()):
             return self._forward(inputs, kwargs)
 
-    @contextmanager
-    def hooks(self, hooks: Sequence[HookSpec]) -> Iterator[HookedModel]:
-        """Keep ``hooks`` on the model for the ``with`` block (every call inside uses them)."""
-        with installed(self.model, wire(self._plans(hooks)), Run()):
-            yield self
-
-
-def _is_texts(x: Any) -> bool:
-    """A string, or a sized sequence of strings (list, tuple, a datasets column, ...)."""
-    if isinstance(x, str):
-        return True
-    if isinstance(x, (Tensor, Mapping)) or not hasattr(x, "__len__") or not hasattr(x, "__iter__"):
-        return False
-    return len(x) > 0 and all(isinstance(t, str) for t in x)
+    def hooks(self, hooks: Sequence[HookSpec]) -> installed:
+        """Keep ``hooks`` on the model for the ``with`` block (every call inside, in this
+        thread, uses them): ``with model.hooks([...]) as m: m(tokens)``."""
+        return installed(self.model, wire(self._plans(hooks)), Run(), value=self)
 
 
 def _names_key(names: Any) -> tuple:
@@ -472,66 +514,3 @@ def _names_key(names: Any) -> tuple:
     if isinstance(names, (list, tuple)):
         return tuple(str(n) if isinstance(n, (str, Address, Selection)) else hash(n) for n in names)
     raise TypeError("not memoisable")
-
-
-def _is_int_nest(x: Any) -> bool:
-    """A non-empty list of ints, or of equal-length lists of ints (token ids)."""
-    if not x:
-        return False
-    if all(isinstance(i, int) and not isinstance(i, bool) for i in x):
-        return True
-    return (
-        all(isinstance(r, (list, tuple)) and r and _is_int_nest(r) for r in x)
-        and len({len(r) for r in x}) == 1
-    )
-
-
-def _check_hooks(hooks: Any) -> list[HookSpec]:
-    if isinstance(hooks, tuple) and len(hooks) == 2 and callable(hooks[1]):
-        hooks = [hooks]
-    try:
-        entries = list(hooks)
-    except TypeError:
-        raise InputError(
-            f"hooks must be a list of (address, fn) pairs, got {type(hooks).__name__}"
-        ) from None
-    for entry in entries:
-        if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and callable(entry[1])):
-            raise InputError(
-                f"each hook must be an (address, fn) pair with a callable fn, got {entry!r}"
-            )
-    return entries  # type: ignore[return-value]
-
-
-_HEADS = ("auto", "causal_lm", "masked_lm", "none")
-
-
-def _auto_class(transformers: Any, config: Any, head: str) -> Any:
-    if head not in _HEADS:
-        raise InputError(
-            f"unknown head {head!r}; choose one of {', '.join(_HEADS)}." + suggestion(head, _HEADS)
-        )
-    if head == "auto":
-        archs = " ".join(getattr(config, "architectures", None) or [])
-        if "MaskedLM" in archs:
-            head = "masked_lm"
-        elif archs and "CausalLM" not in archs and "LMHead" not in archs:
-            head = "none"
-        else:
-            head = "causal_lm"
-    return {
-        "causal_lm": transformers.AutoModelForCausalLM,
-        "masked_lm": transformers.AutoModelForMaskedLM,
-        "none": transformers.AutoModel,
-    }[head]
-
-
-def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise InputError(
-            f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}."
-            + suggestion(dtype, _DTYPES)
-        )
-    return _DTYPES[dtype]

@@ -20,38 +20,42 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from hookscope._checks import describe_signature, takes_positional
+from hookscope.adapters.base import submodule
 from hookscope.adapters.transformer import TransformerAdapter
+from hookscope.addresses import Slot
 from hookscope.errors import InputError
+from hookscope.interventions import metrics
 from hookscope.interventions.metrics import Metric
-from hookscope.model import HookedModel, _is_texts
+from hookscope.model import HookedModel
+from hookscope.model_inputs import checked_input, is_int_nest, is_texts
 
 
 def tokens_of(model: HookedModel, inputs: Any) -> tuple[Tensor, Tensor | None]:
     """``(inputs as a tensor, each row's length)``; lengths only where rows are padded
-    (texts of different token lengths, a tokenizer dict with padding), else None."""
-    if _is_texts(inputs):
+    (texts of different token lengths, a tokenizer dict with padding), else None. The
+    tensor passed the model's input checks (no forward runs)."""
+    if is_texts(inputs):
         enc = model._tokenize(inputs)
         ids, mask = enc["input_ids"].to(model.device), enc["attention_mask"]
     elif isinstance(inputs, Mapping):  # a tokenizer's output
         if "input_ids" not in inputs:
             raise InputError(f"a dict input needs 'input_ids'; got keys {sorted(inputs)}")
-        ids, mask = torch.as_tensor(inputs["input_ids"]), inputs.get("attention_mask")
-        ids = (ids[None] if ids.ndim == 1 else ids).to(model.device)
+        ids, mask = _as_ids(inputs["input_ids"]), inputs.get("attention_mask")
+        ids = checked_input(model, ids).to(model.device)  # a row [pos] becomes [1, pos]
         if mask is not None:
             mask = torch.as_tensor(mask)
-            if mask.numel() != ids.numel():
+            mask = mask[None] if mask.ndim == 1 and ids.shape[0] == 1 else mask
+            if mask.shape != ids.shape:
                 raise InputError(
-                    f"attention_mask {tuple(mask.shape)} does not match input_ids "
-                    f"{tuple(ids.shape)}"
+                    f"attention_mask has shape {tuple(mask.shape)} but input_ids has shape "
+                    f"{tuple(ids.shape)}; they must be equal (one entry per token)"
                 )
-            mask = mask.reshape(ids.shape)
-    elif isinstance(inputs, Tensor):
-        token_row = inputs.ndim == 1 and not inputs.is_floating_point()
-        return (inputs.unsqueeze(0) if token_row else inputs), None
     else:
-        return model.to_tokens(inputs), None
+        ids = checked_input(model, _as_ids(inputs))
+        return ids, None
     if mask is None:
         return ids, None
     mask = torch.as_tensor(mask).bool().cpu()
@@ -64,6 +68,19 @@ def tokens_of(model: HookedModel, inputs: Any) -> tuple[Tensor, Tensor | None]:
             "right-padded rows (padding after each row's last token), as to_tokens builds them"
         )
     return ids, lengths.to(ids.device)
+
+
+def _as_ids(inputs: Any) -> Tensor:
+    """A tensor input as it is; a list of equal-length lists of token ids as a LongTensor."""
+    if isinstance(inputs, Tensor):
+        return inputs
+    if isinstance(inputs, (list, tuple)) and is_int_nest(inputs):
+        return torch.tensor(inputs, dtype=torch.long)
+    raise InputError(
+        "inputs must be a tensor (token ids [batch, pos], or images for a vision model), a "
+        "string, a list of strings, a list of equal-length lists of token ids, or a tokenizer's "
+        f"dict; got {type(inputs).__name__}"
+    )
 
 
 def as_tokens(model: HookedModel, inputs: Any, what: str, advice: str) -> Tensor:
@@ -136,9 +153,86 @@ def causal_only(model: HookedModel, lengths: Tensor | None) -> Tensor | None:
     return lengths
 
 
-def fit_metric(metric: Any, lengths: Tensor | None) -> Any:
-    """``metric`` reading each padded row at its own tokens (:meth:`Metric.for_lengths`);
-    ``metric`` itself when nothing is padded."""
+#: what a sweep's ``metric`` may be (for messages)
+METRIC_CHOICES = (
+    "a Metric from hookscope.interventions (logit_diff, logit, prob or loss) or a callable "
+    "output -> scalar tensor"
+)
+
+#: each metric factory of :mod:`.metrics` as a call (for messages)
+_FACTORIES = {
+    "logit_diff": "iv.logit_diff(correct, incorrect)",
+    "logit": "iv.logit(token)",
+    "prob": "iv.prob(token)",
+    "loss": "iv.loss(tokens)",
+}
+
+
+def _check_metric(metric: Any) -> None:
+    """InputError unless ``metric`` is a :class:`Metric` or a callable of one argument."""
+    if isinstance(metric, Metric):
+        return
+    if isinstance(metric, str):
+        example = _FACTORIES.get(metric, _FACTORIES["logit_diff"])
+        raise InputError(
+            f"metric {metric!r} is a name, not a metric; build one, e.g. {example} "
+            f"(metric must be {METRIC_CHOICES})"
+        )
+    name = next((n for n in _FACTORIES if getattr(metrics, n) is metric), None)
+    if name is not None:
+        raise InputError(
+            f"metric is the function iv.{name} itself; call it to build the metric: "
+            f"{_FACTORIES[name]}"
+        )
+    if not callable(metric):
+        raise InputError(f"metric must be {METRIC_CHOICES}; got {type(metric).__name__}")
+    if not takes_positional(metric, 1):
+        raise InputError(
+            f"metric {describe_signature(metric)} cannot be called as metric(output); it must "
+            f"be {METRIC_CHOICES}"
+        )
+
+
+def output_shape(model: HookedModel, inputs: Tensor) -> tuple[int, ...] | None:
+    """The shape of the model's output for ``inputs``, where it is known without a forward:
+    ``[batch, pos, vocab]`` for a language model, ``[batch, classes]`` for a classifier
+    whose head reads one vector per input (a ViT's CLS token, flattened CNN features, an MLP
+    on [batch, features]); None when hookscope cannot tell."""
+    adapter = model.adapter
+    if "logits" not in adapter.slot_kinds():
+        return None
+    head = submodule(model.model, adapter.tap(Slot("logits")).module)
+    width = int(head.out_features) if isinstance(head, nn.Linear) else None
+    if width is None or inputs.ndim == 0:
+        return None
+    if isinstance(adapter, TransformerAdapter):
+        if adapter.spec.token_input:
+            return (inputs.shape[0], inputs.shape[-1], width) if inputs.ndim == 2 else None
+        return (inputs.shape[0], width)
+    flattens = any(
+        isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1
+        for m in model.model.modules()
+    )
+    return (inputs.shape[0], width) if flattens or inputs.ndim == 2 else None
+
+
+def fit_metric(
+    metric: Any,
+    lengths: Tensor | None,
+    model: HookedModel | None = None,
+    inputs: Tensor | None = None,
+) -> Any:
+    """The metric a sweep over ``inputs`` of ``model`` uses, checked before any forward:
+    a :class:`Metric` bound to the model (token strings resolved, :meth:`Metric.bind`) and
+    checked against the output the model will give (:meth:`Metric.check`: positions and
+    token ids in range); reading each padded row at its own tokens
+    (:meth:`Metric.for_lengths`) when rows have ``lengths``; ``metric`` itself otherwise."""
+    _check_metric(metric)
+    if isinstance(metric, Metric) and model is not None:
+        metric = metric.bind(model)
+        shape = output_shape(model, inputs) if inputs is not None else None
+        if shape is not None:
+            metric.check(shape)
     if lengths is None:
         return metric
     fitted = metric.for_lengths(lengths) if isinstance(metric, Metric) else None

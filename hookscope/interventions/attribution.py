@@ -27,23 +27,23 @@ from tqdm.auto import tqdm
 
 from hookscope.addresses import Slot, slot_address
 from hookscope.errors import InputError
+from hookscope.interventions._arguments import check_baselines, check_model
 from hookscope.interventions._forward_edits import Probe, forward_replaced
 from hookscope.interventions._inputs import fit_metric
+from hookscope.interventions._modes import EvalMode
 from hookscope.interventions._stacked import StackedRunner
 from hookscope.interventions.metrics import Metric
 from hookscope.interventions.patching import (
     _metric_value,
-    _sweep_dims,
     check_inputs,
     position_axis,
     resolve_positions,
 )
-from hookscope.interventions.result import PatchingResult
+from hookscope.interventions.result import PatchingResult, sweep_result
 from hookscope.model import HookedModel
+from hookscope.scope import Scope
 
 __all__ = ["attribution_patching"]
-
-DIRECTIONS = ("denoise", "noise")
 
 
 def attribution_patching(
@@ -66,14 +66,36 @@ def attribution_patching(
     estimate. Costs two forwards and one backward for any number of sites; no parameter
     ``.grad`` is touched.
 
+    The model runs in eval mode (gradients still flow; dropout is off) and every
+    submodule's training flag is restored afterwards, also when the call raises. Bad
+    arguments, NaN/Inf in float inputs and a metric that is NaN/Inf on the clean or
+    corrupted run raise an :class:`~hookscope.errors.InputError` before any estimate.
+
     >>> res = iv.attribution_patching(model, clean, corrupted, iv.logit_diff(a, b), "neuron.*.*")
     >>> res.top(20)   # candidates; check them with activation_patching
     """
+    check_model(model)
+    with EvalMode(model.model):
+        return _attribution_patching(
+            model, clean, corrupted, metric, sites, positions, direction, progress
+        )
+
+
+def _attribution_patching(
+    model: HookedModel,
+    clean: Any,
+    corrupted: Any,
+    metric: Metric | Callable[[Tensor], Tensor],
+    sites: Any,
+    positions: str | Sequence[int],
+    direction: str,
+    progress: bool,
+) -> PatchingResult:
+    """:func:`attribution_patching` (in eval mode)."""
     clean_t, corrupted_t, addresses, lengths = check_inputs(
-        model, clean, corrupted, sites, direction
+        model, clean, corrupted, sites, direction, positions
     )
-    metric = fit_metric(metric, lengths)  # padded rows: read at each row's own tokens
-    names, sizes = _sweep_dims(sites, model)
+    metric = fit_metric(metric, lengths, model, clean_t)  # checked; padded rows per row
     slot_names = list(dict.fromkeys(slot_address(a.slot) for a in addresses))
     base_t, source_t = (corrupted_t, clean_t) if direction == "denoise" else (clean_t, corrupted_t)
 
@@ -96,6 +118,10 @@ def attribution_patching(
     base_cache = _base_run(model, base_t, slot_names, metric, unembed)
     m_base = float(base_cache.backward_value)  # type: ignore[arg-type]
     m_clean, m_corrupted = (m_source, m_base) if direction == "denoise" else (m_base, m_source)
+    check_baselines(
+        {"clean": m_clean, "corrupted": m_corrupted},
+        {"clean": "the clean inputs", "corrupted": "the corrupted inputs"},
+    )
     normalised = isinstance(metric, Metric)
     if normalised and m_clean == m_corrupted:
         raise InputError(
@@ -105,7 +131,6 @@ def attribution_patching(
 
     acts = {name: source_cache[name] for name in slot_names}
     pos_list = resolve_positions(model, addresses, positions, acts, lengths)
-    jobs = [(a, p) for a in addresses for p in pos_list]
 
     # per address, the estimated change at each requested position: [address, position]
     deltas = torch.zeros(len(addresses), len(pos_list), dtype=torch.float64)
@@ -134,20 +159,11 @@ def attribution_patching(
     flat = m_base + deltas.reshape(-1)
     if normalised:
         flat = (flat - m_corrupted) / (m_clean - m_corrupted)
-    shape = sizes + ([len(pos_list)] if pos_list != [None] else [])
-    dims = tuple(names + (["pos"] if pos_list != [None] else []))
-    return PatchingResult(
-        scores=flat.reshape(shape) if shape else flat.reshape(()),
-        dims=dims,
-        jobs=jobs,
-        flat=flat,
-        method="attribution_patching",
-        direction=direction,
-        metric=getattr(metric, "name", getattr(metric, "__name__", "metric")),
-        normalised=normalised,
-        baselines={"clean": m_clean, "corrupted": m_corrupted},
-        higher_is_better=getattr(metric, "higher_is_better", True),
-    )
+    baselines = {"clean": m_clean, "corrupted": m_corrupted}
+    return sweep_result(
+        sites, addresses, pos_list, flat, metric, "attribution_patching", direction, normalised,
+        baselines,
+    )  # fmt: skip
 
 
 def _base_run(model: HookedModel, base_t: Tensor, slot_names: list[str], metric, unembed):
@@ -162,15 +178,13 @@ def _base_run(model: HookedModel, base_t: Tensor, slot_names: list[str], metric,
         stash.append(args[0])
         return (args[0][..., :0, :],)
 
-    handle = unembed.module.register_forward_pre_hook(cut)
-    try:
+    with Scope() as scope:
+        scope.pre_hook(unembed.module, cut)
         _, cache = model.run_with_cache(
             base_t,
             names=slot_names,
             backward=lambda out: metric.per_example_hidden(stash[-1], unembed).mean(),
         )
-    finally:
-        handle.remove()
     return cache
 
 

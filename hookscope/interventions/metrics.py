@@ -9,70 +9,199 @@ functions do).
 
 Outputs are logits ``[batch, pos, vocab]`` (language models) or ``[batch, classes]``
 (classifiers; pass ``position=None``). ``position`` is an int (same for every row) or a
-LongTensor ``[batch]`` (each row's answer position, e.g. ``ioi_tokens(...).end_pos``).
+list / LongTensor ``[batch]`` (each row's answer position, e.g. ``ioi_tokens(...).end_pos``);
+positions are never rounded (a float is an error). Answer tokens are ids or one-token
+strings (``logit_diff(" Mary", " John")``), which :meth:`Metric.bind` resolves with the
+model's tokenizer; sweeps bind and :meth:`Metric.check` their metric before any forward,
+so an id past the vocabulary or a position past the input is reported before anything runs.
 """
 
 from __future__ import annotations
 
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from hookscope.errors import InputError
 
-__all__ = ["Metric", "Unembed", "logit_diff", "logit", "prob", "loss"]
+if TYPE_CHECKING:
+    from hookscope.model import HookedModel
 
-TokenIds = int | Sequence[int] | Tensor
+__all__ = ["Metric", "Unembed", "TokenText", "logit_diff", "logit", "prob", "loss"]
+
+TokenIds = int | str | Sequence[int] | Sequence[str] | Tensor
 Position = int | Sequence[int] | Tensor | None
 
+_TOKEN_CHOICES = (
+    "a token id (int), a token string (one token of the model's tokenizer, e.g. ' Mary'), "
+    "or a list / 1-D integer tensor of them with one per row"
+)
+_POSITION_CHOICES = (
+    "an int (the same position in every row; negative counts from the end), a list / 1-D "
+    "integer tensor with one position per row, or None for [batch, classes] outputs"
+)
 
-def _ids(ids: TokenIds, what: str) -> Tensor:
-    t = torch.as_tensor(ids)
-    if t.is_floating_point() or t.ndim > 1:
+
+@dataclass(frozen=True)
+class TokenText:
+    """Answer tokens given as text (``" Mary"``), each to be exactly one token of the
+    model's tokenizer; :meth:`Metric.bind` turns them into ids."""
+
+    texts: tuple[str, ...]
+    one: bool  #: a single string: the same answer in every row
+
+    def __str__(self) -> str:
+        return repr(self.texts[0]) if self.one else repr(list(self.texts))
+
+    def ids(self, tokenizer: Any, what: str, name: str) -> Tensor:
+        """The token id of each text (a 0-d tensor for a single string)."""
+        if tokenizer is None:
+            raise InputError(
+                f"{name}: {what} {self} is text, but this model has no tokenizer; pass token "
+                "ids (ints), or wrap the model with tokenizer=..."
+            )
+        found = tokenizer(list(self.texts), add_special_tokens=False)["input_ids"]
+        for text, ids in zip(self.texts, found, strict=True):
+            if len(ids) != 1:
+                pieces = [tokenizer.decode([i]) for i in ids]
+                raise InputError(
+                    f"{name}: {what} {text!r} is {len(ids)} tokens with this tokenizer "
+                    f"({pieces}); an answer must be exactly one token: pass a text that is one "
+                    "token (mind the leading space) or its token id"
+                )
+        return torch.tensor(found[0][0] if self.one else [ids[0] for ids in found])
+
+
+def _ids(ids: TokenIds, what: str) -> Tensor | TokenText:
+    """Answer tokens as a LongTensor (0-d or 1-D) of ids >= 0, or as :class:`TokenText`."""
+    if isinstance(ids, str):
+        return TokenText((ids,), True)
+    if isinstance(ids, (list, tuple)) and ids and all(isinstance(t, str) for t in ids):
+        return TokenText(tuple(ids), False)
+    if isinstance(ids, (bool, float, complex, dict, set)) or ids is None:
+        raise InputError(f"{what} must be {_TOKEN_CHOICES}; got {ids!r}")
+    try:
+        t = torch.as_tensor(ids)
+    except (TypeError, ValueError, RuntimeError):
+        raise InputError(f"{what} must be {_TOKEN_CHOICES}; got {ids!r}") from None
+    if t.ndim == 1 and t.numel() == 0:
+        raise InputError(f"{what} is empty; it must be {_TOKEN_CHOICES}")
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool or t.ndim > 1:
+        raise InputError(f"{what} must be {_TOKEN_CHOICES}; got shape {tuple(t.shape)} {t.dtype}")
+    if t.numel() and int(t.min()) < 0:
+        raise InputError(f"{what} token ids must be >= 0; got {int(t.min())}")
+    return t.long()
+
+
+def _position(position: Position, what: str = "position") -> int | Tensor | None:
+    """``position`` as None, an int, or an integer tensor (one per row), never truncated."""
+    if position is None:
+        return None
+    if isinstance(position, numbers.Integral) and not isinstance(position, bool):
+        return int(position)
+    if isinstance(position, (bool, str, float, dict, set)):
+        raise InputError(f"{what} must be {_POSITION_CHOICES}; got {position!r}")
+    try:
+        t = torch.as_tensor(position)
+    except (TypeError, ValueError, RuntimeError):
+        raise InputError(f"{what} must be {_POSITION_CHOICES}; got {position!r}") from None
+    if t.ndim == 1 and t.numel() == 0:
+        raise InputError(f"{what} is empty; it must be {_POSITION_CHOICES}")
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool or t.ndim > 1:
         raise InputError(
-            f"{what} must be a token id or a list/1-D tensor of ids, got {tuple(t.shape)} {t.dtype}"
+            f"{what} must be {_POSITION_CHOICES}; got shape {tuple(t.shape)} {t.dtype} "
+            "(positions are never rounded)"
         )
     return t.long()
 
 
-def _at_position(output: Tensor, position: Position) -> Tensor:
+def _check_read(
+    name: str, shape: Sequence[int], position: int | Tensor | None, ids: dict[str, Any]
+) -> None:
+    """InputError unless a metric reading ``position`` and token ``ids`` fits an output of
+    ``shape`` ([batch, pos, vocab], or [batch, classes] when position is None)."""
+    shape = tuple(int(n) for n in shape)
+    if position is None:
+        if len(shape) != 2:
+            raise InputError(
+                f"{name}: position=None needs [batch, classes] output, got shape {shape}; "
+                "pass the position to read (an int, or one per row)"
+            )
+        batch, width, unit = shape[0], shape[1], "classes"
+    else:
+        if len(shape) != 3:
+            raise InputError(
+                f"{name}: output must be [batch, pos, vocab] to read position "
+                f"{_show(position)}, got shape {shape}; pass position=None for [batch, classes] "
+                "outputs (classifiers)"
+            )
+        batch, n_pos, width = shape
+        unit = "vocabulary entries"
+        if isinstance(position, int):
+            if not -n_pos <= position < n_pos:
+                raise InputError(
+                    f"{name}: position {position} out of range for {n_pos} positions "
+                    f"(valid: 0..{n_pos - 1}, or {-n_pos}..-1 counted from the end)"
+                )
+        else:
+            if tuple(position.shape) != (batch,):
+                raise InputError(
+                    f"{name}: position must be an int or one per row ({batch}), got shape "
+                    f"{tuple(position.shape)}"
+                )
+            bad = ((position < -n_pos) | (position >= n_pos)).nonzero().flatten().tolist()
+            if bad:
+                raise InputError(
+                    f"{name}: positions {position[bad].tolist()} of rows {bad} out of range for "
+                    f"{n_pos} positions (valid: 0..{n_pos - 1}, or {-n_pos}..-1 from the end)"
+                )
+    for what, t in ids.items():
+        if isinstance(t, TokenText):
+            raise InputError(
+                f"{name}: {what} {t} is text; resolve it with the model's tokenizer first: "
+                "metric.bind(model) (sweeps do this themselves), or pass token ids"
+            )
+        if t.ndim == 1 and t.shape[0] != batch:
+            raise InputError(
+                f"{name}: {t.shape[0]} {what} ids for a batch of {batch}; give one id for "
+                "every row or one per row"
+            )
+        if t.numel() and int(t.max()) >= width:
+            raise InputError(
+                f"{name}: {what} id {int(t.max())} out of range; valid ids are "
+                f"0..{width - 1} (the output has {width} {unit})"
+            )
+
+
+def _show(position: int | Tensor) -> str:
+    return str(position) if isinstance(position, int) else str(position.tolist())
+
+
+def _at_position(output: Tensor, position: int | Tensor | None) -> Tensor:
     """[batch, vocab] logits at each row's position (``output`` itself when position is None)."""
     if position is None:
-        if output.ndim != 2:
-            raise InputError(
-                f"position=None needs [batch, classes] output, got shape {tuple(output.shape)}"
-            )
         return output
-    if output.ndim != 3:
-        raise InputError(
-            f"output must be [batch, pos, vocab] to read a position, got shape {tuple(output.shape)}"
-        )
     if isinstance(position, int):
         return output[:, position]
-    pos = torch.as_tensor(position, device=output.device).long()
-    if pos.shape != (output.shape[0],):
-        raise InputError(
-            f"position must be an int or one per row ({output.shape[0]}), got shape {tuple(pos.shape)}"
-        )
+    pos = position.to(output.device)
     return output[torch.arange(output.shape[0], device=output.device), pos]
 
 
-def _single(position: Position) -> int | Tensor | None:
+def _single(position: int | Tensor | None) -> int | Tensor | None:
     if position is None or isinstance(position, int):
         return position
-    pos = torch.as_tensor(position)
-    return pos.long() if pos.ndim == 1 and not pos.is_floating_point() else None
+    return position if position.ndim == 1 else None
 
 
 def _gather(logits: Tensor, ids: Tensor) -> Tensor:
     ids = ids.to(logits.device)
     if ids.ndim == 0:
         return logits[:, ids]
-    if ids.shape[0] != logits.shape[0]:
-        raise InputError(f"{ids.shape[0]} answer ids for a batch of {logits.shape[0]}")
     return logits.gather(1, ids[:, None])[:, 0]
 
 
@@ -82,6 +211,11 @@ class Unembed:
 
     def __init__(self, module: nn.Linear):
         self.module = module
+
+    @property
+    def vocab(self) -> int:
+        """Number of logits (the vocabulary size)."""
+        return int(self.module.out_features)
 
     def full(self, hidden: Tensor) -> Tensor:
         """Every logit: ``hidden [..., d_model] -> [..., vocab]``."""
@@ -105,7 +239,9 @@ class Metric(ABC):
 
     ``per_example_hidden(hidden, unembed)`` computes the same from the unembedding's input
     (``[batch, pos, d_model]``); subclasses that need only a few logits override it so
-    sweeps never build ``[batch, pos, vocab]``.
+    sweeps never build ``[batch, pos, vocab]``. Sweeps call :meth:`bind` and :meth:`check`
+    before their first forward, so a metric that cannot read the model's output is reported
+    before anything runs.
     """
 
     name = "metric"
@@ -126,6 +262,22 @@ class Metric(ABC):
     def __call__(self, output: Tensor) -> Tensor:
         return self.per_example(output).mean()
 
+    def bind(self, model: HookedModel) -> Metric:
+        """This metric for ``model``: answer tokens given as text resolved to ids with the
+        model's tokenizer (each must be exactly one token). Sweeps bind their metric
+        themselves; bind it to call it on logits of your own.
+
+        >>> m = iv.logit_diff(" Mary", " John").bind(model)
+        >>> m(model(tokens))
+        """
+        return self
+
+    def check(self, shape: Sequence[int]) -> None:
+        """Raise :class:`InputError` unless this metric can read an output of ``shape``
+        (its positions and token ids in range). Sweeps call it with the shape the model's
+        output will have, before their first forward."""
+        return None
+
     def for_lengths(self, lengths: Tensor) -> Metric | None:
         """The same metric for right-padded rows of ``lengths`` real tokens: read at each
         row's own tokens (a negative position counts from the row's end); None where a
@@ -143,24 +295,23 @@ class Metric(ABC):
         return self.name
 
 
-def _repeat_rows(ids: Sequence[Tensor], position: Position, n: int, rows: int):
+def _repeat_rows(ids: Sequence[Tensor], position: int | Tensor | None, n: int, rows: int):
     """Answer ``ids`` and ``position`` for ``n`` stacked copies of a batch of ``rows``: one
     per row repeated, one for all kept. None if any has a shape the per-copy read rejects
     (it then reports the mismatch in the batch's own terms)."""
     out: list[Any] = []
     for t in ids:  # 0-d (one id for every row) or 1-D
-        if t.ndim == 1 and t.shape[0] != rows:
+        if not isinstance(t, Tensor) or (t.ndim == 1 and t.shape[0] != rows):
             return None
         out.append(t.repeat(n) if t.ndim == 1 else t)
-    if position is None or (isinstance(position, int) and not isinstance(position, bool)):
+    if position is None or isinstance(position, int):
         return out, position
-    pos = torch.as_tensor(position)
-    if pos.ndim != 1 or pos.shape[0] != rows or pos.is_floating_point():
+    if position.ndim != 1 or position.shape[0] != rows:
         return None
-    return out, pos.repeat(n)
+    return out, position.repeat(n)
 
 
-def _row_positions(position: Position, lengths: Tensor) -> Tensor:
+def _row_positions(position: int | Tensor | None, lengths: Tensor) -> Tensor:
     """Each row's read position in right-padded rows of ``lengths`` real tokens."""
     if position is None:
         raise InputError("position=None reads [batch, classes] outputs; token inputs need one")
@@ -175,53 +326,88 @@ def _row_positions(position: Position, lengths: Tensor) -> Tensor:
     pos = torch.where(pos < 0, pos + lengths, pos)
     bad = ((pos < 0) | (pos >= lengths)).nonzero().flatten().tolist()
     if bad:
+        shown = position if isinstance(position, int) else position.tolist()
         raise InputError(
-            f"position {position!r} falls outside rows {bad} of {lengths[bad].tolist()} tokens "
+            f"position {shown!r} falls outside rows {bad} of {lengths[bad].tolist()} tokens "
             "(their padding or before their start)"
         )
     return pos
 
 
+def _resolve(ids: Tensor | TokenText, what: str, model: Any, name: str) -> Tensor:
+    if isinstance(ids, TokenText):
+        return ids.ids(getattr(model, "tokenizer", None), what, name)
+    return ids
+
+
 class _LogitDiff(Metric):
     def __init__(self, correct: TokenIds, incorrect: TokenIds, position: Position):
         self.correct, self.incorrect = _ids(correct, "correct"), _ids(incorrect, "incorrect")
-        self.position = position
-        self.single_position = _single(position)
+        self.position = _position(position)
+        self.single_position = _single(self.position)
         self.name = "logit_diff"
 
+    def bind(self, model: HookedModel) -> Metric:
+        if not isinstance(self.correct, TokenText) and not isinstance(self.incorrect, TokenText):
+            return self
+        return _LogitDiff(
+            _resolve(self.correct, "correct", model, self.name),
+            _resolve(self.incorrect, "incorrect", model, self.name),
+            self.position,
+        )
+
+    def check(self, shape: Sequence[int]) -> None:
+        ids = {"correct token": self.correct, "incorrect token": self.incorrect}
+        _check_read(self.name, shape, self.position, ids)
+
     def per_example(self, output: Tensor) -> Tensor:
+        self.check(output.shape)
         at = _at_position(output, self.position)
-        return _gather(at, self.correct) - _gather(at, self.incorrect)
+        return _gather(at, self.correct) - _gather(at, self.incorrect)  # type: ignore[arg-type]
 
     def per_example_hidden(self, hidden: Tensor, unembed: Unembed) -> Tensor:
+        self.check((*hidden.shape[:-1], unembed.vocab))
         at = _at_position(hidden, self.position)
-        return unembed.columns(at, self.correct) - unembed.columns(at, self.incorrect)
+        return unembed.columns(at, self.correct) - unembed.columns(at, self.incorrect)  # type: ignore[arg-type]
 
     def for_lengths(self, lengths: Tensor) -> Metric:
         return _LogitDiff(self.correct, self.incorrect, _row_positions(self.position, lengths))
 
     def repeated(self, n: int, rows: int) -> Metric | None:
-        stacked = _repeat_rows([self.correct, self.incorrect], self.position, n, rows)
+        stacked = _repeat_rows([self.correct, self.incorrect], self.position, n, rows)  # type: ignore[list-item]
         return None if stacked is None else _LogitDiff(*stacked[0], stacked[1])
 
 
 class _Logit(Metric):
     def __init__(self, token: TokenIds, position: Position, probability: bool):
-        self.token, self.position, self.probability = _ids(token, "token"), position, probability
-        self.single_position = _single(position)
+        self.token, self.probability = _ids(token, "token"), probability
+        self.position = _position(position)
+        self.single_position = _single(self.position)
         self.name = "prob" if probability else "logit"
 
+    def bind(self, model: HookedModel) -> Metric:
+        if not isinstance(self.token, TokenText):
+            return self
+        return _Logit(
+            _resolve(self.token, "token", model, self.name), self.position, self.probability
+        )
+
+    def check(self, shape: Sequence[int]) -> None:
+        _check_read(self.name, shape, self.position, {"token": self.token})
+
     def per_example(self, output: Tensor) -> Tensor:
+        self.check(output.shape)
         at = _at_position(output, self.position)
         if self.probability:
             at = at.float().softmax(-1)
-        return _gather(at, self.token)
+        return _gather(at, self.token)  # type: ignore[arg-type]
 
     def per_example_hidden(self, hidden: Tensor, unembed: Unembed) -> Tensor:
+        self.check((*hidden.shape[:-1], unembed.vocab))
         at = _at_position(hidden, self.position)
         if self.probability:
-            return _gather(unembed.full(at).float().softmax(-1), self.token)
-        return unembed.columns(at, self.token)
+            return _gather(unembed.full(at).float().softmax(-1), self.token)  # type: ignore[arg-type]
+        return unembed.columns(at, self.token)  # type: ignore[arg-type]
 
     def for_lengths(self, lengths: Tensor) -> Metric:
         return _Logit(self.token, _row_positions(self.position, lengths), self.probability)
@@ -229,45 +415,91 @@ class _Logit(Metric):
     def repeated(self, n: int, rows: int) -> Metric | None:
         if self.probability:  # a softmax over the vocabulary: one copy at a time bounds memory
             return None
-        stacked = _repeat_rows([self.token], self.position, n, rows)
+        stacked = _repeat_rows([self.token], self.position, n, rows)  # type: ignore[list-item]
         return None if stacked is None else _Logit(*stacked[0], stacked[1], False)
 
 
 class _Loss(Metric):
     def __init__(self, tokens: Tensor, positions: Sequence[int] | None):
-        self.tokens = torch.as_tensor(tokens).long()
-        if self.tokens.ndim != 2:
+        what = "loss needs the token ids [batch, pos] (an integer tensor or a list of lists)"
+        if isinstance(tokens, str) or (
+            isinstance(tokens, (list, tuple)) and any(isinstance(t, str) for t in tokens)
+        ):
+            raise InputError(f"{what}, got text; tokenize it first: model.to_tokens(text)")
+        try:
+            t = torch.as_tensor(tokens)
+        except (TypeError, ValueError, RuntimeError):
+            raise InputError(f"{what}, got {type(tokens).__name__}") from None
+        if t.ndim != 2 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise InputError(f"{what}, got shape {tuple(t.shape)} {t.dtype}")
+        if t.shape[1] < 2:
             raise InputError(
-                f"loss needs the token ids [batch, pos], got shape {tuple(self.tokens.shape)}"
+                f"loss needs at least 2 positions (it predicts token t + 1 from t), got shape "
+                f"{tuple(t.shape)}"
             )
-        self.positions = positions
+        self.tokens = t.long()
+        self.positions: list[int] | None = None
+        if positions is not None:
+            empty = isinstance(positions, (list, tuple, Tensor)) and len(positions) == 0
+            pos = None if empty else _position(positions, "loss positions")
+            if not isinstance(pos, Tensor) or pos.ndim != 1:
+                raise InputError(
+                    "loss positions must be a non-empty list of ints (the predicting positions "
+                    f"0..pos-2), got {positions!r}"
+                )
+            self.positions = pos.tolist()
         self.name = "loss"
         self.higher_is_better = False
 
-    def per_example(self, output: Tensor) -> Tensor:
-        if output.ndim != 3 or output.shape[:2] != self.tokens.shape:
+    def check(self, shape: Sequence[int]) -> None:
+        shape = tuple(int(n) for n in shape)
+        if len(shape) != 3 or shape[:2] != tuple(self.tokens.shape):
             raise InputError(
-                f"loss: output {tuple(output.shape)} does not match tokens {tuple(self.tokens.shape)}"
+                f"loss: output {shape} does not match tokens {tuple(self.tokens.shape)}; "
+                "pass the token ids of the inputs the model runs on ([batch, pos])"
             )
+        n = shape[1] - 1  # predicting positions
+        bad = [p for p in self.positions or () if not -n <= p < n]
+        if bad:
+            raise InputError(
+                f"loss positions {bad} out of range: {shape[1]} tokens give {n} predicting "
+                f"positions (valid: 0..{n - 1}, or {-n}..-1 from the end)"
+            )
+        top = int(self.tokens.max())
+        if top >= shape[2] or int(self.tokens.min()) < 0:
+            raise InputError(
+                f"loss: token ids must lie in 0..{shape[2] - 1} (vocabulary size {shape[2]}); "
+                f"found {int(self.tokens.min())}..{top}"
+            )
+
+    def per_example(self, output: Tensor) -> Tensor:
+        self.check(output.shape)
         logp = output[:, :-1].float().log_softmax(-1)
         nll = -logp.gather(-1, self.tokens[:, 1:, None].to(output.device))[..., 0]  # [batch, pos-1]
         if self.positions is not None:
-            nll = nll[:, list(self.positions)]
+            nll = nll[:, self.positions]
         return nll.mean(-1)
 
 
 def logit_diff(correct: TokenIds, incorrect: TokenIds, position: Position = -1) -> Metric:
-    """logit[correct] - logit[incorrect] at ``position`` (per row), averaged over the batch."""
+    """logit[correct] - logit[incorrect] at ``position`` (per row), averaged over the batch.
+
+    ``correct`` / ``incorrect``: a token id, a token string (``" Mary"``: exactly one token
+    of the model's tokenizer, resolved when a sweep binds the metric to its model, see
+    :meth:`Metric.bind`), or one of them per row (a list or a 1-D integer tensor).
+    """
     return _LogitDiff(correct, incorrect, position)
 
 
 def logit(token: TokenIds, position: Position = -1) -> Metric:
-    """The logit of ``token`` at ``position``, averaged over the batch."""
+    """The logit of ``token`` (an id, a one-token string, or one per row) at ``position``,
+    averaged over the batch."""
     return _Logit(token, position, probability=False)
 
 
 def prob(token: TokenIds, position: Position = -1) -> Metric:
-    """The softmax probability of ``token`` at ``position``, averaged over the batch."""
+    """The softmax probability of ``token`` (an id, a one-token string, or one per row) at
+    ``position``, averaged over the batch."""
     return _Logit(token, position, probability=True)
 
 
