@@ -36,6 +36,16 @@ from tqdm.auto import tqdm
 from hookscope.addresses import Address, Slot, slot_address
 from hookscope.errors import InputError, format_choices
 from hookscope.interventions._ablation_values import Values
+from hookscope.interventions._arguments import (
+    check_baselines,
+    check_choice,
+    check_count,
+    check_finite,
+    check_int,
+    check_model,
+    check_reference,
+    resolve_sites,
+)
 from hookscope.interventions._forward_edits import fast_linears, forward_replaced
 from hookscope.interventions._inputs import (
     causal_only,
@@ -43,10 +53,10 @@ from hookscope.interventions._inputs import (
     fit_metric,
     tokens_of,
 )
+from hookscope.interventions._modes import EvalMode
 from hookscope.interventions._stacked import StackedRunner
 from hookscope.interventions.metrics import Metric
-from hookscope.interventions.patching import _sweep_dims
-from hookscope.interventions.result import PatchingResult
+from hookscope.interventions.result import PatchingResult, metric_name, sweep_result
 from hookscope.model import HookedModel
 
 __all__ = ["ablate", "knockout", "Knockout"]
@@ -59,16 +69,29 @@ Job = tuple[tuple[Address, ...], int]
 MetricFn = Metric | Callable[[Tensor], Tensor]
 
 
-def _check_method(method: str, choices: tuple[str, ...]) -> None:
-    if method not in choices:
-        raise InputError(f"method must be one of {format_choices(choices)}, got {method!r}")
-
-
-def _resolve(model: HookedModel, sites: Any) -> list[Address]:
-    addresses = model.resolve(sites)
-    if not addresses:
-        raise InputError(f"sites {sites!r} selects no address")
-    return addresses
+def _checked(
+    model: HookedModel,
+    inputs: Any,
+    sites: Any,
+    method: str,
+    choices: tuple[str, ...],
+    reference: Any,
+    n_draws: Any,
+    seed: Any,
+) -> tuple[Tensor, Tensor | None, list[Address]]:
+    """``(inputs as a tensor, row lengths, addresses of sites)`` after checking the
+    arguments :func:`ablate` and :func:`knockout` share (no forward runs)."""
+    check_model(model)
+    check_choice(method, "method", choices)
+    check_count(n_draws, "n_draws")
+    check_int(seed, "seed")
+    check_reference(reference)
+    addresses = resolve_sites(model, sites)
+    inputs_t, lengths = tokens_of(model, inputs)
+    check_finite(inputs_t, "the inputs")
+    if isinstance(reference, Tensor):
+        check_finite(reference, "the reference inputs")
+    return inputs_t, lengths, addresses
 
 
 def _ablation_hooks(model: HookedModel, part: list[Job], values: Values, batch: int):
@@ -151,6 +174,7 @@ def _metric_jobs(
     uses_logits = any(s.kind in ("logits", "module") for s in slots)
     out, _ = runner.baseline(inputs_t, slice(0, batch), [], uses_logits)
     clean = runner.values(out, 1, hidden=runner.readout(uses_logits))[0]
+    check_baselines({"unablated": clean}, {"unablated": "the inputs"})
     starts = []
     for addresses, _ in jobs:
         first = [runner.start(a.slot) for a in addresses]
@@ -176,10 +200,6 @@ def _metric_jobs(
                 found[i] = value
             bar.update(len(idx))
     return clean, found
-
-
-def _metric_name(metric: MetricFn) -> str:
-    return getattr(metric, "name", getattr(metric, "__name__", "metric"))
 
 
 def ablate(
@@ -210,15 +230,34 @@ def ablate(
     ablating each site alone (resample: averaged over draws), shaped by the sweep; its
     ``baselines["clean"]`` is the unablated metric and ``effects`` ``clean - score``.
 
+    Scores are shaped as :func:`~hookscope.interventions.activation_patching`'s (layers of
+    different widths: NaN past each layer's width, widths in ``result.widths``). The model
+    runs in eval mode and every submodule's training flag is restored afterwards (also on
+    error); bad arguments, NaN/Inf in float inputs or references, and a metric that is
+    NaN/Inf on the unablated run raise an :class:`~hookscope.errors.InputError` before any
+    site is ablated.
+
     >>> res = ablate(model, tokens, "head.*.*", "mean", reference=more_tokens, metric=m)
     >>> res.scores.shape  # [layer, head]
     """
-    _check_method(method, METHODS)
-    inputs_t, lengths = tokens_of(model, inputs)
+    inputs_t, lengths, addresses = _checked(
+        model, inputs, sites, method, METHODS, reference, n_draws, seed
+    )
     lengths = causal_only(model, lengths)  # padded prompts: causal models only
     if metric is not None:
-        metric = fit_metric(metric, lengths)  # read at each row's own tokens
-    addresses = _resolve(model, sites)
+        metric = fit_metric(metric, lengths, model, inputs_t)  # checked; per-row reads
+    with EvalMode(model.model):
+        return _ablate(
+            model, inputs_t, lengths, addresses, sites, method, reference, metric, n_draws,
+            seed, per_position, chunk_size, progress,
+        )  # fmt: skip
+
+
+def _ablate(
+    model, inputs_t, lengths, addresses, sites, method, reference, metric, n_draws, seed,
+    per_position, chunk_size, progress,
+) -> Tensor | PatchingResult:  # fmt: skip
+    """:func:`ablate` on checked arguments (in eval mode)."""
     values = Values(
         model, addresses, method, inputs_t, reference, per_position, n_draws, seed, progress,
         lengths,
@@ -231,19 +270,10 @@ def ablate(
     jobs = [((a,), d) for a in addresses for d in draws]
     clean, raw = _metric_jobs(model, inputs_t, values, jobs, metric, chunk_size, progress)
     flat = torch.tensor(raw, dtype=torch.float64).reshape(len(addresses), len(draws)).mean(1)
-    names, sizes = _sweep_dims(sites, model)
-    return PatchingResult(
-        scores=flat.reshape(sizes) if sizes else flat.reshape(()),
-        dims=tuple(names),
-        jobs=[(a, None) for a in addresses],
-        flat=flat,
-        method=f"{method} ablation",
-        direction="noise",
-        metric=_metric_name(metric),
-        normalised=False,
-        baselines={"clean": clean},
-        higher_is_better=getattr(metric, "higher_is_better", True),
-    )
+    return sweep_result(
+        sites, addresses, [None], flat, metric, f"{method} ablation", "noise", False,
+        {"clean": clean},
+    )  # fmt: skip
 
 
 @dataclass
@@ -298,13 +328,30 @@ def knockout(
     ablated site takes that row's value in the corrupted run (noising the complement).
     ``keep``: addresses or selections, each among the resolved ``sites``.
 
+    Runs in eval mode, restoring every submodule's training flag afterwards (also on
+    error). A metric that is NaN/Inf on the unablated run raises an
+    :class:`~hookscope.errors.InputError` before anything is ablated; one that is NaN/Inf
+    with every site ablated (faithfulness's zero point) raises one after that run.
+
     >>> knockout(model, clean, "head.*.*", metric, keep=["head.0.1", "head.1.3"],
     ...          method="corrupted", reference=corrupted).faithfulness
     """
-    _check_method(method, KNOCKOUT_METHODS)
-    inputs_t, lengths = tokens_of(model, inputs)
-    metric = fit_metric(metric, causal_only(model, lengths))  # read at each row's own tokens
-    addresses = _resolve(model, sites)
+    inputs_t, lengths, addresses = _checked(
+        model, inputs, sites, method, KNOCKOUT_METHODS, reference, n_draws, seed
+    )
+    metric = fit_metric(metric, causal_only(model, lengths), model, inputs_t)  # checked
+    with EvalMode(model.model):
+        return _knockout(
+            model, inputs_t, lengths, addresses, metric, keep, method, reference, n_draws,
+            seed, per_position,
+        )  # fmt: skip
+
+
+def _knockout(
+    model, inputs_t, lengths, addresses, metric, keep, method, reference, n_draws, seed,
+    per_position,
+) -> Knockout:  # fmt: skip
+    """:func:`knockout` on checked arguments (in eval mode)."""
     kept = model.resolve(keep) if keep is not None else []
     site_set, kept_set = set(addresses), set(kept)
     outside = [a for a in kept if a not in site_set]
@@ -330,6 +377,10 @@ def knockout(
         value = ablated
     else:
         value = fmean(raw[len(draws) :])
+    check_baselines(
+        {"all-ablated": ablated, "kept": value},
+        {"all-ablated": "the ablation values", "kept": "the ablation values"},
+    )
     if clean == ablated:
         raise InputError(
             f"the metric is equal with and without ablating every site ({clean:.6g}); "
@@ -343,5 +394,5 @@ def knockout(
         kept=list(dict.fromkeys(kept)),
         removed=len(removed),
         method=f"{method} ablation" if method != "corrupted" else "corrupted",
-        metric=_metric_name(metric),
+        metric=metric_name(metric),
     )

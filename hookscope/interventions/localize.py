@@ -26,6 +26,12 @@ The set score depends on ``criterion``:
   alone already destroys most, so neither "patch" criterion finds both).
 
 Scores are fractions of ``m(clean) - m(corrupted)`` for any metric (plain callables too).
+
+Every argument is checked before any forward, and the model runs in eval mode with each
+submodule's training flag restored afterwards (also on error). NaN is refused, never
+ranked: a metric that is NaN/Inf on the clean or corrupted run raises an
+:class:`~hookscope.errors.InputError` before the screen, and so does a NaN screening,
+confirmed or set score (naming the components), instead of being carried into the circuit.
 """
 
 from __future__ import annotations
@@ -39,11 +45,19 @@ from torch import Tensor
 
 from hookscope.addresses import Address
 from hookscope.errors import InputError, format_choices
+from hookscope.interventions._arguments import (
+    check_choice,
+    check_count,
+    check_fraction,
+    check_model,
+    check_reference,
+)
+from hookscope.interventions._modes import EvalMode
 from hookscope.interventions.ablation import KNOCKOUT_METHODS, Knockout, knockout
 from hookscope.interventions.attribution import attribution_patching
 from hookscope.interventions.metrics import Metric
-from hookscope.interventions.patching import Patcher, metric_name
-from hookscope.interventions.result import PatchingResult
+from hookscope.interventions.patching import Patcher
+from hookscope.interventions.result import PatchingResult, metric_name, rank
 from hookscope.model import HookedModel
 
 __all__ = ["CircuitResult", "localize_circuit"]
@@ -89,7 +103,7 @@ class CircuitResult:
     def addresses(self) -> list[Address]:
         return list(dict.fromkeys(a for a, _ in self.components))
 
-    def _rows(self) -> list[dict[str, Any]]:
+    def _rows(self) -> list[dict[str, Any]]:  # (no NaN: localize_circuit refuses it)
         screen = dict(zip(self.screen.jobs, self.screen.effects.tolist(), strict=True))
         exact = dict(zip(self.confirmed.jobs, self.confirmed.effects.tolist(), strict=True))
         members = set(self.components)
@@ -140,7 +154,9 @@ class CircuitResult:
             "screen": {
                 "dims": list(self.screen.dims),
                 "shape": list(self.screen.scores.shape),
-                "scores": self.screen.scores.tolist(),
+                # padding of a ragged grid (NaN) as null: JSON has no NaN
+                "scores": _nan_to_none(self.screen.scores.tolist()),
+                "widths": None if self.screen.widths is None else list(self.screen.widths),
                 "normalised": self.screen.normalised,
                 "method": self.screen.method,
             },
@@ -159,7 +175,7 @@ class CircuitResult:
         if data.ndim >= 2:
             cols = int(torch.tensor(data.shape[1:]).prod())
             for component in self.components:
-                row, col = divmod(self.screen.jobs.index(component), cols)
+                row, col = divmod(self.screen.cell(self.screen.jobs.index(component)), cols)
                 ax_map.add_patch(
                     Rectangle((col - 0.4, row - 0.4), 0.8, 0.8, fill=False, lw=2, ec="black")
                 )
@@ -221,32 +237,45 @@ def localize_circuit(
     how :func:`knockout` removes the other sites for the reported faithfulness
     (``corrupted``, ``mean``, ``zero``, ``resample``; ``reference`` as for knockout, the
     corrupted inputs by default). Returns a :class:`CircuitResult`.
+
+    Runs in eval mode, restoring every submodule's training flag afterwards (also on
+    error). Arguments are checked before any forward (an :class:`InputError` naming the
+    valid choices); NaN metric values are refused with an InputError (module docstring).
     """
-    if method not in METHODS:
-        raise InputError(f"method must be one of {format_choices(METHODS)}, got {method!r}")
-    if criterion not in CRITERIA:
-        raise InputError(f"criterion must be one of {format_choices(CRITERIA)}, got {criterion!r}")
-    if ablation not in KNOCKOUT_METHODS:
-        raise InputError(
-            f"ablation must be one of {format_choices(KNOCKOUT_METHODS)}, got {ablation!r}"
-        )
-    if not 0 < threshold <= 1:
-        raise InputError(f"threshold must be in (0, 1], got {threshold}")
-    if candidates is not None and candidates < 1:
-        raise InputError(f"candidates must be >= 1, got {candidates}")
+    check_model(model)
+    check_choice(method, "method", METHODS)
+    check_choice(criterion, "criterion", CRITERIA)
+    check_choice(ablation, "ablation", KNOCKOUT_METHODS)
+    threshold = check_fraction(threshold, "threshold")
+    if candidates is not None:
+        candidates = check_count(candidates, "candidates")
+    check_reference(reference)
+    with EvalMode(model.model):
+        return _localize(
+            model, clean, corrupted, metric, sites, method, direction, positions, threshold,
+            candidates, criterion, ablation, reference, chunk_size, progress,
+        )  # fmt: skip
+
+
+def _localize(
+    model, clean, corrupted, metric, sites, method, direction, positions, threshold, candidates,
+    criterion, ablation, reference, chunk_size, progress,
+) -> CircuitResult:  # fmt: skip
+    """:func:`localize_circuit` on checked arguments (in eval mode)."""
     patcher = Patcher(
-        model, clean, corrupted, metric, sites, direction, chunk_size, progress, require_gap=True
-    )
+        model, clean, corrupted, metric, sites, direction, chunk_size, progress, require_gap=True,
+        positions=positions,
+    )  # fmt: skip
     if method == "attribution":
         screen = attribution_patching(
-            model, clean, corrupted, metric, sites=sites, positions=positions,
-            direction=direction, progress=progress,
-        )  # fmt: skip
+            model, clean, corrupted, metric, sites, positions, direction, progress
+        )
     else:  # the exact screen on the same baselines
         screen = patcher.sweep(positions)
     jobs: list[Component] = screen.jobs
+    _refuse_nan(screen.effects, jobs, f"the {screen.method} screening score")
     k = min(len(jobs), candidates or 20)
-    picked = [jobs[i] for i in screen.effects.argsort(descending=True, stable=True)[:k].tolist()]
+    picked = [jobs[i] for i in rank(screen.effects)[:k]]
     if method == "exact":
         exact = dict(zip(jobs, screen.flat.tolist(), strict=True))
         raw = [exact[c] for c in picked]
@@ -266,12 +295,13 @@ def localize_circuit(
         normalised=True,
         baselines={"clean": patcher.m_clean, "corrupted": patcher.m_corrupted},
     )
-    order = confirmed.effects.argsort(descending=True, stable=True).tolist()
-    ranking = [picked[i] for i in order]
+    _refuse_nan(confirmed.effects, picked, "the exact (confirmed) score")
+    ranking = [picked[i] for i in rank(confirmed.effects)]
 
     set_score = _set_scorer(model, clean, corrupted, metric, sites, patcher, jobs, criterion,
                             chunk_size, progress)  # fmt: skip
     curve = set_score([ranking[:n] for n in range(1, k + 1)])
+    _refuse_nan(torch.tensor(curve), [f"top {n}" for n in range(1, k + 1)], "the set score", "sets")
     size = next((n for n, s in enumerate(curve, 1) if s >= threshold), None)
     reached = size is not None
     circuit = ranking[: size or k]
@@ -282,6 +312,8 @@ def localize_circuit(
                 break
             trial = [c for c in circuit if c != member]
             value = set_score([trial])[0]
+            _refuse_nan(torch.tensor([value]), [f"circuit without {_label(member)}"],
+                        "the set score", "sets")  # fmt: skip
             if value >= threshold:
                 circuit, score = trial, value
 
@@ -310,6 +342,26 @@ def localize_circuit(
         curve=curve,
         baselines={"clean": patcher.m_clean, "corrupted": patcher.m_corrupted},
     )
+
+
+def _refuse_nan(values: Tensor, items: list, what: str, kind: str = "components") -> None:
+    """InputError naming the ``items`` whose value is NaN (an undefined rank)."""
+    bad = [items[i] for i in torch.isnan(values).nonzero().flatten().tolist()]
+    if bad:
+        labels = [i if isinstance(i, str) else _label(i) for i in bad]
+        raise InputError(
+            f"{what} is NaN for {len(bad)} of {len(items)} {kind} ({format_choices(labels, 8)}): "
+            "the metric returned NaN on their patched runs, so they cannot be ranked or "
+            "judged against the threshold. Check the metric (a log, a division or a softmax "
+            "that patched activations push out of range) or leave those sites out"
+        )
+
+
+def _nan_to_none(value: Any) -> Any:
+    """Nested lists of floats with NaN as None."""
+    if isinstance(value, list):
+        return [_nan_to_none(v) for v in value]
+    return None if isinstance(value, float) and value != value else value
 
 
 def _set_scorer(

@@ -24,45 +24,34 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from hookscope.addresses import Address, Selection, Slot, parse, slot_address
-from hookscope.errors import InputError, format_choices
+from hookscope.adapters.transformer import TransformerAdapter
+from hookscope.addresses import Address, Slot, parse, slot_address
+from hookscope.errors import InputError
 from hookscope.interventions import _plan as plan
+from hookscope.interventions._arguments import (
+    check_baselines,
+    check_choice,
+    check_finite,
+    check_model,
+    check_positions,
+    resolve_sites,
+)
 from hookscope.interventions._inputs import (
     copies_per_forward,
     fit_metric,
     paired_lengths,
     tokens_of,
 )
+from hookscope.interventions._modes import EvalMode
 from hookscope.interventions._plan import position_axis, unit_index
 from hookscope.interventions._stacked import StackedRunner
 from hookscope.interventions.metrics import Metric
-from hookscope.interventions.result import PatchingResult
+from hookscope.interventions.result import PatchingResult, sweep_jobs, sweep_result
 from hookscope.model import HookedModel
 
 __all__ = ["activation_patching"]
 
 DIRECTIONS = ("denoise", "noise")
-
-
-def _sweep_dims(sites: Any, model: HookedModel) -> tuple[list[str], list[int]]:
-    """Axis names and sizes of a sweep over ``sites`` (before any position axis)."""
-    item = parse(sites) if isinstance(sites, (str, Address, Selection)) else None
-    if isinstance(item, Selection):
-        names, sizes = [], []
-        layers = item.layers.values(model.n_layers, "layer")
-        if len(layers) > 1 or item.layers.is_all:
-            names.append("layer")
-            sizes.append(len(layers))
-        if item.units is not None:
-            unit = "head" if item.kind == "head" else "neuron"
-            n = len(item.expand(model._dims)) // max(1, len(layers))
-            if n > 1 or item.units.is_all:
-                names.append(unit)
-                sizes.append(n)
-        return names, sizes
-    if isinstance(item, Address):
-        return [], []
-    return ["site"], [len(model.resolve(sites))]
 
 
 def _metric_value(metric: Callable[[Tensor], Tensor] | Metric, output: Tensor) -> float:
@@ -94,25 +83,46 @@ def activation_patching(
     (corrupted 0, clean 1); a plain callable ``metric(output) -> scalar`` is reported raw.
     ``chunk_size``: patched runs stacked per forward (memory grows with it; default keeps
     a forward under ~4096 tokens). Scores are shaped by the sweep: e.g. ``[layer, head]``
-    for ``head.*.*``, ``[layer, pos]`` for ``resid_pre.*`` with ``positions="each"``.
+    for ``head.*.*``, ``[layer, pos]`` for ``resid_pre.*`` with ``positions="each"``;
+    layers of different widths (a CNN's 16 and 32 channels) give a ``[layer, max width]``
+    grid with NaN past each layer's width and the widths in ``result.widths``.
+
+    The model runs in eval mode (no dropout) and every submodule's training flag is
+    restored afterwards, also when the call raises. Bad arguments, NaN/Inf in float inputs
+    and a metric that is NaN/Inf on the clean or corrupted baseline raise an
+    :class:`~hookscope.errors.InputError` before the sweep.
     """
-    patcher = Patcher(model, clean, corrupted, metric, sites, direction, chunk_size, progress)
-    return patcher.sweep(positions)
+    check_model(model)
+    with EvalMode(model.model):
+        patcher = Patcher(
+            model, clean, corrupted, metric, sites, direction, chunk_size, progress,
+            positions=positions,
+        )  # fmt: skip
+        return patcher.sweep(positions)
 
 
 def check_inputs(
-    model: HookedModel, clean: Any, corrupted: Any, sites: Any, direction: str
+    model: HookedModel,
+    clean: Any,
+    corrupted: Any,
+    sites: Any,
+    direction: str,
+    positions: str | Sequence[int] = "all",
 ) -> tuple[Tensor, Tensor, list[Address], Tensor | None]:
     """Validated ``(clean tokens, corrupted tokens, addresses of sites, row lengths)`` of a
-    sweep; row lengths only for right-padded prompts (see :mod:`._inputs`), else None."""
-    if direction not in DIRECTIONS:
-        raise InputError(
-            f"direction must be one of {format_choices(DIRECTIONS)}, got {direction!r}"
-        )
+    sweep; row lengths only for right-padded prompts (see :mod:`._inputs`), else None.
+    Everything is checked before any forward (positions' range excepted: it needs the
+    activations, see :func:`resolve_positions`)."""
+    check_model(model)
+    check_choice(direction, "direction", DIRECTIONS)
+    addresses = resolve_sites(model, sites)
+    check_position_axis(model, addresses, positions)
     (clean_t, clean_len), (corrupted_t, corrupted_len) = (
         tokens_of(model, clean),
         tokens_of(model, corrupted),
     )
+    check_finite(clean_t, "the clean inputs")
+    check_finite(corrupted_t, "the corrupted inputs")
     if clean_t.shape != corrupted_t.shape:
         padded = clean_len is not None or corrupted_len is not None
         if padded and clean_t.shape[0] == corrupted_t.shape[0]:  # name the rows
@@ -125,10 +135,22 @@ def check_inputs(
     lengths = paired_lengths(
         model, clean_t, clean_len, corrupted_len, "the corrupted inputs", this="the clean"
     )
-    addresses = model.resolve(sites)
-    if not addresses:
-        raise InputError(f"sites {sites!r} selects no address")
+    adapter = model.adapter
+    if positions != "all" and isinstance(adapter, TransformerAdapter) and adapter.spec.token_input:
+        _position_list(positions, int(clean_t.shape[-1]), lengths)  # one position per token
     return clean_t, corrupted_t, addresses, lengths
+
+
+def check_position_axis(
+    model: HookedModel, addresses: list[Address], positions: str | Sequence[int]
+) -> None:
+    """``positions`` is ``"all"``, ``"each"`` or a list of ints, and a sweep over positions
+    has sites with a position axis."""
+    check_positions(positions)
+    if positions != "all" and any(position_axis(model, a.slot) is None for a in addresses):
+        raise InputError(
+            f"{model.adapter.name} activations have no position axis; use positions='all'"
+        )
 
 
 def resolve_positions(
@@ -144,25 +166,22 @@ def resolve_positions(
     start (a column past a row's end patches its padding, which changes nothing there), and
     negative ones are refused: they would count from the padded width, not from each row's
     end as a metric's position does."""
+    check_position_axis(model, addresses, positions)
     if positions == "all":
         return [None]
-    if isinstance(positions, str) and positions != "each":
-        raise InputError(f"positions must be 'all', 'each' or a list of ints, got {positions!r}")
-    axes = [(a, position_axis(model, a.slot)) for a in addresses]
-    if any(axis is None for _, axis in axes):
-        raise InputError(
-            f"{model.adapter.name} activations have no position axis; use positions='all'"
-        )
-    address, axis = axes[0]
+    address = addresses[0]
+    axis = position_axis(model, address.slot)
     n_pos = int(acts[slot_address(address.slot)].shape[axis])  # type: ignore[index]
+    return _position_list(positions, n_pos, lengths)
+
+
+def _position_list(
+    positions: str | Sequence[int], n_pos: int, lengths: Tensor | None
+) -> list[int | None]:
+    """``"each"`` or a list of positions (checked against ``n_pos``) as a list."""
     if positions == "each":
         return list(range(n_pos))
-    try:
-        pos_list: list[int | None] = [int(p) for p in positions]
-    except (TypeError, ValueError):
-        raise InputError(
-            f"positions must be 'all', 'each' or a list of ints, got {positions!r}"
-        ) from None
+    pos_list: list[int | None] = [int(p) for p in positions]
     bad = [p for p in pos_list if not -n_pos <= p < n_pos]  # type: ignore[operator]
     if bad:
         raise InputError(f"positions {bad} out of range for inputs of {n_pos} positions")
@@ -173,10 +192,6 @@ def resolve_positions(
             f"{lengths.tolist()} tokens long; give sweep positions from the start (0..{n_pos - 1})"
         )
     return pos_list
-
-
-def metric_name(metric: Any) -> str:
-    return getattr(metric, "name", getattr(metric, "__name__", "metric"))
 
 
 class Patcher:
@@ -194,11 +209,12 @@ class Patcher:
         chunk_size: int | None = None,
         progress: bool = True,
         require_gap: bool | None = None,
+        positions: str | Sequence[int] = "all",
     ):
         clean_t, corrupted_t, self.addresses, lengths = check_inputs(
-            model, clean, corrupted, sites, direction
+            model, clean, corrupted, sites, direction, positions
         )
-        metric = fit_metric(metric, lengths)  # padded rows: read at each row's own tokens
+        metric = fit_metric(metric, lengths, model, clean_t)  # checked; padded rows per row
         self.lengths = lengths
         self.model, self.metric, self.direction, self.progress = model, metric, direction, progress
         self.sites = sites
@@ -212,6 +228,10 @@ class Patcher:
         )
         self.source = clean_acts if direction == "denoise" else corrupted_acts
         self.base_acts = corrupted_acts if direction == "denoise" else clean_acts
+        check_baselines(
+            {"clean": self.m_clean, "corrupted": self.m_corrupted},
+            {"clean": "the clean inputs", "corrupted": "the corrupted inputs"},
+        )
         if (isinstance(metric, Metric) if require_gap is None else require_gap) and (
             self.m_clean == self.m_corrupted
         ):
@@ -224,28 +244,14 @@ class Patcher:
 
     def sweep(self, positions: str | Sequence[int]) -> PatchingResult:
         """:func:`activation_patching`'s result: every site of this patcher at ``positions``."""
-        model, metric, direction = self.model, self.metric, self.direction
-        names, sizes = _sweep_dims(self.sites, model)
         pos_list = self.positions(positions)
-        jobs = [(a, p) for a in self.addresses for p in pos_list]
-        flat = torch.tensor(self.run(jobs), dtype=torch.float64)
-        normalised = isinstance(metric, Metric)
-        if normalised:
-            flat = self.fraction(flat)
-        shape = sizes + ([len(pos_list)] if pos_list != [None] else [])
-        dims = tuple(names + (["pos"] if pos_list != [None] else []))
-        scores = flat.reshape(shape) if shape else flat.reshape(())
-        return PatchingResult(
-            scores=scores,
-            dims=dims,
-            jobs=jobs,
-            flat=flat,
-            direction=direction,
-            metric=metric_name(metric),
-            normalised=normalised,
-            baselines={"clean": self.m_clean, "corrupted": self.m_corrupted},
-            higher_is_better=getattr(metric, "higher_is_better", True),
-        )
+        flat = torch.tensor(self.run(sweep_jobs(self.addresses, pos_list)), dtype=torch.float64)
+        normalised = isinstance(self.metric, Metric)
+        return sweep_result(
+            self.sites, self.addresses, pos_list, self.fraction(flat) if normalised else flat,
+            self.metric, "activation_patching", self.direction, normalised,
+            {"clean": self.m_clean, "corrupted": self.m_corrupted},
+        )  # fmt: skip
 
     def positions(self, positions: str | Sequence[int]) -> list[int | None]:
         """The position list of a sweep (``[None]`` for all positions at once)."""

@@ -130,7 +130,7 @@ def test_outputs(induction):
         (dict(method="gradient"), "method must be one of attribution, exact"),
         (dict(criterion="sufficiency"), "criterion must be one of patch, faithfulness"),
         (dict(threshold=1.5), r"threshold must be in \(0, 1\]"),
-        (dict(candidates=0), "candidates must be >= 1"),
+        (dict(candidates=0), "candidates must be an int >= 1"),
         (dict(direction="both"), "direction must be one of denoise, noise"),
         (dict(ablation="shuffle"), "shuffle"),
     ],
