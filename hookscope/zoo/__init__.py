@@ -21,11 +21,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from hookscope.errors import InputError, format_choices, suggestion
+from hookscope.errors import InputError, ModelLoadError, format_choices, suggestion
 from hookscope.model import HookedModel
 from hookscope.zoo import hub, packaged
 
-__all__ = ["ModelCard", "Catalogue", "available", "load", "install", "card"]
+__all__ = ["ModelCard", "Catalogue", "available", "load", "install", "card", "names"]
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,8 @@ def _shipped_card(name: str) -> ModelCard:
     return ModelCard(name, "shipped", c["architecture"], c["size"], c["source"], c["known"], True)
 
 
-def _all_names() -> list[str]:
+def names() -> list[str]:
+    """Every name :func:`load` accepts (each pythia size with and without ``-deduped``)."""
     from hookscope.zoo import shipped
 
     return list(shipped.SHIPPED) + list(packaged.PACKAGED) + _pythia_names()
@@ -112,10 +113,10 @@ def card(name: str) -> ModelCard:
 
     if name in shipped.SHIPPED:
         return _shipped_card(name)
-    names = _all_names()
+    every = names()
     raise InputError(
-        f"unknown zoo model {name!r}; available: {format_choices(names, 30)}."
-        + suggestion(name, names)
+        f"unknown zoo model {name!r}; available: {format_choices(every, 30)}."
+        + suggestion(name, every)
     )
 
 
@@ -135,8 +136,14 @@ def load(
     """A HookedModel (with its tokenizer where there is one) for a zoo name.
 
     ``checkpoint``: a training-trajectory step of a shipped model. ``revision``: a hub
-    revision of a pythia model (``"step1000"``). Other keywords go to ``from_pretrained``
-    (``dtype``, ``device``, ``cache_dir``, ...).
+    revision of a pythia model (``"step1000"``). ``dtype`` (float32, float16, bfloat16,
+    float64 or a torch dtype) and ``device`` apply to every kind; shipped models take no other
+    keyword, hub and packaged ones pass the rest to ``HookedModel.from_pretrained``
+    (``cache_dir``, ``tokenizer``, ...).
+
+    Shipped weights are checked against the sha256 in their card, and a packaged model's
+    converted cache against the sizes recorded at conversion; a mismatch, a truncated file
+    or a corrupt card raises ModelLoadError naming the file and how to restore it.
     """
     entry = card(name)
     if checkpoint is not None and entry.kind != "shipped":
@@ -149,10 +156,20 @@ def load(
         return hub.load_from_hub(f"EleutherAI/{name}", revision=revision, **kwargs)
     if entry.kind == "package":
         head = "none" if name == "minilm" else "auto"
-        return HookedModel.from_pretrained(str(packaged.prepared_folder(name)), head=head, **kwargs)
+        folder = packaged.prepared_folder(name)
+        try:
+            return HookedModel.from_pretrained(str(folder), head=head, **kwargs)
+        except ModelLoadError as err:
+            raise ModelLoadError(f"{err} {packaged.restore_hint(name, folder)}") from err
     from hookscope.zoo import shipped
 
-    return shipped.load_shipped(name, checkpoint=checkpoint)
+    extra = sorted(set(kwargs) - {"dtype", "device"})
+    if extra:
+        raise InputError(
+            f"shipped model {name} takes checkpoint=, dtype= and device= only; got "
+            f"{', '.join(k + '=' for k in extra)}"
+        )
+    return shipped.load_shipped(name, checkpoint=checkpoint, **kwargs)
 
 
 def install(name: str) -> None:

@@ -52,30 +52,40 @@ def _how_to_get(repo_id: str) -> str:
     )
 
 
-def _from_cache(repo_id: str, extra: dict, kwargs: dict) -> HookedModel | None:
-    """The model from the local Hugging Face cache, or None when it is not there."""
+def _from_cache(repo_id: str, extra: dict, kwargs: dict) -> tuple[HookedModel | None, str]:
+    """(the model from the local Hugging Face cache, "") or (None, why it is not usable)."""
     try:
-        return HookedModel.from_pretrained(repo_id, local_files_only=True, **extra, **kwargs)
-    except ModelLoadError:
-        return None
+        return HookedModel.from_pretrained(repo_id, local_files_only=True, **extra, **kwargs), ""
+    except ModelLoadError as err:
+        if _config_cached(repo_id, extra.get("revision"), kwargs.get("cache_dir")):
+            return None, f"is in the local Hugging Face cache but does not load from it ({err})"
+        return None, "is not in the local Hugging Face cache"
+
+
+def _config_cached(repo_id: str, revision: str | None, cache_dir: str | None) -> bool:
+    """Whether the cache holds the repo's config.json (so a failed cached load is a real
+    error, such as a truncated file, rather than an absent model)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, "config.json", cache_dir=cache_dir, revision=revision)
+    return isinstance(found, str)
 
 
 def load_from_hub(repo_id: str, revision: str | None = None, **kwargs: Any) -> HookedModel:
     """``HookedModel.from_pretrained(repo_id)`` from the cache, or the hub when reachable."""
     extra = {"revision": revision} if revision is not None else {}
-    cached = _from_cache(repo_id, extra, kwargs)
+    cached, why = _from_cache(repo_id, extra, kwargs)
     if cached is not None:
         return cached
     where = f"{repo_id}" + (f" (revision {revision})" if revision else "")
     if _offline():
         raise ModelLoadError(
-            f"{where} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set, so the hub is not "
-            f"asked. {_how_to_get(repo_id)}"
+            f"{where} {why} and HF_HUB_OFFLINE is set, so the hub is not asked. "
+            f"{_how_to_get(repo_id)}"
         )
     ok, detail = hub_reachable()
     if not ok:
         raise ModelLoadError(
-            f"{where} is not in the local Hugging Face cache and the hub is not reachable: {detail}. "
-            f"{_how_to_get(repo_id)}"
+            f"{where} {why} and the hub is not reachable: {detail}. {_how_to_get(repo_id)}"
         )
     return HookedModel.from_pretrained(repo_id, **extra, **kwargs)

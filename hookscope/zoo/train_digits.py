@@ -8,7 +8,8 @@ pixels in [0, 1], input [batch, 1, 8, 8]) with AdamW and a seeded shuffle, saves
 weights at log-spaced steps (0, 1, 2, 4, ..., and the last) for training-dynamics
 analysis, and writes ``hookscope/zoo/weights/digits-<model>/``: ``model.safetensors``
 (final), ``checkpoints/step_XXXXXX.safetensors`` and ``card.json`` with the held-out
-("test", 450 images) accuracy of the final weights and of every checkpoint.
+("test", 450 images) accuracy of the final weights and of every checkpoint, and the sha256
+of every weight file (checked when the model is loaded).
 
 Accuracy is :func:`accuracy`: the fraction of images whose argmax logit is the label, in
 eval mode, float32, one forward over the whole split. Seeded; seconds to a minute per
@@ -18,8 +19,6 @@ model on 2 CPU cores.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from hookscope.data.digits import SPLIT_SEED, TEST_FRACTION, digits_tensors
-from hookscope.zoo.shipped import WEIGHTS_DIR, build_module
+from hookscope.zoo.shipped import WEIGHTS_DIR, build_module, save_weights, write_card
 
 MODELS = ("mlp", "cnn", "vit")
 
@@ -181,7 +180,6 @@ def write(
 ) -> dict:
     """Save final weights, checkpoints and card.json into ``folder``; returns the card."""
     import sklearn
-    from safetensors.torch import save_file
 
     recipe = RECIPES[model]
     name = f"digits-{model}"
@@ -201,8 +199,7 @@ def write(
             if step == steps[-1]
             else ckpt_dir / f"step_{step:06d}.safetensors"
         )
-        save_file(states[step], str(path), metadata={"format": "pt"})
-        os.chmod(path, 0o644)
+        save_weights(states[step], path)
         probe.load_state_dict(states[step])
         trajectory.append(
             {
@@ -253,10 +250,7 @@ def write(
             "python": platform.python_version(),
         },
     }
-    with (folder / "card.json").open("w") as f:
-        json.dump(info, f, indent=1)
-        f.write("\n")
-    return info
+    return write_card(folder, info)  # adds the sha256 of every weight file just saved
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,7 +9,8 @@ The data are :func:`hookscope.data.induction.induction_tensors` sequences
 previous-token head). The loss is ordinary next-token cross-entropy at every position.
 After training, :func:`hookscope.zoo.induction.induction_circuit` scores every head on a
 held-out evaluation set (seed ``EVAL_SEED``), picks the circuit and verifies it by
-zero-ablation; the numbers go into ``card.json`` next to ``model.safetensors``.
+zero-ablation; the numbers go into ``card.json`` next to ``model.safetensors``, with the
+sha256 of the weights (checked when the model is loaded).
 
 Seeded (torch and numpy), single process, CPU: a few minutes on 2 cores.
 """
@@ -17,9 +18,7 @@ Seeded (torch and numpy), single process, CPU: a few minutes on 2 cores.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import platform
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from tqdm import tqdm
 
 from hookscope.data.induction import induction_tensors
 from hookscope.zoo.induction import induction_circuit
-from hookscope.zoo.shipped import WEIGHTS_DIR, build_module
+from hookscope.zoo.shipped import WEIGHTS_DIR, build_module, save_weights, write_card
 
 NAME = "tiny-induction"
 VOCAB_SIZE = 64
@@ -132,14 +131,12 @@ def _head(h: str) -> str:
 def write(model: torch.nn.Module, folder: Path, seconds: float) -> dict:
     """Save weights (+ a Hugging Face config.json) and the card; returns the card."""
     import transformers
-    from safetensors.torch import save_file
 
     from hookscope.model import HookedModel
 
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    os.chmod(folder / "model.safetensors", 0o644)
+    save_weights(state, folder / "model.safetensors")
     model.config.to_json_file(str(folder / "config.json"))
     report = induction_circuit(HookedModel.wrap(model), eval_batch())
     metrics = report.to_dict()
@@ -193,9 +190,7 @@ def write(model: torch.nn.Module, folder: Path, seconds: float) -> dict:
             "python": platform.python_version(),
         },
     }
-    with (folder / "card.json").open("w") as f:
-        json.dump(info, f, indent=1)
-        f.write("\n")
+    info = write_card(folder, info)  # adds the sha256 of the weights just saved
     print(report)
     return info
 
