@@ -227,29 +227,23 @@ def _load_tokenizer(
             return None
     try:
         tok = transformers.AutoTokenizer.from_pretrained(source, **hf_kwargs)
-    # the tokenizers library raises a bare Exception for malformed files: with local tokenizer
-    # files each failure is a ModelLoadError naming them; for a hub repo (whose files are not
-    # listed here) a warning says why the model comes without a tokenizer
-    except Exception as err:
-        if present is None:
-            import warnings
+    except (OSError, ValueError) as err:
+        if present is not None:
+            raise _tokenizer_error(err, source, folder, present) from err
+        # a hub repo without (reachable) tokenizer files: the model comes without one
+        import warnings
 
-            warnings.warn(
-                f"no tokenizer for {source!r} ({type(err).__name__}: {err}); the model has "
-                "tokenizer=None. Pass tokenizer=False to skip the attempt.",
-                UserWarning,
-                stacklevel=3,
-            )
-            return None
-        where = f"{', '.join(present)} in {folder}" if present else f"{source!r}"
-        broken = _unparsable_json(folder, present or [])
-        raise ModelLoadError(
-            f"the tokenizer files ({where}) could not be loaded: {type(err).__name__}: "
-            f"{str(err).rstrip('.')}."
-            + (f" Not valid JSON: {'; '.join(broken)}." if broken else "")
-            + " Save the tokenizer there again (tokenizer.save_pretrained(folder)), or pass "
-            "tokenizer=False to load the model without one."
-        ) from err
+        warnings.warn(
+            f"no tokenizer for {source!r} ({type(err).__name__}: {err}); the model has "
+            "tokenizer=None. Pass tokenizer=False to skip the attempt.",
+            UserWarning,
+            stacklevel=3,
+        )
+        return None
+    # the tokenizers library raises a bare Exception for malformed files: every other
+    # failure is a ModelLoadError naming the files, never a fallback
+    except Exception as err:
+        raise _tokenizer_error(err, source, folder, present) from err
     specials = set(tok.all_special_tokens) | set(getattr(tok, "added_tokens_encoder", {}))
     if len(tok) <= len(specials):  # built from the config alone: nothing but special tokens
         if present:
@@ -260,3 +254,17 @@ def _load_tokenizer(
             )
         return None
     return tok
+
+
+def _tokenizer_error(
+    err: BaseException, source: str, folder: Path | None, present: list[str] | None
+) -> ModelLoadError:
+    where = f"{', '.join(present)} in {folder}" if present else f"{source!r}"
+    broken = _unparsable_json(folder, present or [])
+    return ModelLoadError(
+        f"the tokenizer files ({where}) could not be loaded: {type(err).__name__}: "
+        f"{str(err).rstrip('.')}."
+        + (f" Not valid JSON: {'; '.join(broken)}." if broken else "")
+        + " Save the tokenizer there again (tokenizer.save_pretrained(folder)), or pass "
+        "tokenizer=False to load the model without one."
+    )

@@ -123,7 +123,8 @@ class HookedModel:
         would build an empty one from the config alone; a tokenizer holding only special
         tokens counts as none for hub names too); ``tokenizer=False`` skips it. Tokenizer
         files in a folder that do not load raise ModelLoadError naming them; a hub repo whose
-        tokenizer does not load gives ``tokenizer=None`` with a UserWarning saying why.
+        tokenizer files cannot be found or read (OSError, ValueError) gives ``tokenizer=None``
+        with a UserWarning saying why, and any other tokenizer failure is a ModelLoadError.
 
         ``hf_kwargs`` go to transformers' ``from_pretrained`` (config, model and tokenizer),
         with these rules: hookscope never unpickles arbitrary objects, so ``weights_only=False``
