@@ -301,8 +301,16 @@ class installed:
         self.value = run if value is None else value
         self.scope = Scope()
 
-    @protected(rollback=lambda self: self.scope.close())
     def __enter__(self) -> object:
+        if self.scope.is_open:
+            raise HookError(
+                "this hooks block is already active (a hooks object is entered once at a "
+                "time); make another one with model.hooks(...) to nest"
+            )
+        return self._enter()
+
+    @protected(rollback=lambda self: self.scope.close())
+    def _enter(self) -> object:
         scope = self.scope
         scope.open()
         pattern: dict[nn.Module, Callable[[Tensor], Tensor]] = {}

@@ -72,17 +72,23 @@ class _SignalGuard:
         if self.holders or threading.current_thread() is not threading.main_thread():
             return
         for sig, previous in list(self.previous.items()):
-            signal.signal(sig, previous)
+            if signal.getsignal(sig) == self.handler:  # else the user set their own since
+                signal.signal(sig, previous)
             del self.previous[sig]
 
     def deliver(self, frame: FrameType | None) -> None:
-        """Hand a deferred signal to its handler now (as if it arrived in ``frame``)."""
-        if not self.pending:
-            return
-        signum = self.pending[0]
+        """Hand the deferred signals to their handlers now (as if they arrived in ``frame``),
+        in order; if one raises, the later ones are posted again and the exception goes on."""
+        pending = list(dict.fromkeys(self.pending))
         self.pending.clear()
-        handler = self.previous.get(signum) if signum in self.previous else signal.getsignal(signum)
-        _call_handler(handler, signum, frame)
+        for i, signum in enumerate(pending):
+            handler = self.previous[signum] if signum in self.previous else signal.getsignal(signum)
+            try:
+                _call_handler(handler, signum, frame)
+            except BaseException:
+                for later in pending[i + 1 :]:
+                    signal.raise_signal(later)
+                raise
 
 
 def _call_handler(handler: Any, signum: int, frame: FrameType | None) -> None:
@@ -215,7 +221,7 @@ def _remove_hook(module: nn.Module, hook: _ThreadHook) -> None:
         hooks = getattr(module, name, None)
         if not hooks:
             continue
-        for key in [k for k, v in hooks.items() if v is hook]:
+        for key in [k for k, v in tuple(hooks.items()) if v is hook]:
             del hooks[key]
             for flag in _FLAG_DICTS:
                 getattr(module, flag, {}).pop(key, None)
@@ -238,16 +244,20 @@ def _restore_forward(module: nn.Module, wrapper: _Forward) -> None:
         node = node.original
 
 
+_ATTACH_LOCK = threading.Lock()  # attach/detach from several threads on one module
+
+
 def _detach(module: nn.Module, attr: str, entry: Any) -> None:
-    entries = module.__dict__.get(attr)
-    if entries is None:
-        return
-    for i, e in enumerate(entries):
-        if e is entry:
-            del entries[i]
-            break
-    if not entries:
-        module.__dict__.pop(attr, None)
+    with _ATTACH_LOCK:
+        entries = module.__dict__.get(attr)
+        if entries is None:
+            return
+        for i, e in enumerate(entries):
+            if e is entry:
+                del entries[i]
+                break
+        if not entries:
+            module.__dict__.pop(attr, None)
 
 
 class Scope:
@@ -277,15 +287,21 @@ class Scope:
     @protected(rollback=lambda self: self.close())
     def open(self) -> None:
         """Start recording (``with Scope()`` does this); installs the signal guard."""
-        if id(self) not in _OPEN:
-            self._undo.append(partial(_release, id(self)))  # runs last
-            # A scope dropped while open: the one window no Python code can close is an
-            # interrupt between a ``with`` block's end and the call of its ``__exit__``
-            # (the statement's line is traced again there, bpo-29988); the frame's unwinding
-            # then drops the context manager, and this completes its cleanup.
-            self._finalizer = weakref.finalize(self, _drain, self._undo)
-            _OPEN.add(id(self))
-            _GUARD.enter(id(self))
+        if id(self) in _OPEN:
+            return
+        self.owner = threading.get_ident()  # the thread that enters it
+        self._undo.append(partial(_release, id(self)))  # runs last
+        # A scope dropped while open: the one window no Python code can close is an
+        # interrupt between a ``with`` block's end and the call of its ``__exit__`` (the
+        # statement's line is traced again there, bpo-29988); the frame's unwinding then
+        # drops the context manager, and this completes its cleanup.
+        self._finalizer = weakref.finalize(self, _drain, self._undo)
+        _OPEN.add(id(self))
+        _GUARD.enter(id(self))
+
+    @property
+    def is_open(self) -> bool:
+        return id(self) in _OPEN
 
     @protected()
     def close(self) -> None:
@@ -327,4 +343,5 @@ class Scope:
         """Append ``entry`` to the list ``module.__dict__[attr]`` (created, and removed once
         empty); readers filter entries by thread themselves."""
         self._undo.append(partial(_detach, module, attr, entry))
-        module.__dict__.setdefault(attr, []).append(entry)
+        with _ATTACH_LOCK:
+            module.__dict__.setdefault(attr, []).append(entry)

@@ -145,3 +145,89 @@ def test_memoised_plan_follows_a_replaced_submodule():
 
 def second_resid(model):
     return model.run_with_cache(TOKS, names="resid_pre.0")[1]["resid_pre.0"]
+
+
+def test_eval_modes_ending_out_of_order_restore_train_mode_last():
+    from hookscope.interventions._modes import EvalMode
+
+    hf = builders.tiny_neox().train()
+    a, b = EvalMode(hf), EvalMode(hf)
+    a.__enter__()
+    b.__enter__()
+    a.__exit__(None, None, None)
+    assert not hf.training and not any(m.training for m in hf.modules())  # b is still inside
+    b.__exit__(None, None, None)
+    assert all(m.training for m in hf.modules())
+
+
+def test_a_sigint_handler_set_inside_a_block_is_kept():
+    import signal
+
+    model = hs.HookedModel.wrap(builders.tiny_neox())
+    before = signal.getsignal(signal.SIGINT)
+
+    def mine(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        with model.hooks([("resid_post.0", lambda a, _: None)]):
+            signal.signal(signal.SIGINT, mine)
+        assert signal.getsignal(signal.SIGINT) is mine
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def test_hooks_made_in_one_thread_act_in_the_thread_that_enters_them():
+    import threading
+
+    model = hs.HookedModel.wrap(builders.tiny_neox())
+    zero = [("resid_post.0", lambda act, _: act * 0)]
+    expected = model.run_with_hooks(TOKS, zero)
+    block, out = model.hooks(zero), {}
+
+    def worker():
+        with block, torch.no_grad():
+            out["logits"] = model(TOKS)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert torch.equal(out["logits"], expected)
+
+
+def test_entering_an_active_hooks_block_again_is_an_error(neox):
+    hf, model = neox
+    zero = [("resid_post.0", lambda act, _: act * 0)]
+    expected = model.run_with_hooks(TOKS, zero)
+    block = model.hooks(zero)
+    with block:
+        with pytest.raises(hs.HookError, match="already active"):
+            with block:
+                pass
+        with torch.no_grad():
+            assert torch.equal(model(TOKS), expected)  # the outer block's hook is still on
+    _clean(hf, 1)
+
+
+def test_every_signal_deferred_in_a_section_is_delivered():
+    import os
+    import signal
+
+    from hookscope.scope import Scope
+
+    got = []
+    before = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, lambda s, f: got.append("TERM"))
+    try:
+        scope = Scope()
+        scope.__enter__()
+        scope.defer(
+            lambda: (os.kill(os.getpid(), signal.SIGINT), os.kill(os.getpid(), signal.SIGTERM))
+        )
+        with pytest.raises(KeyboardInterrupt):
+            scope.__exit__(None, None, None)
+            sum(range(10000))  # the re-posted SIGTERM is handled here at the latest
+        sum(range(10000))
+        assert got == ["TERM"]
+    finally:
+        signal.signal(signal.SIGTERM, before)

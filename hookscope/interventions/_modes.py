@@ -8,6 +8,9 @@ interventions therefore run under :class:`EvalMode`.
 
 from __future__ import annotations
 
+import threading
+import weakref
+from dataclasses import dataclass, field
 from functools import partial
 
 from torch import nn
@@ -17,9 +20,44 @@ from hookscope.scope import Scope, protected
 __all__ = ["EvalMode"]
 
 
+@dataclass
+class _Saved:
+    """The flags a module tree had before the first EvalMode on it, and who is inside."""
+
+    root: weakref.ref
+    flags: dict[nn.Module, bool]
+    users: set[object] = field(default_factory=set)
+
+
+#: id(root module) -> its saved flags, while any EvalMode is inside
+_ACTIVE: dict[int, _Saved] = {}
+_LOCK = threading.Lock()
+
+
 def _set_flags(flags: dict[nn.Module, bool]) -> None:
     for module, flag in flags.items():
         module.training = flag
+
+
+def _eval_on(root: nn.Module, token: object) -> None:
+    with _LOCK:
+        rec = _ACTIVE.get(id(root))
+        if rec is None or rec.root() is not root:
+            rec = _Saved(weakref.ref(root), {m: m.training for m in root.modules()})
+            _ACTIVE[id(root)] = rec
+        rec.users.add(token)
+        _set_flags(dict.fromkeys(rec.flags, False))
+
+
+def _eval_off(root: nn.Module, token: object) -> None:
+    with _LOCK:
+        rec = _ACTIVE.get(id(root))
+        if rec is None or rec.root() is not root:
+            return
+        rec.users.discard(token)
+        if not rec.users:  # the last one out restores what the first one found
+            _set_flags(rec.flags)
+            del _ACTIVE[id(root)]
 
 
 class EvalMode(Scope):
@@ -30,9 +68,9 @@ class EvalMode(Scope):
 
     The flags are recorded, and their restoration put on the scope's undo log, before any is
     changed; they are set directly (``module.training = flag``), never through
-    ``module.train()``, which would overwrite the children's own flags. Nesting is safe: the
-    inner block restores the flags the outer one set. Training flags belong to the model,
-    not to a thread (see the README on threads).
+    ``module.train()``, which would overwrite the children's own flags. EvalModes on one
+    module, nested or in several threads, may end in any order: the first records the
+    flags, the last restores them. Training flags belong to the model, not to a thread.
     """
 
     def __init__(self, module: nn.Module):
@@ -42,7 +80,7 @@ class EvalMode(Scope):
     @protected(rollback=lambda self: self.close())
     def __enter__(self) -> nn.Module:  # type: ignore[override]
         self.open()
-        saved = {m: m.training for m in self.module.modules()}
-        self.defer(partial(_set_flags, saved))
-        _set_flags(dict.fromkeys(saved, False))
+        token = object()
+        self.defer(partial(_eval_off, self.module, token))
+        _eval_on(self.module, token)
         return self.module
