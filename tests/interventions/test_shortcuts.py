@@ -99,12 +99,14 @@ def test_shortcut_results_equal_plain_forwards():
     metric = iv.logit_diff(5, 9)
     res = iv.activation_patching(model, clean, corrupted, metric, "head.1.*", progress=False)
     _, clean_cache = model.run_with_cache(clean, names="head.1")
-    m_clean, m_corr = float(metric(model(clean))), float(metric(model(corrupted)))
+    with torch.no_grad():
+        m_clean, m_corr = float(metric(model(clean))), float(metric(model(corrupted)))
     for h in range(4):
 
         def patch(act, address, h=h):
             return clean_cache[f"head.1.{h}"]
 
-        patched = float(metric(model.run_with_hooks(corrupted, hooks=[(f"head.1.{h}", patch)])))
+        with torch.no_grad():
+            patched = float(metric(model.run_with_hooks(corrupted, hooks=[(f"head.1.{h}", patch)])))
         expected = (patched - m_corr) / (m_clean - m_corr)
         assert abs(float(res.scores[h]) - expected) < 1e-4
