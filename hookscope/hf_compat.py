@@ -14,6 +14,8 @@ signature alone (a renamed keyword must not silently turn a feature off):
 * **Parameter names.** GPT-NeoX's output embedding is ``embed_out`` up to transformers
   5.x's early releases and ``lm_head`` later; :func:`renamed_state` maps a saved state dict
   onto the names the model in hand uses.
+* **Device maps.** :func:`auto_device_map` resolves ``device_map="auto"`` (and the other
+  strategies) to the module -> device dict transformers would compute, before loading.
 * **Attention functions.** :func:`register_attention` adds an attention function and its
   mask function under a name that ``config._attn_implementation`` can select;
   :func:`attention_function` / :func:`mask_function` look up what a name stands for.
@@ -42,6 +44,7 @@ __all__ = [
     "mask_function",
     "set_attention",
     "renamed_state",
+    "auto_device_map",
 ]
 
 #: parameter names that differ between transformers versions (each pair: either name)
@@ -192,3 +195,31 @@ def renamed_state(model: nn.Module, state: dict[str, Tensor]) -> dict[str, Tenso
                         key = new + key[len(old) :]
         out[key] = value
     return out
+
+
+def auto_device_map(model: nn.Module, strategy: str, max_memory: dict | None) -> dict[str, Any]:
+    """The device map ``from_pretrained(device_map=strategy, max_memory=max_memory)`` computes
+    for ``model`` (a skeleton on the ``meta`` device): transformers' own computation where
+    this version has it (``transformers.integrations.accelerate._get_device_map``, which
+    knows each model's tied and unsplittable modules), else accelerate's public functions
+    it is built on. ``strategy``: auto, balanced, balanced_low_0 or sequential."""
+    try:
+        from transformers.integrations.accelerate import _get_device_map
+    except ImportError:  # other versions: the same computation from accelerate's parts
+        from accelerate.utils import get_balanced_memory, get_max_memory, infer_auto_device_map
+
+        no_split = list(getattr(model, "_no_split_modules", None) or [])
+        memory = (
+            get_max_memory(max_memory)
+            if strategy == "sequential"
+            else get_balanced_memory(
+                model,
+                max_memory=max_memory,
+                no_split_module_classes=no_split,
+                low_zero=strategy == "balanced_low_0",
+            )
+        )
+        return dict(
+            infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split)
+        )
+    return dict(_get_device_map(model, strategy, max_memory, None))

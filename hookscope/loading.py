@@ -1,6 +1,35 @@
 """Loading Hugging Face models for :meth:`hookscope.HookedModel.from_pretrained`: the
 checks on the name or folder, the keyword rules, the tokenizer rule, and the errors that say
-what to do (a zoo name, a missing folder, a truncated or corrupt file)."""
+what to do (a zoo name, a missing folder, a truncated or corrupt file).
+
+Big models (``device_map=``, ``max_memory=``, ``offload_folder=``) load through
+transformers' own device-map support, which hands the model to accelerate: each module
+computes on the device the map gives it, and modules mapped to ``"cpu"`` (next to GPUs) or
+``"disk"`` keep their weights there, on the ``meta`` device between calls (see
+:mod:`hookscope.dispatch`). Every placement argument is checked, and a strategy such as
+``"auto"`` resolved to a module -> device dict, before any weight is read.
+
+What works on such a model, with the values of the same model loaded whole (tested on CPU
+with layers in memory and on disk, ``tests/test_dispatch.py``): the forward and logits,
+``run_with_cache`` of every address kind (``head.L.H.result`` reads the offloaded output
+projection through :func:`hookscope.dispatch.weight`), hooks, gradients
+(``run_with_cache(..., backward=...)``), activation patching, ablation and attribution
+patching. Cached tensors stay on the device their module computed on
+(``cache.to_pandas()`` has a device column; ``cache.to("cpu")`` gathers them). hookscope's
+hooks are torch hooks around accelerate's wrapped ``forward``, so accelerate's hooks are
+never changed, and hookscope's are all gone after each call.
+
+Limits: the patching sweeps' oneDNN matrix products are off on a dispatched model (they
+would replace the ``forward`` that accelerate wraps); the result's ``shortcuts_off`` says
+so. Every other sweep shortcut stays on. Offloaded weights are read from CPU memory or disk
+at every forward that needs them, so sweeps are slower than on a model that fits. Code of
+your own that reads a parameter of an offloaded module gets a ``meta`` placeholder: read it
+with :func:`hookscope.dispatch.weight`. A hand-written map should keep each transformer
+block on one device (the strategies do: transformers never splits a block), since per-head
+results combine a block's attention output with its output projection's weights. Tested on
+CPU only (layers in memory, on disk, and accelerate's CPU offload); on several GPUs the code
+path is the same, but tensors then sit on several devices, which no test here exercises.
+"""
 
 from __future__ import annotations
 
@@ -24,13 +53,19 @@ def load_pretrained(
     tokenizer: bool,
     head: str,
     hf_kwargs: dict[str, Any],
+    device_map: Any = None,
+    max_memory: dict | None = None,
+    offload_folder: str | os.PathLike | None = None,
 ) -> tuple[nn.Module, Any]:
-    """The model (eval mode, on ``device``) and its tokenizer (or None), with the rules and
-    errors of :meth:`hookscope.HookedModel.from_pretrained`."""
+    """The model (eval mode, on ``device``, or placed by ``device_map``) and its tokenizer
+    (or None), with the rules and errors of :meth:`hookscope.HookedModel.from_pretrained`."""
     import transformers
     from safetensors import SafetensorError
 
+    from hookscope import dispatch
+
     _check_hf_kwargs(name_or_path, hf_kwargs)
+    dispatch.check_arguments(device, device_map, max_memory, offload_folder)
     torch_dtype, torch_device = as_dtype(dtype), as_device(device)
     source, folder = _pretrained_source(name_or_path)
     try:
@@ -52,8 +87,13 @@ def load_pretrained(
             f"could not load a model config from {name_or_path!r}: {str(err).rstrip('.')}. " + fix
         ) from None
     auto = _auto_class(transformers, config, head)
+    placement: dict[str, Any] = {}
+    if device_map is not None:  # checked and resolved on a skeleton: no weight read yet
+        placement = dispatch.resolve_device_map(
+            auto, config, device_map, max_memory, offload_folder, torch_dtype, hf_kwargs
+        )
     try:
-        model = auto.from_pretrained(source, dtype=torch_dtype, **hf_kwargs)
+        model = auto.from_pretrained(source, dtype=torch_dtype, **placement, **hf_kwargs)
     except (OSError, ValueError, SafetensorError) as err:
         raise ModelLoadError(
             f"could not load weights from {name_or_path!r}: {str(err).rstrip('.')}."

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from hookscope import dispatch
 from hookscope.scope import Scope, protected
 
 
@@ -95,9 +96,13 @@ class Probe:
         self.logits: Tensor | None = None
 
     def __call__(self, hidden: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        weight, bias = self.module.weight, self.module.bias
+        # replacing the forward bypasses accelerate's hook on a dispatched model: read the
+        # (possibly offloaded) weights through dispatch.weight, on its execution device
+        weight = dispatch.weight(self.module, "weight")
+        bias = dispatch.weight(self.module, "bias") if self.module.bias is not None else None
         cols = torch.linspace(0, weight.shape[0] - 1, min(16, weight.shape[0])).long()
         cols = cols.to(weight.device)
+        hidden = hidden.to(weight.device)
         self.hidden = hidden
         self.logits = nn.functional.linear(
             hidden, weight[cols], bias[cols] if bias is not None else None
@@ -110,7 +115,7 @@ class Probe:
             ref is not None
             and isinstance(out, Tensor)
             and out.shape == ref.shape
-            and torch.equal(out.to(ref.dtype), ref)
+            and torch.equal(out.to(ref.device, ref.dtype), ref)
         )
 
 
@@ -119,7 +124,7 @@ def at_read_position(position: Tensor, module: nn.Module, args: tuple, kwargs: d
     base batch, counted in the tensor the MLP sees) of the input, as [rows, 1, d]."""
     x = args[0] if args else next(iter(kwargs.values()))
     reps = x.shape[0] // position.shape[0]
-    x = x[torch.arange(x.shape[0], device=x.device), position.repeat(reps)][:, None]
+    x = x[torch.arange(x.shape[0], device=x.device), position.to(x.device).repeat(reps)][:, None]
     if args:
         return (x, *args[1:]), kwargs
     key = next(iter(kwargs))
@@ -226,6 +231,28 @@ def fast_linears(modules: Iterable[nn.Module]) -> dict[nn.Module, Callable]:
         ):
             out[module] = partial(_onednn_forward, op, module)
     return out
+
+
+#: why the oneDNN matrix products are off on a model accelerate dispatched
+DISPATCHED_ONEDNN = (
+    "accelerate dispatched this model (device_map); a oneDNN forward would replace the "
+    "forward its hooks wrap to load offloaded weights and move inputs"
+)
+
+
+def model_linears(model: nn.Module) -> tuple[dict[nn.Module, Callable], dict[str, str]]:
+    """``(fast_linears of model's modules, shortcuts off: {name: why})``. On a model that
+    accelerate dispatched (:func:`hookscope.dispatch.is_dispatched`) no layer gets a oneDNN
+    forward and ``{"onednn": why}`` says so; elsewhere the second item is empty (where this
+    torch or CPU has no usable kernel the products are simply MKL's, nothing is lost)."""
+    off = shortcuts_off(model)
+    return ({} if "onednn" in off else fast_linears(model.modules())), off
+
+
+def shortcuts_off(model: nn.Module) -> dict[str, str]:
+    """The sweep shortcuts that cannot run on ``model`` whatever the sweep, with why:
+    ``{"onednn": why}`` on a model accelerate dispatched, else nothing."""
+    return {"onednn": DISPATCHED_ONEDNN} if dispatch.is_dispatched(model) else {}
 
 
 def _onednn_forward(op: Callable, module: nn.Linear, input: Tensor) -> Tensor:

@@ -93,7 +93,8 @@ def tail_delta(
                 diff = source[name] - base[name]  # [batch, pos, heads, d_head or d_model]
                 if address.slot.kind == "z":
                     w_o, _ = model.adapter.w_o(address.slot.layer)  # type: ignore[attr-defined]
-                    diff = torch.einsum("bphk,hkd->bphd", diff, w_o.to(diff.dtype))
+                    w_o = w_o.to(diff.device, diff.dtype)
+                    diff = torch.einsum("bphk,hkd->bphd", diff, w_o)
                 per_head[name] = diff
             change = per_head[name]
             if address.index is not None:

@@ -43,6 +43,13 @@ skips it:
 
 Vision models without these modules, ``module:`` sites and the embedding fall back to plain
 repetition of the input.
+
+On a model accelerate dispatched (``from_pretrained(..., device_map=...)``) every shortcut
+but the oneDNN products runs: replayed blocks and the identity unembedding need no weights,
+the readout reads the (possibly offloaded) unembedding through
+:func:`hookscope.dispatch.weight`, and the rest are torch hooks around accelerate's wrapped
+forwards. The oneDNN products would replace those forwards, so they are off and
+:attr:`StackedRunner.shortcuts_off` says so (results carry it as ``shortcuts_off``).
 """
 
 from __future__ import annotations
@@ -69,12 +76,12 @@ from hookscope.interventions._forward_edits import (
     Probe,
     at_read_position,
     batch_args,
-    fast_linears,
     first_tensor,
     forward_replaced,
     identity,
     join_input,
     join_output,
+    model_linears,
     positions,
     repeat,
     replay,
@@ -87,8 +94,8 @@ from hookscope.scope import Scope
 
 __all__ = ["StackedRunner"]
 
-# Slots read inside block ``slot.layer`` (everything but the embedding and the logits).
-_OUTSIDE_BLOCKS = ("embed", "logits", "module")
+# Slots read inside block ``slot.layer`` (all but the embedding, the final norm and the logits).
+_OUTSIDE_BLOCKS = ("embed", "final_norm", "logits", "module")
 # Head slots whose patch reaches the block output through the output projection only.
 _LINEAR_TAIL = ("z", "result")
 # Slots computed by (or after) a block's MLP: a patch there needs it at every position.
@@ -116,8 +123,9 @@ class StackedRunner:
         self.kv_keywords: tuple[str, ...] = ()
         self.prefix_kv: list[tuple[Tensor, Tensor]] | None = None  # base rows' keys, values
         self.base_hidden: Tensor | None = None  # base rows' unembedding input
-        # linear layers computed by oneDNN in this runner's forwards (see fast_linears)
-        self.linears = fast_linears(model.model.modules())
+        # linear layers computed by oneDNN in this runner's forwards (see fast_linears), and
+        # the shortcuts that cannot run on this model, with why (a dispatched model: oneDNN)
+        self.linears, self.shortcuts_off = model_linears(model.model)
         if isinstance(adapter, TransformerAdapter):
             self.blocks = list(submodule(model.model, adapter.layers_path))  # type: ignore[arg-type]
             head = submodule(model.model, adapter.unembed_path) if adapter.unembed_path else None
@@ -235,7 +243,7 @@ class StackedRunner:
                 isinstance(logits, Tensor)
                 and isinstance(out, Tensor)
                 and out.shape == logits.shape
-                and torch.equal(out.to(logits.dtype), logits)
+                and torch.equal(out.to(logits.device, logits.dtype), logits)
             ):
                 self.base_hidden = seen["hidden"][rows]
             else:
@@ -302,7 +310,9 @@ class StackedRunner:
         for start, k, delta in groups:
             base_in = self.inputs[start] if start < n_blocks else first_tensor(self.records[-1])  # type: ignore[index]
             rows = repeat(base_in[:, cut], k)
-            joins.setdefault(start, []).append(rows if delta is None else rows + delta[:, cut])  # type: ignore[arg-type]
+            if delta is not None:  # (on the block's device: a dispatched model has several)
+                rows = rows + delta[:, cut].to(rows.device)
+            joins.setdefault(start, []).append(rows)
         for start, parts in joins.items():
             if start == 0:
                 pre_hooks.append((self.blocks[0], partial(join_input, parts)))  # type: ignore[index]
@@ -329,7 +339,8 @@ class StackedRunner:
             with forward_replaced(replace), torch.no_grad():
                 out = self.model.run_with_hooks(self.base[:, cut], hooks=hooks, **kwargs)
         if prefix:  # positions before the prefix are the base run's
-            out = torch.cat([repeat(self.base_hidden[:, :prefix], n), out], dim=1)  # type: ignore[index]
+            before = repeat(self.base_hidden[:, :prefix], n).to(out.device)  # type: ignore[index]
+            out = torch.cat([before, out], dim=1)
         return self.values(out, n, hidden=readout)
 
     def _read_position_only(self, slots: Sequence[Slot], prefix: int = 0) -> list:

@@ -46,7 +46,7 @@ from hookscope.interventions._arguments import (
     check_reference,
     resolve_sites,
 )
-from hookscope.interventions._forward_edits import fast_linears, forward_replaced
+from hookscope.interventions._forward_edits import forward_replaced, model_linears, shortcuts_off
 from hookscope.interventions._inputs import (
     causal_only,
     copies_per_forward,
@@ -135,7 +135,7 @@ def _run_jobs(
     batch = inputs_t.shape[0]
     found: list[Any] = []
     chunks = range(0, len(jobs), k)
-    linears = fast_linears(model.model.modules())
+    linears, _ = model_linears(model.model)  # (the output is a tensor: nothing to report)
     for start in tqdm(chunks, desc="ablation", disable=not progress or len(chunks) < 2):
         part = jobs[start : start + k]
         stacked = inputs_t.repeat(len(part), *([1] * (inputs_t.ndim - 1)))
@@ -272,7 +272,7 @@ def _ablate(
     flat = torch.tensor(raw, dtype=torch.float64).reshape(len(addresses), len(draws)).mean(1)
     return sweep_result(
         sites, addresses, [None], flat, metric, f"{method} ablation", "noise", False,
-        {"clean": clean},
+        {"clean": clean}, shortcuts_off=shortcuts_off(model.model),
     )  # fmt: skip
 
 

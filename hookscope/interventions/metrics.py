@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from hookscope import dispatch
 from hookscope.errors import InputError
 from hookscope.interventions._metric_args import (
     Position,
@@ -77,14 +78,24 @@ class Unembed:
         """Number of logits (the vocabulary size)."""
         return int(self.module.out_features)
 
+    def parameters(self) -> tuple[Tensor, Tensor | None]:
+        """``(weight [vocab, d_model], bias [vocab] or None)``, read through
+        :func:`hookscope.dispatch.weight` (real values where accelerate offloaded them)."""
+        weight = dispatch.weight(self.module, "weight")
+        bias = dispatch.weight(self.module, "bias") if self.module.bias is not None else None
+        return weight, bias
+
     def full(self, hidden: Tensor) -> Tensor:
-        """Every logit: ``hidden [..., d_model] -> [..., vocab]``."""
-        return nn.functional.linear(hidden, self.module.weight, self.module.bias)
+        """Every logit: ``hidden [..., d_model] -> [..., vocab]`` (on the unembedding's
+        device, where ``hidden`` is moved if it is elsewhere)."""
+        weight, bias = self.parameters()
+        return nn.functional.linear(hidden.to(weight.device), weight, bias)
 
     def columns(self, hidden: Tensor, ids: Tensor) -> Tensor:
         """The logit of token ``ids`` (one id, or one per row) for ``hidden [batch, d_model]``."""
+        weight, bias = self.parameters()
+        hidden = hidden.to(weight.device)
         ids = ids.to(hidden.device)
-        weight, bias = self.module.weight, self.module.bias
         if ids.ndim == 0:
             out = hidden @ weight[ids]
         else:

@@ -251,6 +251,7 @@ class Patcher:
             self.sites, self.addresses, pos_list, self.fraction(flat) if normalised else flat,
             self.metric, "activation_patching", self.direction, normalised,
             {"clean": self.m_clean, "corrupted": self.m_corrupted},
+            shortcuts_off=self.runner.shortcuts_off,
         )  # fmt: skip
 
     def positions(self, positions: str | Sequence[int]) -> list[int | None]:
@@ -377,7 +378,7 @@ def _patch_hooks(model: HookedModel, part: list, source, batch: int, prefix: int
                     else:
                         dst[axis] = pos % value.shape[axis] - prefix
                 dst[0] = slice(i * batch, (i + 1) * batch)
-                out[tuple(dst)] = value[tuple(src)]
+                out[tuple(dst)] = value[tuple(src)].to(out.device)
             return out
 
         hooks.append((slot_address(slot), write))
