@@ -15,6 +15,16 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 import builders  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _close_figures():
+    """Figures are registered with pyplot (so plt.savefig works after res.plot()); close
+    them after each test so a long run does not hold hundreds open."""
+    yield
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+
+
 @pytest.fixture(scope="session")
 def pythia_dir(tmp_path_factory) -> Path:
     """A pythia-70m-shaped GPT-NeoX (random weights, seed 0) saved with save_pretrained."""

@@ -55,14 +55,36 @@ def _finite_float64(t: Tensor, name: str) -> Tensor:
     return t
 
 
+def _var(name: str) -> str:
+    """``name`` if it can stand for a variable in example code, else ``x``."""
+    return name if name.isidentifier() else "x"
+
+
+def _flatten_hint(shape: torch.Size, name: str, *, torch_input: bool) -> str:
+    """How to make one row per example of an N-D input (N > 2): flatten all but dim 0."""
+    var = _var(name)
+    code = f"{var}.flatten(1)" if torch_input else f"{var}.reshape({var}.shape[0], -1)"
+    flat = (shape[0], int(np.prod(shape[1:])))
+    hint = f"; make one row per example by flattening the other dimensions: {code} -> {flat}"
+    if len(shape) == 3:
+        return hint + (
+            f" (or, for token activations [batch, pos, d] where every token is a sample, "
+            f"{var}.reshape(-1, {var}.shape[-1]), and the same for the other input)"
+        )
+    return hint + (
+        f"; not {var}.reshape(-1, {var}.shape[-1]), which would mix examples with positions "
+        "(e.g. the h x w of a conv feature map) in the rows"
+    )
+
+
 def as_matrix(x: Any, name: str = "X", *, min_rows: int = 2) -> Tensor:
     """``x`` as a finite float64 ``[samples, features]`` tensor, or an AnalysisError."""
     t = _to_tensor(x, name)
     if t.ndim != 2:
         hint = (
-            f"; flatten the extra dimensions first, e.g. {name}.reshape(-1, {name}.shape[-1])"
+            _flatten_hint(t.shape, name, torch_input=isinstance(x, Tensor))
             if t.ndim > 2
-            else "; pass a [samples, features] matrix (use x[:, None] for one feature)"
+            else f"; pass a [samples, features] matrix ({_var(name)}[:, None] for one feature)"
         )
         raise AnalysisError(
             f"{name} must be 2-D [samples, features], got shape {tuple(t.shape)}{hint}"

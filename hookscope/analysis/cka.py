@@ -31,13 +31,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Float
-from matplotlib.figure import Figure
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -46,6 +45,9 @@ from hookscope.errors import AnalysisError
 from ._validate import as_layers, as_matrix, centred, choice, in_range, require_signal, same_rows
 from .dimensionality import smaller_gram
 from .geometry import pca
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = [
     "KINDS",
@@ -405,7 +407,9 @@ class CKAMatrix:
         """Heatmap of the matrix (annotated with values when there are at most 12 layers)."""
         mat = self.matrix.cpu().numpy()
         n = len(self.names)
-        fig = Figure(figsize=(1.2 + 0.45 * max(n, 6), 0.8 + 0.45 * max(n, 6)))
+        from hookscope.plot import figure
+
+        fig = figure(figsize=(1.2 + 0.45 * max(n, 6), 0.8 + 0.45 * max(n, 6)))
         ax = fig.subplots()
         im = ax.imshow(mat, vmin=min(0.0, float(mat.min())), vmax=1.0, cmap="magma")
         fig.colorbar(im, ax=ax, label=f"{self.kind} CKA")

@@ -20,13 +20,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Float
-from matplotlib.figure import Figure
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -35,6 +34,9 @@ from hookscope.errors import AnalysisError
 from ._validate import as_layers, as_matrix, as_vector, centred, choice, in_range, same_rows
 from .cka import KINDS, _remove_pc1, debiased_cka, linear_cka, rbf_cka
 from .geometry import pca
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = [
     "collapse_index",
@@ -98,7 +100,9 @@ class PC1Diagnostic:
 
     def plot(self) -> Figure:
         """Bars: CKA with and without PC1, and the PC1 variance fractions."""
-        fig = Figure(figsize=(5, 3))
+        from hookscope.plot import figure
+
+        fig = figure(figsize=(5, 3))
         ax = fig.subplots()
         labels = ["CKA", "CKA w/o PC1", "PC1 frac X", "PC1 frac Y"]
         vals = [self.cka, self.cka_without_pc1, self.pc1_fraction_x, self.pc1_fraction_y]
@@ -201,7 +205,9 @@ class CollapseReport:
     def plot(self) -> Figure:
         """The curve (and the curve without PC1) per layer, drops marked."""
         x = np.arange(len(self.names))
-        fig = Figure(figsize=(max(5, 0.35 * len(x) + 2), 3.5))
+        from hookscope.plot import figure
+
+        fig = figure(figsize=(max(5, 0.35 * len(x) + 2), 3.5))
         ax = fig.subplots()
         ax.plot(x, self.curve.cpu().numpy(), "o-", label="score")
         if self.curve_without_pc1 is not None:

@@ -36,19 +36,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Float
-from matplotlib.figure import Figure
 from torch import Tensor
 
 from hookscope.errors import AnalysisError
 
 from ._validate import as_matrix, choice, in_range, maybe_centred, require_signal
 from .jumps import Jump, detect_jumps
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = [
     "METRICS",
@@ -275,7 +277,9 @@ class DimensionalityReport:
         """Scree plot of the normalised spectrum with its cumulative energy."""
         ev = self.spectrum.cpu().numpy()
         frac = ev / ev.sum()
-        fig = Figure(figsize=(6, 3.5))
+        from hookscope.plot import figure
+
+        fig = figure(figsize=(6, 3.5))
         ax = fig.subplots()
         idx = np.arange(1, len(ev) + 1)
         ax.semilogy(idx, np.maximum(frac, 1e-300), ".-", ms=3, label="energy fraction")
@@ -384,7 +388,9 @@ class DimensionalityTracker:
     def plot(self) -> Figure:
         """One panel per metric against training step."""
         df = self.to_pandas()
-        fig = Figure(figsize=(6, 1.8 * len(self.metrics) + 0.6))
+        from hookscope.plot import figure
+
+        fig = figure(figsize=(6, 1.8 * len(self.metrics) + 0.6))
         axes = np.atleast_1d(fig.subplots(len(self.metrics), 1, sharex=True))
         for ax, name in zip(axes, self.metrics, strict=True):
             ax.plot(df["step"], df[name], ".-", ms=3)

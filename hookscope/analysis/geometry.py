@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Float, Int
-from matplotlib.figure import Figure
 from torch import Tensor
 
 from hookscope.errors import AnalysisError
@@ -34,6 +33,9 @@ from ._validate import (
     require_signal,
 )
 from .dimensionality import smaller_gram
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = [
     "PCAResult",
@@ -106,7 +108,9 @@ class PCAResult:
     def plot(self) -> Figure:
         """Explained-variance ratio per component with the cumulative curve."""
         df = self.to_pandas()
-        fig = Figure(figsize=(6, 3.5))
+        from hookscope.plot import figure
+
+        fig = figure(figsize=(6, 3.5))
         ax = fig.subplots()
         ax.bar(df["component"], df["explained_variance_ratio"], color="C0")
         ax.plot(df["component"], df["cumulative_ratio"], color="C1", marker=".")
@@ -213,7 +217,9 @@ class ClusteringResult:
     def plot(self) -> Figure:
         """Cluster sizes as bars, titled with the silhouette score."""
         df = self.to_pandas()
-        fig = Figure(figsize=(5, 3))
+        from hookscope.plot import figure
+
+        fig = figure(figsize=(5, 3))
         ax = fig.subplots()
         ax.bar(df["cluster"], df["size"])
         ax.set_xlabel("cluster")
@@ -372,7 +378,9 @@ class NeuronStatsComparison:
 
     def plot(self) -> Figure:
         """Histograms of class selectivity before and after."""
-        fig = Figure(figsize=(5, 3.2))
+        from hookscope.plot import figure
+
+        fig = figure(figsize=(5, 3.2))
         ax = fig.subplots()
         bins = np.linspace(0, 1, 26)
         ax.hist(self.selectivity_before.cpu().numpy(), bins, alpha=0.6, label="before")

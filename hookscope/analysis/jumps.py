@@ -36,16 +36,18 @@ after a noisy step it flags a run of points (about one extra detection per jump 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
 from numpy.lib.stride_tricks import sliding_window_view
 
 from hookscope.errors import AnalysisError
 
 from ._validate import as_vector, choice, in_range, positive_int
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = [
     "Jump",
@@ -181,7 +183,9 @@ class JumpReport:
 
     def plot(self) -> Figure:
         """The series with its jumps marked, and the z-scores of the differences below."""
-        fig = Figure(figsize=(7, 4.5))
+        from hookscope.plot import figure
+
+        fig = figure(figsize=(7, 4.5))
         ax, axz = fig.subplots(2, 1, sharex=True, height_ratios=[2, 1])
         ax.plot(self.steps, self.values, lw=1)
         for j in self.jumps:
@@ -349,7 +353,9 @@ class ValidityReport:
 
     def plot(self) -> Figure:
         """Recall and false positives per 1000 points, per fixture."""
-        fig = Figure(figsize=(7, 3))
+        from hookscope.plot import figure
+
+        fig = figure(figsize=(7, 3))
         ax1, ax2 = fig.subplots(1, 2)
         t = self.table
         ax1.bar(t["fixture"], t["recall"].fillna(0.0))

@@ -30,18 +30,20 @@ References: N. Elhage et al., "Toy Models of Superposition", 2022; A. Scherlis e
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Float
-from matplotlib.figure import Figure
 from torch import Tensor
 
 from hookscope.errors import AnalysisError
 
 from ._validate import as_matrix, in_range, positive_int
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = [
     "ALIGNMENT_METRICS",
@@ -126,7 +128,9 @@ class RandomDirectionBaseline:
 
     def plot(self) -> Figure:
         """Histograms of the three metrics over random directions."""
-        fig = Figure(figsize=(9, 2.8))
+        from hookscope.plot import figure
+
+        fig = figure(figsize=(9, 2.8))
         for ax, m in zip(fig.subplots(1, 3), ALIGNMENT_METRICS, strict=True):
             ax.hist(self.samples[m].cpu().numpy(), bins=40)
             ax.set_title(m, fontsize=9)
@@ -175,7 +179,9 @@ class NeuronAlignment:
 
     def plot(self) -> Figure:
         """max |cos| against participation ratio, with the random baseline's 1-99.9 % band."""
-        fig = Figure(figsize=(5.5, 4))
+        from hookscope.plot import figure
+
+        fig = figure(figsize=(5.5, 4))
         ax = fig.subplots()
         b = self.baseline
         ax.axvspan(
@@ -317,7 +323,9 @@ class PolysemanticityReport:
         order = torch.argsort(self.loading_z.abs().max(dim=0).values, descending=True)
         cols = sorted(set(self.candidates) | set(order[:max_neurons].tolist()))[:max_neurons]
         data = self.loading_z[:, cols].abs().cpu().numpy()
-        fig = Figure(figsize=(1.5 + 0.22 * len(cols), 1.2 + 0.3 * data.shape[0]))
+        from hookscope.plot import figure
+
+        fig = figure(figsize=(1.5 + 0.22 * len(cols), 1.2 + 0.3 * data.shape[0]))
         ax = fig.subplots()
         im = ax.imshow(data, aspect="auto", cmap="viridis")
         fig.colorbar(im, ax=ax, label="|loading z|")

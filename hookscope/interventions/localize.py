@@ -164,10 +164,11 @@ class CircuitResult:
 
     def plot(self):
         """Figure: the screening heatmap with circuit members boxed, and the set-score curve."""
-        from matplotlib.figure import Figure
         from matplotlib.patches import Rectangle
 
-        fig = Figure(figsize=(11, 4.5))
+        from hookscope.plot import figure
+
+        fig = figure(figsize=(11, 4.5))
         ax_map, ax_curve = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
         self.screen.plot(ax=ax_map, values="effect")
         ax_map.set_title(f"{self.screen.method} effects ({self.direction}); circuit boxed")

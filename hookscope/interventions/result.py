@@ -15,13 +15,17 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from hookscope.addresses import Address, Selection, parse
 from hookscope.errors import InputError
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 __all__ = ["PatchingResult", "SweepLayout", "metric_name", "rank", "sweep_layout", "sweep_result"]
 
@@ -123,9 +127,11 @@ def sweep_result(
     direction: str,
     normalised: bool,
     baselines: dict[str, float],
+    shortcuts_off: dict[str, str] | None = None,
 ) -> PatchingResult:
     """The :class:`PatchingResult` of a sweep: ``flat`` holds one value per job of
-    :func:`sweep_jobs` ``(addresses, pos_list)``, laid out by :func:`sweep_layout`."""
+    :func:`sweep_jobs` ``(addresses, pos_list)``, laid out by :func:`sweep_layout`;
+    ``shortcuts_off``: the speed shortcuts that could not run on the model, with why."""
     layout = sweep_layout(sites, addresses, pos_list)
     return PatchingResult(
         scores=layout.place(flat),
@@ -140,6 +146,7 @@ def sweep_result(
         higher_is_better=getattr(metric, "higher_is_better", True),
         widths=layout.widths,
         cells=layout.cells,
+        shortcuts_off=dict(shortcuts_off or {}),
     )
 
 
@@ -153,6 +160,9 @@ class PatchingResult:
     ``widths``: for a ``[layer, unit]`` grid, each layer's number of units; when they
     differ (ragged layers) ``scores[i, widths[i]:]`` is NaN padding, which no job fills.
     ``cells[i]``: where job ``i`` sits in ``scores.reshape(-1)`` (None: job order).
+    ``shortcuts_off``: speed shortcuts of the sweep that could not run on this model, each
+    with why (e.g. ``{"onednn": ...}`` on a model accelerate dispatched); the scores are
+    the same, the sweep was slower. Empty when nothing was turned off for the model.
     """
 
     scores: Tensor
@@ -167,6 +177,7 @@ class PatchingResult:
     higher_is_better: bool = True
     widths: tuple[int, ...] | None = None
     cells: tuple[int, ...] | None = None
+    shortcuts_off: dict[str, str] = field(default_factory=dict)
 
     @property
     def ragged(self) -> bool:
@@ -235,7 +246,7 @@ class PatchingResult:
             }
         )
 
-    def plot(self, ax=None, values: str = "score"):
+    def plot(self, ax: Axes | None = None, values: str = "score") -> Figure:
         """Heatmap of a 2-D sweep (bar chart for 1-D); returns the matplotlib Figure.
 
         ``values``: ``"score"`` (the sweep's scores) or ``"effect"`` (:attr:`effects`, so
@@ -245,11 +256,12 @@ class PatchingResult:
         """
         import matplotlib
         import numpy as np
-        from matplotlib.figure import Figure
+
+        from hookscope.plot import figure
 
         if values not in ("score", "effect"):
             raise InputError(f"values must be one of score, effect, got {values!r}")
-        fig = ax.figure if ax is not None else Figure(figsize=(7, 4.5))
+        fig = ax.figure if ax is not None else figure(figsize=(7, 4.5))
         ax = ax if ax is not None else fig.add_subplot(1, 1, 1)
         data = self.scores if values == "score" else self.grid(self.effects)
         data = data.detach().double().cpu()
@@ -300,6 +312,8 @@ class PatchingResult:
                 f"  ragged layers: widths {list(self.widths)}; "  # type: ignore[arg-type]
                 "scores past a layer's width are NaN padding"
             )
+        for name, why in self.shortcuts_off.items():
+            lines.append(f"  shortcut off: {name} ({why})")
         n_nan = int(torch.isnan(self.flat).sum())
         if n_nan:
             lines.append(f"  {n_nan} of {len(self.jobs)} jobs scored NaN (ranked last)")
