@@ -46,9 +46,10 @@ def is_int_nest(x: Any) -> bool:
     )
 
 
-def check_hooks(hooks: Any) -> list[HookSpec]:
+def check_hooks(hooks: Any, *, context: bool = False) -> list[HookSpec]:
     """``hooks`` as a list of ``(address, fn)`` pairs (a dict ``{address: fn}`` and one pair
-    are accepted too); each fn must take ``(activation, address)``. Checked at
+    are accepted too); each fn must take ``(activation, address)``, or with ``context=True``
+    (``HookedModel.generate``) also ``(activation, address, context)``. Checked at
     registration, before any forward."""
     if isinstance(hooks, Mapping):
         hooks = list(hooks.items())
@@ -71,12 +72,29 @@ def check_hooks(hooks: Any) -> list[HookSpec]:
                 "each hook must be an (address, fn) pair: an address or selection first, then "
                 f"a callable fn(activation, address); got {short(entry)}"
             )
-        if not takes_positional(entry[1], 2):
+        fn = entry[1]
+        if takes_positional(fn, 2):
+            continue
+        takes_context = takes_positional(fn, 3)
+        if not takes_context:  # fn(act, address, *, context)
+            try:
+                inspect.signature(fn).bind(None, None, context=None)
+                takes_context = True
+            except (TypeError, ValueError):
+                pass
+        if context and takes_context:
+            continue
+        if takes_context:
             raise InputError(
-                f"the hook on {short(entry[0])} is {describe_signature(entry[1])}, but hooks are "
-                "called as fn(activation, address): give it a second parameter "
-                "(def fn(act, address): ...)"
+                f"the hook on {short(entry[0])} is {describe_signature(fn)}: a third "
+                "parameter (context) is passed only by model.generate; here hooks are called "
+                "as fn(activation, address)"
             )
+        forms = "fn(activation, address)" + (" or fn(activation, address, context)" * context)
+        raise InputError(
+            f"the hook on {short(entry[0])} is {describe_signature(fn)}, but hooks are "
+            f"called as {forms}: give it a second parameter (def fn(act, address): ...)"
+        )
     return entries  # type: ignore[return-value]
 
 
