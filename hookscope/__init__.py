@@ -13,6 +13,7 @@ from hookscope.addresses import (
     AttentionHead,
     AttnOut,
     Embed,
+    FinalNorm,
     Logits,
     MLPNeuron,
     MLPOut,
@@ -41,13 +42,27 @@ __version__ = "0.1.0"
 
 # Subpackages with heavy dependencies (matplotlib, scipy, datasets) load on first use, so
 # that ``import hookscope`` and the command line start fast; ``hs.data`` works as before.
-_LAZY = ("analysis", "data", "zoo")
+_LAZY = ("analysis", "data", "dispatch", "plot", "zoo")
 
 if TYPE_CHECKING:
-    from hookscope import analysis, data, zoo
+    from hookscope import analysis, data, dispatch, plot, zoo
+    from hookscope.generation import GenerationContext
+    from hookscope.lens import LogitLens, logit_lens
+
+
+#: public names defined in modules that load on first use
+_LAZY_NAMES = {
+    "logit_lens": "hookscope.lens",
+    "LogitLens": "hookscope.lens",
+    "GenerationContext": "hookscope.generation",
+}
 
 
 def __getattr__(name: str) -> Any:
+    if name in _LAZY_NAMES:
+        value = getattr(importlib.import_module(_LAZY_NAMES[name]), name)
+        globals()[name] = value
+        return value
     if name in _LAZY:
         module = importlib.import_module(f"hookscope.{name}")
         globals()[name] = module
@@ -56,12 +71,14 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | set(_LAZY_NAMES))
 
 
 __all__ = [
     "analysis",
     "data",
+    "dispatch",
+    "plot",
     "zoo",
     "Address",
     "ActivationCache",
@@ -78,6 +95,10 @@ __all__ = [
     "HookscopeError",
     "InputError",
     "Logits",
+    "FinalNorm",
+    "logit_lens",
+    "LogitLens",
+    "GenerationContext",
     "MLPNeuron",
     "MLPOut",
     "ModelLoadError",

@@ -45,6 +45,7 @@ __all__ = [
     "AttentionHead",
     "MLPNeuron",
     "Logits",
+    "FinalNorm",
     "Module",
     "Slot",
     "Selection",
@@ -70,6 +71,7 @@ KINDS = (
     "mlp_out",
     "head",
     "neuron",
+    "final_norm",
     "logits",
     "module",
 )
@@ -148,7 +150,7 @@ class Address:
 
     def _sort_key(self) -> tuple:
         s = self.slot
-        stage = {"embed": 0, "logits": 2, "module": 3}.get(s.kind, 1)
+        stage = {"embed": 0, "final_norm": 2, "logits": 3, "module": 4}.get(s.kind, 1)
         idx = -1 if self.index is None else self.index
         return (stage, s.layer, _SLOT_ORDER.get(s.kind, 0), idx, s.path)
 
@@ -202,6 +204,20 @@ class Logits(Address):
 
     def __str__(self) -> str:
         return "logits"
+
+
+@dataclass(frozen=True, eq=True, repr=False)
+class FinalNorm(Address):
+    """The final LayerNorm/RMSNorm's output, what the unembedding reads (alias ``ln_final``)."""
+
+    kind: ClassVar[str] = "final_norm"
+
+    @property
+    def slot(self) -> Slot:
+        return Slot("final_norm")
+
+    def __str__(self) -> str:
+        return "final_norm"
 
 
 @dataclass(frozen=True, eq=True, repr=False)
@@ -379,6 +395,8 @@ def slot_address(slot: Slot) -> Address:
         return Embed()
     if kind == "logits":
         return Logits()
+    if kind == "final_norm":
+        return FinalNorm()
     if kind == "module":
         return Module(slot.path)
     if kind.startswith("resid_"):

@@ -4,17 +4,22 @@ The cache stores one tensor per layer-level slot (``resid_post.3``, ``head.3.q``
 ``neuron.2``); a per-head or per-neuron entry is a view of it, made on lookup, never a copy.
 q, k and v of a fused QKV projection are views of the one projection output, so
 :attr:`ActivationCache.nbytes` counts each storage once. The cache keeps no reference to
-the model: tensors are detached and the layout it needs is copied in as plain numbers.
+the model alive: tensors are detached, the layout it needs is copied in as plain numbers, and
+the model itself (whose weights the residual-stream methods read: ``decompose_resid``,
+``logit_attrs``, ... see :mod:`hookscope.residual`) is held by a weak reference.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from hookscope import residual
 from hookscope._checks import as_device, as_dtype
 from hookscope.addresses import (
     Address,
@@ -70,6 +75,7 @@ class ActivationCache(Mapping):
         requested: list[Address | Selection] | None = None,
         grads: ActivationCache | None = None,
         backward_value: Tensor | None = None,
+        model: Any = None,
     ):
         self._acts = acts  # filled by the hooks, so already in forward order
         self._layout = layout
@@ -77,6 +83,13 @@ class ActivationCache(Mapping):
         self._keys: list[Address] | None = None
         self.grads = grads
         self.backward_value = backward_value
+        self._model: weakref.ref | None = weakref.ref(model) if model is not None else None
+
+    def bind(self, model: Any) -> ActivationCache:
+        """Read weights (final norm, ``W_U``, ``W_O``) from ``model`` in the residual-stream
+        methods; ``run_with_cache`` binds its own model (weakly). Returns the cache."""
+        self._model = weakref.ref(model)
+        return self
 
     # ------------------------------------------------------------------ mapping
     def _address(self, key: object) -> Address:
@@ -97,6 +110,14 @@ class ActivationCache(Mapping):
         tensor = self._acts.get(slot)
         if tensor is None:
             cached = [str(slot_address(s)) for s in self._acts]
+            if slot.kind == "result":
+                raise CacheKeyError(
+                    f"{address} was not cached: per-head results (z_h @ W_O[h], [batch, pos, "
+                    f"n_heads, d_model]) are opt-in, because they are n_heads times larger than "
+                    f"attn_out; ask for them with run_with_cache(names=['head.{slot.layer}.result'"
+                    "]) (or 'head.*.result'), or let cache.stack_head_results() compute them "
+                    "from the cached z"
+                )
             raise CacheKeyError(
                 f"{address} was not cached; cached: {format_choices(cached)}."
                 + suggestion(str(address), cached)
@@ -202,7 +223,34 @@ class ActivationCache(Mapping):
             {s: move(t) for s, t in self._acts.items()}, self._layout, self._requested, grads
         )
         out.backward_value = self.backward_value
+        out._model = self._model
         return out
+
+    # ------------------------------------------------------------------ the residual stream
+    def accumulated_resid(self, layer: int | None = None, **kw: Any):
+        """The stream layer by layer, [component, batch, pos, d_model] (the logit lens with
+        ``apply_ln=True``); see :func:`hookscope.residual.accumulated_resid`."""
+        return residual.accumulated_resid(self, layer, **kw)
+
+    def decompose_resid(self, layer: int | None = None, **kw: Any):
+        """The stream as embed (+ pos_embed), attn_out.l, mlp_out.l, ... summing to it;
+        see :func:`hookscope.residual.decompose_resid`."""
+        return residual.decompose_resid(self, layer, **kw)
+
+    def stack_head_results(self, layer: int | None = None, **kw: Any):
+        """Every head's result ``z_h @ W_O[h]``, [n_layers * n_heads, batch, pos, d_model];
+        see :func:`hookscope.residual.stack_head_results`."""
+        return residual.stack_head_results(self, layer, **kw)
+
+    def apply_ln_to_stack(self, stack: Tensor, *, pos: int | slice | None = None) -> Tensor:
+        """The final norm, frozen at the cached stream's scale, applied to a stack; see
+        :func:`hookscope.residual.apply_ln_to_stack`."""
+        return residual.apply_ln_to_stack(self, stack, pos)
+
+    def logit_attrs(self, stack: Tensor, tokens: Any, incorrect: Any = None, **kw: Any) -> Tensor:
+        """Direct logit attribution of each component of ``stack`` (to ``tokens`` minus
+        ``incorrect``); see :func:`hookscope.residual.logit_attrs`."""
+        return residual.logit_attrs(self, stack, tokens, incorrect, **kw)
 
     @property
     def nbytes(self) -> int:

@@ -22,6 +22,7 @@ from hookscope.addresses import (
     AttentionHead,
     AttnOut,
     Embed,
+    FinalNorm,
     Logits,
     MLPNeuron,
     MLPOut,
@@ -146,7 +147,13 @@ _TL_BLOCK = {
     "mlp.hook_pre": "neuron.{L}.pre",
     "mlp.hook_post": "neuron.{L}",
 }
-_TL_GLOBAL = {"hook_embed": "embed", "unembed.hook_out": "logits"}
+_TL_GLOBAL = {
+    "hook_embed": "embed",
+    "unembed.hook_out": "logits",
+    "ln_final.hook_normalized": "final_norm",
+    "ln_final": "final_norm",
+}
+_GLOBAL = {"embed": Embed, "logits": Logits, "final_norm": FinalNorm}
 _TL_RE = re.compile(rf"^blocks\.({_IDX})\.(.+)$")
 
 
@@ -183,7 +190,8 @@ def _parse_index(token: str, what: str, text: str) -> _Index:
 
 def _grammar_help() -> str:
     return (
-        "valid forms: embed, logits, resid_pre.L, resid_mid.L, resid_post.L, attn_out.L, mlp_out.L, "
+        "valid forms: embed, final_norm (or ln_final), logits, resid_pre.L, resid_mid.L, "
+        "resid_post.L, attn_out.L, mlp_out.L, "
         "head.L[.H][.z|q|k|v|result|pattern], neuron.L[.I][.post|pre], module:<path>; "
         "indices may be '*' or a range 'a-b'; TransformerLens names like blocks.L.hook_resid_post work too"
     )
@@ -207,11 +215,11 @@ def parse(text: str | Address | Selection) -> Address | Selection:
     if raw.startswith("module:"):
         return Module(raw[len("module:") :])
     raw = _tl_alias(raw) or raw
-    if raw in ("embed", "logits"):
-        return Embed() if raw == "embed" else Logits()
+    if raw in _GLOBAL:
+        return _GLOBAL[raw]()
     parts = raw.split(".")
     kind = parts[0]
-    if kind not in KINDS or kind in ("embed", "logits", "module"):
+    if kind not in KINDS or kind in ("embed", "logits", "final_norm", "module"):
         raise AddressParseError(
             f"unknown address {text!r}; {_grammar_help()}." + suggestion(kind, KINDS)
         )

@@ -57,6 +57,7 @@ from hookscope.model_inputs import (
     short,
     token_ids,
 )
+from hookscope.model_weights import WeightAccess
 
 __all__ = ["HookedModel"]
 
@@ -80,8 +81,9 @@ class _Dims:
         return self.adapter.n_neurons(layer, site)
 
 
-class HookedModel:
-    """A wrapped model with address-based caching and hooks (see the module docstring)."""
+class HookedModel(WeightAccess):
+    """A wrapped model with address-based caching and hooks (see the module docstring);
+    weights and readout (``W_U``, ``final_norm``, ``unembed``, ...) from :class:`WeightAccess`."""
 
     def __init__(self, model: nn.Module, adapter: Adapter, tokenizer: Any = None):
         self.model = model
@@ -109,6 +111,9 @@ class HookedModel:
         tokenizer: bool = True,
         adapter: str = "auto",
         head: str = "auto",
+        device_map: str | int | torch.device | dict[str, Any] | None = None,
+        max_memory: dict[int | str, int | str] | None = None,
+        offload_folder: str | None = None,  # or a pathlib.Path
         **hf_kwargs: Any,
     ) -> HookedModel:
         """Load a Hugging Face model (hub name or local folder) through transformers.
@@ -137,10 +142,38 @@ class HookedModel:
         Errors are ModelLoadError saying what to do: a zoo name (``"digits-cnn"``) points to
         ``hookscope.zoo.load``; a path that does not exist says so; a missing, truncated or
         corrupt config, weights or tokenizer file is named.
+
+        Models bigger than one device: ``device_map`` spreads the model over devices
+        through transformers and accelerate: ``"auto"`` (or ``"balanced"``,
+        ``"balanced_low_0"``, ``"sequential"``) lets accelerate place the modules within
+        ``max_memory`` (``{0: "20GiB", 1: "20GiB", "cpu": "60GiB"}``; GPU indices, ``"cpu"``,
+        ``"mps"``, ``"disk"``); a dict ``{module name: device}`` places them yourself, with
+        ``"cpu"`` (CPU offload next to GPUs) and ``"disk"`` allowed; a single device loads
+        straight onto it. Weights mapped to ``"disk"`` need ``offload_folder``. Everything
+        is checked before any weight is read (InputError naming the wrong argument and the
+        choices): ``device`` together with ``device_map``; a device this machine lacks; a
+        key naming no module (with the closest name); parameters the map leaves without a
+        device; disk offload (also when ``"auto"`` computes it from ``max_memory``) without
+        ``offload_folder``; ``max_memory`` without a strategy, ``offload_folder`` without
+        ``device_map``. ``model.model.hf_device_map`` holds the resolved map.
+
+        >>> model = HookedModel.from_pretrained(folder, device_map="auto",
+        ...                                     max_memory={0: "10GiB", "cpu": "30GiB"},
+        ...                                     offload_folder="offload")
+
+        On such a model caching (every address kind), hooks, gradients, patching, ablation
+        and attribution patching give the values of the model loaded whole; cached tensors
+        stay on the device their module ran on (``cache.to("cpu")`` gathers them);
+        accelerate's own hooks are never changed. Sweeps run without their oneDNN matrix
+        products (reported in the result's ``shortcuts_off``); see :mod:`hookscope.loading`
+        for the details and limits.
         """
         from hookscope.loading import load_pretrained
 
-        model, tok = load_pretrained(name_or_path, device, dtype, tokenizer, head, hf_kwargs)
+        model, tok = load_pretrained(
+            name_or_path, device, dtype, tokenizer, head, hf_kwargs,
+            device_map, max_memory, offload_folder,
+        )  # fmt: skip
         return cls(model, make_adapter(model, adapter), tok)
 
     # ------------------------------------------------------------------ facts
@@ -155,8 +188,12 @@ class HookedModel:
 
     @property
     def device(self) -> torch.device:
-        p = next(self.model.parameters(), None)
-        return p.device if p is not None else torch.device("cpu")
+        """Where inputs go: the first parameter's device; on a model accelerate dispatched
+        (``from_pretrained(..., device_map=...)``), the device accelerate computes its first
+        modules on (the first parameter may be offloaded, on ``meta``)."""
+        from hookscope.dispatch import input_device
+
+        return input_device(self.model)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -257,6 +294,15 @@ class HookedModel:
             ids = ids.reshape(-1)
         return [tok.decode([i]) for i in ids.tolist()]
 
+    def to_single_token(self, text: str) -> int:
+        """The id of ``text``, which must be exactly one token (mind the leading space:
+        ``" Mary"``); an InputError shows the pieces otherwise."""
+        from hookscope.interventions._metric_args import TokenText
+
+        if not isinstance(text, str):
+            raise InputError(f"to_single_token takes a string, got {type(text).__name__}")
+        return int(TokenText((text,), True).ids(self.tokenizer, "text", "to_single_token"))
+
     # ------------------------------------------------------------------ forward
     def _prepare(self, inputs: Any, kwargs: dict) -> tuple[tuple, dict]:
         """The module's ``(args, kwargs)`` for ``inputs``; every check runs here, before the
@@ -313,7 +359,7 @@ class HookedModel:
     def _all_slots(self) -> list[Slot]:
         slots = []
         for kind in self.adapter.slot_kinds():
-            if kind in ("embed", "logits"):
+            if kind in ("embed", "final_norm", "logits"):
                 slots.append(Slot(kind))
             elif kind != "module":
                 slots += [Slot(kind, layer) for layer in range(self.n_layers)]
@@ -485,7 +531,12 @@ class HookedModel:
                 grads = run.gradients(value.reshape(()))
         grad_cache = ActivationCache(grads, layout, requested) if grads is not None else None
         cache = ActivationCache(
-            run.acts, layout, requested, grad_cache, value.detach() if value is not None else None
+            run.acts,
+            layout,
+            requested,
+            grad_cache,
+            value.detach() if value is not None else None,
+            model=self,
         )
         if device is not None or dtype is not None:
             cache = cache.to(device, dtype)
@@ -504,6 +555,36 @@ class HookedModel:
         """Keep ``hooks`` on the model for the ``with`` block (every call inside, in this
         thread, uses them): ``with model.hooks([...]) as m: m(tokens)``."""
         return installed(self.model, wire(self._plans(hooks)), Run(), value=self)
+
+    def generate(
+        self,
+        inputs: Any,
+        max_new_tokens: int | None = None,
+        *,
+        hooks: Sequence[HookSpec] = (),
+        output: str = "ids",
+        progress: bool | None = None,
+        **generate_kwargs: Any,
+    ) -> Any:
+        """Generate with ``hooks`` on every forward, through transformers' ``generate`` (key/
+        value cache on; greedy unless ``do_sample=True``). Returns token ids [batch, prompt +
+        new] (``output="text"``: decoded; ``output="inputs"``: what ``run_with_cache`` takes).
+        A hook may take a third parameter ``context`` (absolute positions, step); see
+        :mod:`hookscope.generation` for what a hook sees per step and how padding works.
+
+        >>> out = model.generate("The cat", max_new_tokens=10, hooks=[("resid_post.1", steer)])
+        """
+        from hookscope.generation import generate
+
+        return generate(
+            self,
+            inputs,
+            max_new_tokens,
+            hooks=hooks,
+            output=output,
+            progress=progress,
+            **generate_kwargs,
+        )
 
 
 def _names_key(names: Any) -> tuple:

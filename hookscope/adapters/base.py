@@ -203,7 +203,7 @@ def _kind_name(kind: str) -> str:
         return "head.L.H"
     if kind.startswith("neuron_"):
         return "neuron.L.I" + ("" if kind == "neuron_post" else ".pre")
-    if kind in ("embed", "logits"):
+    if kind in ("embed", "final_norm", "logits"):
         return kind
     return f"{kind}.L" if kind != "module" else "module:<path>"
 

@@ -9,7 +9,7 @@ projection (before the add and norm) and ``mlp_out.L`` the MLP output projection
 """
 
 from hookscope.adapters.base import Dims
-from hookscope.adapters.transformer import SplitQKV, TransformerSpec
+from hookscope.adapters.transformer import Readout, SplitQKV, TransformerSpec
 
 
 def _dims(root) -> Dims:
@@ -38,6 +38,11 @@ SPEC = TransformerSpec(
     mlp_pre="intermediate.dense",
     mlp_post="output.dense",
     dims=_dims,
+    readout=Readout(
+        final_norm=None,  # post-LN blocks: resid_post of the last layer is already normalised
+        pos_embed=("bert.embeddings.position_embeddings", "embeddings.position_embeddings"),
+        head_pre="cls.predictions.transform",
+    ),
     attn_out_module="attention.output.dense",
     mlp_out_module="output.dense",
     resid_mid_module="attention.output.LayerNorm",

@@ -8,7 +8,7 @@ sqrt(d_model) embedding scale. k/v heads are grouped as in the Llama adapter.
 """
 
 from hookscope.adapters.base import Dims
-from hookscope.adapters.transformer import SplitQKV, TransformerSpec
+from hookscope.adapters.transformer import Readout, SplitQKV, TransformerSpec
 
 
 def _dims(root) -> Dims:
@@ -25,6 +25,11 @@ def _dims(root) -> Dims:
     )
 
 
+def _softcap(root) -> float | None:
+    c = root.config
+    return getattr(getattr(c, "text_config", None) or c, "final_logit_softcapping", None)
+
+
 SPEC = TransformerSpec(
     name="gemma3",
     layers=("model.layers", "layers", "model.language_model.layers"),
@@ -37,6 +42,13 @@ SPEC = TransformerSpec(
     mlp_pre="mlp.gate_proj",
     mlp_post="mlp.down_proj",
     dims=_dims,
+    mlp_up="mlp.up_proj",
+    readout=Readout(
+        final_norm=("model.norm", "norm", "model.language_model.norm"),
+        norm="rms",
+        norm_offset=1.0,  # Gemma's RMSNorm multiplies by (1 + weight)
+        softcap=_softcap,
+    ),
     attn_out_module="post_attention_layernorm",
     mlp_out_module="post_feedforward_layernorm",
 )

@@ -4,7 +4,7 @@
 """
 
 from hookscope.adapters.base import Dims
-from hookscope.adapters.transformer import FusedQKV, TransformerSpec
+from hookscope.adapters.transformer import FusedQKV, Readout, TransformerSpec
 
 
 def _dims(root) -> Dims:
@@ -33,4 +33,7 @@ SPEC = TransformerSpec(
     mlp_pre="mlp.c_fc",
     mlp_post="mlp.c_proj",
     dims=_dims,
+    readout=Readout(
+        final_norm=("transformer.ln_f", "ln_f"), norm="layer", pos_embed=("transformer.wpe", "wpe")
+    ),
 )

@@ -6,7 +6,7 @@ With ``use_parallel_residual=True`` (every pythia) there is no ``resid_mid``.
 """
 
 from hookscope.adapters.base import Dims
-from hookscope.adapters.transformer import FusedQKV, TransformerSpec
+from hookscope.adapters.transformer import FusedQKV, Readout, TransformerSpec
 
 
 def _dims(root) -> Dims:
@@ -34,6 +34,7 @@ SPEC = TransformerSpec(
     mlp_pre="mlp.dense_h_to_4h",
     mlp_post="mlp.dense_4h_to_h",
     dims=_dims,
+    readout=Readout(final_norm=("gpt_neox.final_layer_norm", "final_layer_norm"), norm="layer"),
     sequential_residual=lambda root: not root.config.use_parallel_residual,
     missing_note="GPT-NeoX with use_parallel_residual=True: attention and MLP both read resid_pre",
 )

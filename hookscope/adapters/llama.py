@@ -8,7 +8,7 @@ every query head of its group. ``neuron.L.I.pre`` is the gate projection's outpu
 """
 
 from hookscope.adapters.base import Dims
-from hookscope.adapters.transformer import SplitQKV, TransformerSpec
+from hookscope.adapters.transformer import Readout, SplitQKV, TransformerSpec
 
 
 def _dims(root) -> Dims:
@@ -37,4 +37,6 @@ SPEC = TransformerSpec(
     mlp_pre="mlp.gate_proj",
     mlp_post="mlp.down_proj",
     dims=_dims,
+    mlp_up="mlp.up_proj",
+    readout=Readout(final_norm=("model.norm", "norm"), norm="rms"),
 )

@@ -21,10 +21,20 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from hookscope.adapters.base import Adapter, Dims, Tap, check_token_input, submodule
+from hookscope.adapters.weights import Readout, TransformerWeights
 from hookscope.addresses import Slot
+from hookscope.dispatch import weight as real_weight
 from hookscope.errors import AdapterError, InputError
 
-__all__ = ["TransformerSpec", "TransformerAdapter", "FusedQKV", "SplitQKV"]
+__all__ = [
+    "TransformerSpec",
+    "TransformerAdapter",
+    "FusedQKV",
+    "SplitQKV",
+    "Readout",
+    "fused_view",
+    "heads_view",
+]
 
 
 @dataclass(frozen=True)
@@ -71,6 +81,8 @@ class TransformerSpec:
     resid_mid_module: str | None = None  # post-LN blocks (BERT): resid_mid is this module's output
     token_input: bool = True
     missing_note: str = ""  # appended to the error for resid_mid when absent
+    mlp_up: str | None = None  # gated MLPs: the up projection (multiplied by act(gate))
+    readout: Readout = Readout(final_norm=None)  # final norm, positions, soft-cap
 
 
 def _first_existing(root: nn.Module, paths: str | tuple[str, ...]) -> str:
@@ -120,7 +132,12 @@ class TransformerAdapter(Adapter):
             kinds.append("resid_mid")
         if self.unembed_path is not None:
             kinds.append("logits")
+        self.final_norm_path: str | None = None
+        if spec.readout.final_norm is not None:
+            self.final_norm_path = _first_existing(root, spec.readout.final_norm)
+            kinds.append("final_norm")
         self._kinds = tuple(kinds)
+        self.weights = TransformerWeights(self)
 
     def _read_dims(self) -> Dims:
         return self.spec.dims(self.root)
@@ -171,6 +188,9 @@ class TransformerAdapter(Adapter):
         if kind == "logits":
             assert self.unembed_path is not None
             return Tap(self.unembed_path)
+        if kind == "final_norm":
+            assert self.final_norm_path is not None
+            return Tap(self.final_norm_path)
         if kind == "resid_pre":
             return Tap(self.layer_path(layer), "input", 0, "hidden_states")
         if kind == "resid_post":
@@ -198,7 +218,7 @@ class TransformerAdapter(Adapter):
                 "input",
                 0,
                 "input",
-                view=_heads(h, dh),
+                view=heads_view(h, dh),
             )
         if kind == "result":
             return Tap(self.layer_path(layer, self.spec.attn_out_proj), special="result")
@@ -210,22 +230,26 @@ class TransformerAdapter(Adapter):
         qkv = self.spec.qkv
         which = "qkv".index(kind)
         if isinstance(qkv, FusedQKV):
-            view = _fused_view(qkv.layout, h, dh, which)
+            view = fused_view(qkv.layout, h, dh, which)
             return Tap(self.layer_path(layer, qkv.path), view=view)
         path = (qkv.q, qkv.k, qkv.v)[which]
         n = h if kind == "q" else int(d.n_kv_heads or h)
-        return Tap(self.layer_path(layer, path), view=_heads(n, dh))
+        return Tap(self.layer_path(layer, path), view=heads_view(n, dh))
 
     def w_o(self, layer: int) -> tuple[Tensor, Tensor | None]:
-        """Output projection as ([n_heads, d_head, d_model], bias [d_model] or None)."""
+        """Output projection as ([n_heads, d_head, d_model], bias [d_model] or None).
+
+        Read through :func:`hookscope.dispatch.weight`, so a projection that accelerate has
+        offloaded (its parameters on ``meta``) gives its real values, on its execution device."""
         proj = self.out_proj(layer)
         h, dh = int(self.dims.n_heads), int(self.dims.d_head)  # type: ignore[arg-type]
-        weight = proj.weight
+        weight = real_weight(proj, "weight")
         if type(proj).__name__ == "Conv1D":  # transformers' GPT-2 projection: weight [in, out]
             w = weight.view(h, dh, weight.shape[1])
         else:  # nn.Linear: weight [out, in]
             w = weight.view(weight.shape[0], h, dh).permute(1, 2, 0)
-        return w, getattr(proj, "bias", None)
+        bias = real_weight(proj, "bias") if getattr(proj, "bias", None) is not None else None
+        return w, bias
 
     def check_input(self, inputs: Tensor) -> None:
         if self.spec.token_input:
@@ -272,14 +296,14 @@ class TransformerAdapter(Adapter):
         )
 
 
-def _heads(n: int, dh: int) -> Callable[[Tensor], Tensor]:
+def heads_view(n: int, dh: int) -> Callable[[Tensor], Tensor]:
     def view(t: Tensor) -> Tensor:
         return t.unflatten(-1, (n, dh))
 
     return view
 
 
-def _fused_view(layout: str, h: int, dh: int, which: int) -> Callable[[Tensor], Tensor]:
+def fused_view(layout: str, h: int, dh: int, which: int) -> Callable[[Tensor], Tensor]:
     if layout == "head":
 
         def view(t: Tensor) -> Tensor:

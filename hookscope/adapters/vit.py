@@ -5,7 +5,7 @@
 """
 
 from hookscope.adapters.base import Dims
-from hookscope.adapters.transformer import FusedQKV, TransformerSpec
+from hookscope.adapters.transformer import FusedQKV, Readout, TransformerSpec
 
 
 def _dims(root) -> Dims:
@@ -33,6 +33,7 @@ SPEC = TransformerSpec(
     mlp_pre="mlp.fc1",
     mlp_post="mlp.fc2",
     dims=_dims,
+    readout=Readout(final_norm="ln_final", norm="layer", pos_embed="pos_embed", classifier=True),
     pattern_module="attn.softmax",
     token_input=False,
 )

@@ -25,7 +25,20 @@ from hookscope.errors import InputError, ModelLoadError, format_choices, suggest
 from hookscope.model import HookedModel
 from hookscope.zoo import hub, packaged
 
-__all__ = ["ModelCard", "Catalogue", "available", "load", "install", "card", "names"]
+__all__ = [
+    "ModelCard",
+    "Catalogue",
+    "available",
+    "load",
+    "install",
+    "card",
+    "names",
+    "checkpoints",
+]
+
+#: the training steps EleutherAI published for every pythia model (hub revisions "stepN"):
+#: step 0, the powers of two up to 512, then every 1000 steps up to 143000
+PYTHIA_STEPS = [0] + [2**i for i in range(10)] + list(range(1000, 143001, 1000))
 
 
 @dataclass(frozen=True)
@@ -130,6 +143,26 @@ def available() -> Catalogue:
     return Catalogue(card(n) for n in names)
 
 
+def checkpoints(name: str) -> list[int]:
+    """The training steps of ``name`` one can load, ascending (the last is the final model).
+
+    Shipped models (``digits-cnn``, ``tiny-induction``, ...): ``load(name, checkpoint=step)``.
+    pythia models: ``load(name, revision=f"step{step}")`` (the hub or its cache must hold that
+    revision). Packaged models ship final weights only: ``[]``.
+
+    >>> hs.zoo.checkpoints("digits-cnn")[:3]
+    [0, 1, 2]
+    """
+    entry = card(name)
+    if entry.kind == "shipped":
+        from hookscope.zoo import shipped
+
+        return shipped.checkpoints(name)
+    if entry.kind == "hub":
+        return list(PYTHIA_STEPS)
+    return []
+
+
 def load(
     name: str, *, checkpoint: int | None = None, revision: str | None = None, **kwargs: Any
 ) -> HookedModel:
@@ -148,7 +181,12 @@ def load(
     entry = card(name)
     if checkpoint is not None and entry.kind != "shipped":
         raise InputError(
-            f"checkpoint= is for shipped models; for {name} use revision= (hub) or nothing"
+            f"checkpoint= is for shipped models; for {name} use "
+            + (
+                "revision='stepN' (steps: hs.zoo.checkpoints(name))"
+                if entry.kind == "hub"
+                else "nothing"
+            )
         )
     if revision is not None and entry.kind != "hub":
         raise InputError(f"revision= is for hub models (pythia-*); {name} is a {entry.kind} model")
