@@ -25,6 +25,7 @@ __all__ = [
     "ModelLoadError",
     "HookError",
     "AnalysisError",
+    "StoreError",
     "closest_match",
     "format_choices",
 ]
@@ -75,6 +76,10 @@ class HookError(HookscopeError, RuntimeError):
 
 class AnalysisError(HookscopeError, ValueError):
     """Bad input to a function of ``hookscope.analysis`` (NaN/Inf, too few samples, ...)."""
+
+
+class StoreError(HookscopeError, OSError):
+    """An activation-store folder, entry or argument that cannot be used (see hookscope.store)."""
 
 
 def closest_match(word: str, choices: Iterable[str]) -> str | None:
