@@ -302,7 +302,14 @@ def _check_map_names(model: nn.Module, device_map: dict[str, Any]) -> None:
                 + f" Modules at that depth: {format_choices(top, 16)}"
             )
     if "" in device_map:
+        if len(device_map) > 1:
+            raise InputError(
+                "device_map has an entry for '' (the whole model) and others "
+                f"({format_choices([k for k in device_map if k])}); accelerate takes either one "
+                "device for the whole model or a device per module: drop '' or the others"
+            )
         return
+    _check_tied(model, device_map)
     missing = [
         p
         for p in model.state_dict()
@@ -315,6 +322,29 @@ def _check_map_names(model: nn.Module, device_map: dict[str, Any]) -> None:
             f"{type(model).__name__}: {format_choices(missing, 8)}. Add a key for "
             f"{format_choices(owners, 8)} (or for a module containing them)"
         )
+
+
+def _check_tied(model: nn.Module, device_map: dict[str, Any]) -> None:
+    """Parameters tied together (Gemma's lm_head and embed_tokens) must share a placement:
+    accelerate keeps one copy, so a tied weight mapped to disk next to its twin in memory
+    is never found at the first forward."""
+
+    def place(name: str) -> Any:
+        best = max(
+            (k for k in device_map if name == k or name.startswith(k + ".")), key=len, default=None
+        )
+        return device_map.get(best) if best is not None else None
+
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    for names in groups.values():
+        places = {str(place(n)) for n in names}
+        if len(names) > 1 and len(places) > 1:
+            raise InputError(
+                f"{' and '.join(names)} are one tied weight but the device map puts them on "
+                f"{' and '.join(sorted(places))}; map both to the same device"
+            )
 
 
 def _map_device(value: Any, where: str, single: bool = False) -> Any:

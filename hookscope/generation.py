@@ -238,7 +238,27 @@ def _check_arguments(model: HookedModel, max_new_tokens: Any, output: Any, kwarg
     for key, instead in _OWN_KEYWORDS.items():
         if key in kwargs:
             raise InputError(f"generate sets {key} itself; {instead}")
+    known = _generate_keywords(model.model)
+    unknown = [k for k in kwargs if k not in known]
+    if unknown:
+        raise InputError(
+            f"generate got unknown keyword {unknown[0]!r}: it is neither an option of "
+            "transformers' generate / GenerationConfig nor an input of the model's forward."
+            + suggestion(unknown[0], known)
+        )
     return max_new_tokens
+
+
+def _generate_keywords(hf: nn.Module) -> set[str]:
+    """Keywords transformers' generate accepts for ``hf``: its own parameters, every
+    GenerationConfig field, and the model's forward inputs (passed through as model kwargs)."""
+    from transformers import GenerationConfig
+
+    names = set(inspect.signature(hf.generate).parameters)
+    names |= set(GenerationConfig().to_dict())
+    names |= set(getattr(hf.generation_config, "to_dict", dict)())
+    names |= set(inspect.signature(hf.forward).parameters)
+    return {n for n in names if n not in ("self", "kwargs", "args")}
 
 
 def _pad_id(model: HookedModel, given: Any) -> int:

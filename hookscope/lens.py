@@ -45,7 +45,19 @@ class LogitLens:
     def _ids(self, token: Any) -> Tensor:
         from hookscope.interventions._metric_args import parse_tokens, resolve
 
-        return resolve(parse_tokens(token, "token"), "token", self.model, "LogitLens")
+        ids = resolve(parse_tokens(token, "token"), "token", self.model, "LogitLens")
+        batch, vocab = self.top_ids.shape[1], self.model.W_U.shape[1]
+        if ids.ndim == 1 and ids.shape[0] != batch:
+            raise InputError(f"one token per row needs {batch} ids (the batch), got {ids.shape[0]}")
+        if ids.numel() and int(ids.max()) >= vocab:
+            raise InputError(f"token id {int(ids.max())} >= the {vocab} outputs of the readout")
+        return ids
+
+    def _batch(self, batch: Any) -> int:
+        n = self.top_ids.shape[1]
+        if isinstance(batch, bool) or not isinstance(batch, int) or not -n <= batch < n:
+            raise InputError(f"batch must be an int in 0-{n - 1}, got {batch!r}")
+        return batch
 
     def prob(self, token: Any) -> Tensor:
         """[layer, batch, pos]: the probability each layer's readout gives ``token`` (a text
@@ -71,15 +83,20 @@ class LogitLens:
         return torch.stack(out)
 
     def str_tokens(self, batch: int = 0) -> list[str]:
-        """The input tokens of row ``batch`` as strings (ids if the model has no tokenizer)."""
+        """The input tokens of row ``batch`` as strings (ids if the model has no tokenizer;
+        ``CLS``, ``patch 0`` ... for a ViT)."""
+        batch = self._batch(batch)
+        if self.tokens is None or self.tokens.is_floating_point():  # images
+            return ["CLS"] + [f"patch {i}" for i in range(self.resid.shape[2] - 1)]
         tok = self.model.tokenizer
         ids = self.tokens[batch].tolist()
         return [tok.decode([i]) for i in ids] if tok is not None else [str(i) for i in ids]
 
     def top_tokens(self, batch: int = 0) -> list[list[str]]:
-        """[layer][pos]: the top token of every cell of row ``batch``, as strings."""
+        """[layer][pos]: the top token (a class id for a classifier head) of every cell of
+        row ``batch``, as strings."""
         tok = self.model.tokenizer
-        ids = self.top_ids[:, batch, :, 0].tolist()
+        ids = self.top_ids[:, self._batch(batch), :, 0].tolist()
         return [[tok.decode([i]) if tok is not None else str(i) for i in row] for row in ids]
 
     def to_pandas(self):
@@ -111,6 +128,9 @@ class LogitLens:
         """A layer x position table of top tokens coloured by their probability (a Figure)."""
         from hookscope import plot
 
+        if positions is not None and not isinstance(positions, slice):
+            raise InputError(f"positions must be a slice (e.g. slice(-8, None)), got {positions!r}")
+        batch = self._batch(batch)
         sel = positions if positions is not None else slice(None)
         top = [row[sel] for row in self.top_tokens(batch)]
         values = self.top_probs[:, batch, sel, 0].float().cpu().numpy()
@@ -124,7 +144,7 @@ class LogitLens:
 
     def __repr__(self) -> str:
         top = self.top_tokens(0)
-        toks = self.str_tokens(0)
+        toks = self.str_tokens(0)  # one label per position (patches on a ViT)
         show = list(range(max(0, len(toks) - 8), len(toks)))  # the last 8 positions
         width = 12
         head = f"{'':<16}" + "".join(f"{toks[p]!r:>{width}.{width - 1}}" for p in show)

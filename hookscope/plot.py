@@ -328,16 +328,16 @@ def logit_lens(
     n_layers, n_pos = len(table), len(table[0])
     rows = _labels(layer_labels, n_layers, "layer_labels")
     cols = _labels(position_labels, n_pos, "position_labels")
-    fig = figure(
+    v = _as_array(values, "values") if values is not None else None
+    if v is not None and v.shape != (n_layers, n_pos):
+        raise InputError(f"values has shape {v.shape}; top_tokens is ({n_layers}, {n_pos})")
+    fig = figure(  # only after every check: a refused call leaves no empty figure behind
         figsize=(1.5 + 0.9 * n_pos, 1.0 + 0.4 * n_layers),
         layout="constrained",
     )
     ax = fig.subplots()
     colour = None
-    if values is not None:
-        v = _as_array(values, "values")
-        if v.shape != (n_layers, n_pos):
-            raise InputError(f"values has shape {v.shape}; top_tokens is ({n_layers}, {n_pos})")
+    if v is not None:
         finite = v[np.isfinite(v)]
         unit = finite.size == 0 or (finite.min() >= 0.0 and finite.max() <= 1.0)
         lo, hi = (0.0, 1.0) if unit else (float(finite.min()), float(finite.max()))

@@ -38,7 +38,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from hookscope.errors import CacheKeyError, InputError, SiteUnavailableError
+from hookscope.addresses import parse, slot_address
+from hookscope.errors import CacheKeyError, HookscopeError, InputError, SiteUnavailableError
 
 if TYPE_CHECKING:
     from hookscope.cache import ActivationCache
@@ -72,12 +73,34 @@ def _provenance(cache: ActivationCache, stack: Tensor) -> bool | None:
         entry = _MADE.get(id(t))
         if entry is not None and entry[0]() is t:
             return entry[1]
-    cached = {id(a) for a in cache._acts.values()} | {
-        id(a._base) for a in cache._acts.values() if a._base is not None
-    }
-    if id(stack) in cached or (stack._base is not None and id(stack._base) in cached):
-        return False
+    candidates = {id(stack)} | ({id(stack._base)} if stack._base is not None else set())
+    for slot, act in cache._acts.items():
+        if id(act) in candidates or (act._base is not None and id(act._base) in candidates):
+            if slot.kind == "final_norm":
+                return True  # the final norm's output: already normalised (bias included)
+            if slot.kind in _STREAM_KINDS and not (slot.kind == "result" and _post_norm(cache)):
+                return False
+            raise InputError(
+                f"{slot_address(slot)} is not a residual-stream vector (d_model) that the "
+                "unembedding reads; logit_attrs takes resid_*, attn_out, mlp_out, embed, "
+                "final_norm or the stacks of this cache"
+                + (
+                    " (on this model a head's result passes the post-attention norm first: "
+                    "use stack_head_results)"
+                    if slot.kind == "result"
+                    else ""
+                )
+            )
     return None
+
+
+_STREAM_KINDS = ("embed", "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "result")
+
+
+def _post_norm(cache: ActivationCache) -> bool:
+    model = _model(cache)
+    spec = model.adapter.spec
+    return spec.attn_out_module is not None and spec.attn_out_module != spec.attn_out_proj
 
 
 def _model(cache: ActivationCache):
@@ -89,6 +112,7 @@ def _model(cache: ActivationCache):
             "final norm and unembedding; keep the HookedModel alive, or call "
             "cache.bind(model)"
         )
+    model.weights  # noqa: B018  (a clear error on models without a residual stream)
     return model
 
 
@@ -96,6 +120,14 @@ def _get(cache: ActivationCache, address: str, why: str) -> Tensor:
     try:
         return cache[address]
     except CacheKeyError:
+        model = cache._model() if cache._model is not None else None
+        if model is not None:
+            try:
+                model.adapter.check(parse(address))
+            except HookscopeError as err:  # the model has no such tensor at all
+                raise InputError(
+                    f"{why} needs {address}, which this model does not have: {err}"
+                ) from None
         raise CacheKeyError(
             f"{why} needs {address}, which was not cached; run_with_cache with names=None "
             f"caches it, or add {address!r} to names"
@@ -188,29 +220,32 @@ def accumulated_resid(
     pos: Pos = None,
     return_labels: bool = False,
 ) -> Tensor | tuple[Tensor, list[str]]:
-    """The stream as it accumulates: ``resid_pre.0 ... resid_pre.{layer-1}``, and the final
-    ``resid_post.{L-1}`` when ``layer`` is None/-1 (``incl_mid`` adds each ``resid_mid``).
+    """The stream as it accumulates, as TransformerLens counts: ``resid_pre.0 ...
+    resid_pre.{layer}`` (the input of ``layer``), ending with the final ``resid_post.{L-1}``
+    when ``layer`` is None/-1/L (``incl_mid`` adds each ``resid_mid`` before ``layer``).
     ``apply_ln=True``: each component through the real final norm with its own statistics
     (the logit lens). [component, batch, pos, d_model]."""
     model = _model(cache)
     n = _final_layer(model, layer, "accumulated_resid", apply_ln)
     parts, labels = [], []
-    for layer_ in range(min(n, model.n_layers)):
+    for layer_ in range(n + 1):  # as TransformerLens: up to and including layer n's input
+        if layer_ == model.n_layers:
+            parts.append(_get(cache, f"resid_post.{layer_ - 1}", "accumulated_resid"))
+            labels.append(f"resid_post.{layer_ - 1}")
+            break
         name = f"resid_pre.{layer_}"
         if layer_ and name not in cache and f"resid_post.{layer_ - 1}" in cache:
             name = f"resid_post.{layer_ - 1}"  # the same tensor
         parts.append(_get(cache, name, "accumulated_resid"))
         labels.append(f"resid_pre.{layer_}")
-        if incl_mid and layer_ < n - 1 + (n == model.n_layers):
+        if incl_mid and layer_ < n:
             parts.append(_get(cache, f"resid_mid.{layer_}", "accumulated_resid(incl_mid=True)"))
             labels.append(f"resid_mid.{layer_}")
-    if n == model.n_layers:
-        parts.append(_get(cache, f"resid_post.{n - 1}", "accumulated_resid"))
-        labels.append(f"resid_post.{n - 1}")
     stack = torch.stack([_at(p, pos) for p in parts])
     if apply_ln:
         stack = model.final_norm(stack)
-    _tag(stack, False)  # recomputed statistics: not the frozen map logit_attrs applies
+    # through the real norm (own statistics, bias included): logit_attrs takes it as it is
+    _tag(stack, apply_ln)
     return (stack, labels) if return_labels else stack
 
 
@@ -282,7 +317,9 @@ def head_results(cache: ActivationCache, layer: int) -> Tensor:
         out = res.sum(-2) + model.b_O[layer].to(res.device, res.dtype)
         readout = model.weights.readout
         eps = float(getattr(norm, "eps", None) or norm.variance_epsilon)
-        w = norm.weight + readout.norm_offset
+        from hookscope.dispatch import weight as real_weight
+
+        w = real_weight(norm, "weight") + readout.norm_offset
         res = res / norm_scale(out, readout.norm, eps).unsqueeze(-2) * w.to(res.device, res.dtype)
     return res
 
@@ -387,8 +424,29 @@ def logit_attrs(
                 f"and {tuple(other.shape[:-1])}"
             )
         direction = direction - other
+    d_model = model.W_U.shape[0]
+    if stack.shape[-1] != d_model:
+        raise InputError(
+            f"the stack's last axis has {stack.shape[-1]} features; residual-stream vectors "
+            f"have d_model = {d_model}"
+        )
     if apply_ln:
         stack = _frozen(cache, model, stack, pos)
-    if direction.ndim == 2 and _has_pos(cache, model, stack, pos):
+    has_pos = _has_pos(cache, model, stack, pos)
+    lead = stack.shape[-3:-1] if has_pos else stack.shape[-2:-1]  # (batch, pos) or (batch,)
+    if direction.ndim == 3:  # one token per row and position: sliced like the stack
+        direction = _at(direction, pos)
+    elif direction.ndim == 2 and has_pos:
         direction = direction.unsqueeze(-2)  # one direction per row, at every position
+    want = tuple(direction.shape[:-1])
+    try:
+        fits = torch.broadcast_shapes(want, tuple(lead)) == tuple(lead)
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise InputError(
+            f"tokens give directions for {list(want)} (batch[, pos]) but the stack has "
+            f"{list(lead)} (batch[, pos]) at pos={pos!r}: pass one token, one per row, or "
+            "one per row and position"
+        )
     return (stack * direction.to(stack.device, stack.dtype)).sum(-1)

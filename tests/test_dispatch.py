@@ -574,3 +574,30 @@ def test_readout_lens_and_dla_equal_the_whole_model(pairs, arch):
     torch.testing.assert_close(dla_b, dla_a, atol=ATOL, rtol=0)
     lens_a, lens_b = hs.logit_lens(whole, x, k=3), hs.logit_lens(split, x, k=3)
     torch.testing.assert_close(lens_b.top_probs, lens_a.top_probs, atol=ATOL, rtol=0)
+
+
+def test_maps_that_accelerate_cannot_honour_are_refused(tmp_path):
+    """A tied weight split over two places, and '' beside other keys: refused by name
+    before loading (accelerate would fail at the first forward, or inside transformers)."""
+    folder = tmp_path / "gemma"
+    builders.tiny_gemma3().save_pretrained(folder)
+    split_tie = {
+        "model.embed_tokens": "cpu",
+        "model.layers": "cpu",
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+        "lm_head": "disk",
+    }
+    with pytest.raises(
+        InputError, match="one tied weight but the device map puts them on cpu and disk"
+    ):
+        hs.HookedModel.from_pretrained(
+            str(folder), tokenizer=False, device_map=split_tie, offload_folder=tmp_path / "o"
+        )
+    with pytest.raises(InputError, match="an entry for '' \\(the whole model\\) and others"):
+        hs.HookedModel.from_pretrained(
+            str(folder),
+            tokenizer=False,
+            device_map={"": "cpu", "model.layers.0": "disk"},
+            offload_folder=tmp_path / "o",
+        )

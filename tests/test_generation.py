@@ -579,3 +579,17 @@ def test_non_causal_models_are_refused(build, message):
     with pytest.raises(hs.InputError, match="generate needs a causal language model") as err:
         model.generate(torch.zeros(1, 4, dtype=torch.long), max_new_tokens=2)
     assert err.match(message)
+
+
+def test_a_misspelt_generate_keyword_is_named_before_any_forward():
+    model = hs.HookedModel.wrap(builders.tiny_gpt2(), builders.make_tokenizer())
+    calls = []
+    handle = model.model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        with pytest.raises(
+            hs.InputError, match="unknown keyword 'do_smaple'.*Did you mean 'do_sample'"
+        ):
+            model.generate("When Mary", max_new_tokens=3, do_smaple=True)
+    finally:
+        handle.remove()
+    assert calls == []

@@ -472,3 +472,83 @@ def test_smollm2_head_23_3_against_transformerlens():
         model.W_U[:, mary] - model.W_U[:, john]
     )
     assert float(by_hand) == pytest.approx(float(ours[head, 0]), abs=1e-4)
+
+
+# ------------------------------------------------------------------ review findings
+
+
+def test_lens_stacks_and_the_final_norm_output_are_used_as_they_are(run):
+    name, model, _, logits, cache = run
+    acc = cache.accumulated_resid(apply_ln=True)
+    raw = logits if name != "gemma3" else cache["final_norm"] @ model.W_U + model.b_U
+    got = cache.logit_attrs(acc, 3)[-1]  # the lens' last row: normalised with the bias
+    close(got + model.b_U[3], raw[..., 3], "accumulated_resid(apply_ln=True) is not re-normalised")
+    close(cache.logit_attrs(cache["final_norm"], 3) + model.b_U[3], raw[..., 3], "final_norm")
+    with pytest.raises(hs.InputError, match="already normalised"):
+        cache.apply_ln_to_stack(acc)
+    with pytest.raises(hs.InputError, match="head.0 is not a residual-stream vector"):
+        cache.logit_attrs(cache["head.0.3"], 3)
+    with pytest.raises(hs.InputError, match="logits is not a residual-stream vector"):
+        cache.logit_attrs(cache["logits"], 3)
+
+
+def test_accumulated_resid_counts_layers_as_transformerlens(run):
+    _, model, _, _, cache = run
+    L = model.n_layers
+    for layer in range(L):
+        _, labels = cache.accumulated_resid(layer, return_labels=True)
+        assert labels == [f"resid_pre.{i}" for i in range(layer + 1)]
+    _, labels = cache.accumulated_resid(L, return_labels=True)
+    assert labels[-1] == f"resid_post.{L - 1}" and len(labels) == L + 1
+
+
+def test_per_position_tokens_follow_the_pos_slice(run):
+    _, model, tokens, _, cache = run
+    stack = cache.decompose_resid(apply_ln=True)
+    ids = torch.randint(
+        0, model.cfg.d_vocab, tokens.shape, generator=torch.Generator().manual_seed(2)
+    )
+    full = cache.logit_attrs(stack, ids)
+    close(
+        cache.logit_attrs(
+            cache.decompose_resid(apply_ln=True, pos=slice(-1, None)), ids, pos=slice(-1, None)
+        ),
+        full[..., -1:],
+        "slice",
+    )
+    close(
+        cache.logit_attrs(cache.decompose_resid(apply_ln=True, pos=-1), ids, pos=-1),
+        full[..., -1],
+        "int",
+    )
+    with pytest.raises(hs.InputError, match="tokens give directions for"):
+        cache.logit_attrs(stack, torch.tensor([1, 2, 3]))
+    with pytest.raises(hs.InputError, match="tokens give directions for"):
+        cache.logit_attrs(stack, torch.zeros(3, tokens.shape[1], dtype=torch.long))
+
+
+def test_mistakes_get_hookscope_errors(run):
+    name, model, tokens, _, cache = run
+    with pytest.raises(hs.AddressRangeError, match="head 9 out of range"):
+        model.W_Q[0, 9]
+    lens = hs.logit_lens(model, tokens, k=2)
+    with pytest.raises(hs.InputError, match="one token per row needs 2 ids"):
+        lens.prob(torch.tensor([1, 2, 3]))
+    with pytest.raises(hs.InputError, match="batch must be an int in 0-1"):
+        lens.plot(batch=5)
+    with pytest.raises(hs.InputError, match="positions must be a slice"):
+        lens.plot(positions=[1, 2])
+    if name == "gpt_neox":  # parallel residual: no resid_mid
+        with pytest.raises(hs.InputError, match="this model does not have"):
+            cache.accumulated_resid(incl_mid=True)
+
+
+def test_vision_and_mlp_caches_say_why():
+    mlp = hs.HookedModel.wrap(builders.tiny_mlp())
+    _, cache = mlp.run_with_cache(torch.randn(2, 64))
+    with pytest.raises(hs.SiteUnavailableError, match="not a transformer"):
+        cache.accumulated_resid()
+    vit = hs.HookedModel.wrap(builders.tiny_vit())
+    lens = hs.logit_lens(vit, torch.randn(2, 1, 8, 8))
+    assert lens.str_tokens() == ["CLS"] + [f"patch {i}" for i in range(16)]
+    assert lens.plot().axes[0].images[0].get_array().shape == (3, 17)

@@ -98,7 +98,16 @@ class LayerWeights:
                 f"(0-{self.n_layers - 1})"
             )
         w = self._get(layer % self.n_layers)
-        return w[rest] if rest else w
+        if rest:
+            if len(rest) > 1 or isinstance(rest[0], bool) or not isinstance(rest[0], int):
+                raise AddressRangeError(f"{self.name}[layer, head] takes one int head, got {key!r}")
+            if not -w.shape[0] <= rest[0] < w.shape[0]:
+                raise AddressRangeError(
+                    f"{self.name}: head {rest[0]} out of range, layer {layer} has {w.shape[0]} "
+                    f"heads (0-{w.shape[0] - 1})"
+                )
+            return w[rest[0]]
+        return w
 
     def __iter__(self) -> Iterator[Tensor]:
         return (self[i] for i in range(self.n_layers))
@@ -254,7 +263,7 @@ class TransformerWeights:
             w, b = _in_out(self._layer(layer, (qkv.q, qkv.k, qkv.v)[which]))
             view = heads_view(h if which == 0 else kv, dh)
         if bias:
-            out = view(b) if b is not None else torch.zeros(view(w[0]).shape, dtype=w.dtype)
+            out = view(b) if b is not None else w.new_zeros(view(w[0]).shape)
         else:
             out = view(w).permute(1, 0, 2)  # [in, heads, d_head] -> [heads, in, d_head]
         if which and kv != h:  # query head h reads k/v head h // group
@@ -267,7 +276,7 @@ class TransformerWeights:
             w, b = _in_out(self._layer(layer, rel))
             if not bias:
                 return w
-            return b if b is not None else torch.zeros(w.shape[1], dtype=w.dtype)
+            return b if b is not None else w.new_zeros(w.shape[1])
 
         return get
 
