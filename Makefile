@@ -15,7 +15,7 @@ STAMP := $(VENV)/.installed
 LOCK := requirements-dev.lock
 # the oldest transformers hookscope supports (pyproject.toml's lower bound)
 OLDEST_TRANSFORMERS := $(shell sed -n 's/.*"transformers>=\([0-9.]*\)".*/\1/p' pyproject.toml)
-PYTEST := -m pytest -q -p no:cacheprovider
+PYTEST := -m pytest -q -p no:cacheprovider -n 2
 
 .PHONY: demo quickstart test test-all test-latest test-oldest lock bench models venv clean
 

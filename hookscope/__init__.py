@@ -34,6 +34,7 @@ from hookscope.errors import (
     InputError,
     ModelLoadError,
     SiteUnavailableError,
+    StoreError,
 )
 from hookscope.model import HookedModel
 from hookscope.models import ViT
@@ -42,12 +43,13 @@ __version__ = "0.1.0"
 
 # Subpackages with heavy dependencies (matplotlib, scipy, datasets) load on first use, so
 # that ``import hookscope`` and the command line start fast; ``hs.data`` works as before.
-_LAZY = ("analysis", "data", "dispatch", "plot", "zoo")
+_LAZY = ("analysis", "data", "dispatch", "plot", "store", "zoo")
 
 if TYPE_CHECKING:
-    from hookscope import analysis, data, dispatch, plot, zoo
+    from hookscope import analysis, data, dispatch, plot, store, zoo
     from hookscope.generation import GenerationContext
     from hookscope.lens import LogitLens, logit_lens
+    from hookscope.store import ActivationStore, StoredActivations
 
 
 #: public names defined in modules that load on first use
@@ -55,6 +57,8 @@ _LAZY_NAMES = {
     "logit_lens": "hookscope.lens",
     "LogitLens": "hookscope.lens",
     "GenerationContext": "hookscope.generation",
+    "ActivationStore": "hookscope.store",
+    "StoredActivations": "hookscope.store",
 }
 
 
@@ -79,6 +83,7 @@ __all__ = [
     "data",
     "dispatch",
     "plot",
+    "store",
     "zoo",
     "Address",
     "ActivationCache",
@@ -99,6 +104,9 @@ __all__ = [
     "logit_lens",
     "LogitLens",
     "GenerationContext",
+    "ActivationStore",
+    "StoredActivations",
+    "StoreError",
     "MLPNeuron",
     "MLPOut",
     "ModelLoadError",

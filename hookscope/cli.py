@@ -10,6 +10,19 @@
 ``--no-progress``), prints the ranked components and the minimal circuit to stdout, and
 writes ``DIR/result.json`` and ``DIR/heatmap.png``.
 
+``store`` works an activation store (:mod:`hookscope.store`)::
+
+    hookscope store extract --model smollm2-135m --data agreement:2000 --sites 'resid_post.*' \
+        --positions last --dtype float16 --out acts/
+    torchrun --nproc_per_node 4 -m hookscope store extract ...    # data-parallel, same result
+    hookscope store ls acts/           # the entries (exit 0)
+    hookscope store verify acts/       # every shard's size and sha256 (exit 1 on a problem)
+    hookscope store merge acts/ node0/acts node1/acts     # per-node folders into one store
+
+Under ``torchrun`` (its ``RANK`` / ``WORLD_SIZE`` / ``MASTER_ADDR`` variables set) ``store
+extract`` joins the process group (nccl where CUDA is available, each rank on GPU
+``LOCAL_RANK``; gloo otherwise) and leaves it at the end; rank 0 prints the result.
+
 Every mistake (an unknown model, task or method, a threshold outside (0, 1], an output
 folder that cannot be written, any :class:`~hookscope.errors.HookscopeError`) prints one
 line ``hookscope: error: <message>`` to stderr and exits with status 2; Ctrl-C exits with
@@ -130,13 +143,14 @@ def _localize_epilog() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``hookscope`` argument parser (subcommand ``localize``)."""
+    """The ``hookscope`` argument parser (subcommands ``localize`` and ``store``)."""
     from hookscope import __version__
 
     parser = _Parser(
         prog=PROG,
         description="hookscope: mechanistic interpretability for any PyTorch model.",
-        epilog="Run 'hookscope localize --help' for the circuit-localization job.",
+        epilog="Run 'hookscope localize --help' for the circuit-localization job and "
+        "'hookscope store --help' for activation stores.",
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -208,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     loc.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     loc.set_defaults(run=_localize)
+    from hookscope.cli_store import add_store_parser
+
+    add_store_parser(sub)
     return parser
 
 

@@ -64,7 +64,11 @@ NAMES = [
     ("neuron.0.5.mid", hs.AddressParseError, r"valid sites: post, pre"),
     ("resid_post", hs.AddressParseError, r"needs a layer index, e.g. 'resid_post.0'"),
     ("resid_post.x", hs.AddressParseError, r"non-negative integer, '\*' or a range like '0-5'"),
-    ("", hs.AddressParseError, r"valid forms: embed, final_norm \(or ln_final\), logits, resid_pre.L"),
+    (
+        "",
+        hs.AddressParseError,
+        r"valid forms: embed, final_norm \(or ln_final\), logits, resid_pre.L",
+    ),
     ("head.0.1.2.3", hs.AddressParseError, r"valid sites: z, q, k, v, result, pattern"),
     ("blocks.9.hook_resid_post", hs.AddressRangeError, r"2 layers \(0-1\)"),
     (42, hs.AddressParseError, r"expected an address, a selection string or a list of them"),

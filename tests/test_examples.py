@@ -39,7 +39,13 @@ def test_tour_on_tiny_induction(tmp_path, capsys):
     assert not torch.equal(g["plain"][:, : g["steered"].shape[1]], g["steered"])
     assert g["generated"]["resid_post.1"].shape[1] == g["steered"].shape[1]
     names = {p.name for p in tmp_path.iterdir()}
-    assert {"logit_lens.png", "dla.png", "attention_layer.png", "patching.png", "attention.html"} <= names
+    assert {
+        "logit_lens.png",
+        "dla.png",
+        "attention_layer.png",
+        "patching.png",
+        "attention.html",
+    } <= names
     assert model.n_layers == 2
 
 

@@ -35,6 +35,9 @@ __all__ = [
     "read_shard",
     "Shard",
     "to_arrow",
+    "fixed_size_column",
+    "shard_batch",
+    "write_error",
 ]
 
 #: storage dtype name -> (torch dtype, arrow value type)
@@ -58,9 +61,13 @@ def _fsync_dir(folder: Path) -> None:
 def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
     """Write ``path`` through ``write(file)`` into a temporary file in the same folder, fsync,
     rename into place, fsync the folder. A full disk (or any OSError) leaves no temporary file
-    and the old ``path`` unchanged, and is re-raised as StoreError."""
+    and the old ``path`` unchanged, and is re-raised as StoreError (:func:`write_error`)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~umask())  # mkstemp makes it private; a store is shareable
+    except OSError as err:
+        raise write_error(path, err) from err
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -70,16 +77,21 @@ def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
         _fsync_dir(path.parent)
     except OSError as err:
         _remove(tmp)
-        if err.errno == errno.ENOSPC:
-            raise StoreError(
-                f"no space left on the device while writing {path}; the store is unchanged "
-                "and readable. Free space (or extract to another folder) and run the same "
-                "call again: it resumes at this shard"
-            ) from err
-        raise StoreError(f"could not write {path}: {err}") from err
+        raise write_error(path, err) from err
     except BaseException:
         _remove(tmp)
         raise
+
+
+def write_error(path: Path, err: OSError) -> StoreError:
+    """The StoreError for an OSError while writing ``path`` (a full disk says what to do)."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StoreError(
+            f"no space left on the device while writing {path}; the store is unchanged "
+            "and readable. Free space (or extract to another folder) and run the same "
+            "call again: it resumes at this shard"
+        )
+    return StoreError(f"could not write {path}: {err}")
 
 
 def _remove(path: str | Path) -> None:
@@ -112,32 +124,46 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 def to_arrow(
     values: np.ndarray | torch.Tensor, dtype: str, shape: tuple[int, ...]
-) -> tuple[pa.Array, pa.Field]:
-    """A [rows, width] array as a fixed_size_list column (zero copy) and its field."""
+) -> tuple[pa.Array, dict]:
+    """A [rows, width] array as a fixed_size_list column (zero copy) and its field metadata."""
     t = values if isinstance(values, torch.Tensor) else torch.from_numpy(values)
     t = t.detach().to("cpu", DTYPES[dtype][0]).contiguous()
-    rows = t.shape[0]
-    width = int(np.prod(shape)) if shape else 1
-    flat = t.reshape(rows * width)
+    flat = t.reshape(-1)
     arr_np = flat.view(torch.int16).numpy().view(np.uint16) if dtype == "bfloat16" else flat.numpy()
-    child = pa.Array.from_buffers(DTYPES[dtype][1], rows * width, [None, pa.py_buffer(arr_np)])
+    return fixed_size_column(pa.py_buffer(arr_np), dtype, shape, int(t.shape[0]))
+
+
+def fixed_size_column(
+    values: pa.Buffer, dtype: str, shape: tuple[int, ...], rows: int
+) -> tuple[pa.Array, dict]:
+    """``rows`` rows of ``prod(shape)`` values of the storage ``dtype`` in ``values`` (row
+    major, no copy) as a fixed_size_list column and its field metadata."""
+    width = int(np.prod(shape)) if shape else 1
+    child = pa.Array.from_buffers(DTYPES[dtype][1], rows * width, [None, values])
     column = pa.FixedSizeListArray.from_arrays(child, width)
     meta = {_DTYPE_KEY: dtype.encode(), _SHAPE_KEY: json.dumps(list(shape)).encode()}
     return column, meta
+
+
+def shard_batch(
+    columns: dict[str, tuple[pa.Array, dict]], index: dict[str, np.ndarray]
+) -> pa.RecordBatch:
+    """The one record batch of a shard: the site columns, then the int64 index columns."""
+    arrays, fields = [], []
+    for name, (array, meta) in columns.items():
+        arrays.append(array)
+        fields.append(pa.field(name, array.type, nullable=False, metadata=meta))
+    for name, values in index.items():
+        arrays.append(pa.array(np.asarray(values, dtype=np.int64)))
+        fields.append(pa.field(name, arrays[-1].type, nullable=False))
+    return pa.record_batch(arrays, schema=pa.schema(fields))
 
 
 def write_shard(
     path: Path, columns: dict[str, tuple[pa.Array, dict]], index: dict[str, np.ndarray]
 ) -> tuple[int, str]:
     """Write one shard atomically; return (bytes, sha256)."""
-    arrays, fields = [], []
-    for name, (array, meta) in columns.items():
-        arrays.append(array)
-        fields.append(pa.field(name, array.type, nullable=False, metadata=meta))
-    for name, values in index.items():
-        arrays.append(pa.array(values))
-        fields.append(pa.field(name, arrays[-1].type, nullable=False))
-    batch = pa.record_batch(arrays, schema=pa.schema(fields))
+    batch = shard_batch(columns, index)
     digest = hashlib.sha256()
 
     def write(f: Any) -> None:
@@ -218,3 +244,14 @@ class Shard:
 def read_shard(path: Path) -> Shard:
     """Open one shard (see :class:`Shard`)."""
     return Shard(path)
+
+
+def umask() -> int:
+    """The process umask, read without changing it (Linux), else 0o022."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022

@@ -63,6 +63,7 @@ The file's metadata holds ``{"format": "hookscope.store.stats", "version": "1"}`
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -398,6 +399,7 @@ def save(moments: dict[str, RunningMoments], path: str | os.PathLike[str]) -> No
     try:
         save_file(tensors, tmp, metadata={"format": FORMAT_NAME, "version": FORMAT_VERSION})
         with open(tmp, "rb+") as f:
+            _sort_metadata(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -411,6 +413,21 @@ def save(moments: dict[str, RunningMoments], path: str | os.PathLike[str]) -> No
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def _sort_metadata(f: Any) -> None:
+    """Rewrite the ``__metadata__`` of the safetensors file open in ``f`` with sorted keys.
+
+    safetensors writes it from a hash map whose order changes from process to process, so
+    equal statistics would give different files; sorted, the same length, they give equal
+    bytes (the tensors are already in a fixed order)."""
+    n = int.from_bytes(f.read(8), "little")
+    header = json.loads(f.read(n))
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) <= n:  # padded with spaces, as safetensors pads its header
+        f.seek(8)
+        f.write(text.ljust(n, b" "))
 
 
 def load(path: str | os.PathLike[str]) -> dict[str, RunningMoments]:

@@ -109,7 +109,7 @@ class ActivationStore:
         marker = self.folder / MARKER
         if self.folder.exists() and not self.folder.is_dir():
             raise StoreError(f"{self.folder} is a file, not a store folder")
-        if self.folder.is_dir() and not marker.exists() and any(self.folder.iterdir()):
+        if self.folder.is_dir() and not marker.exists() and _foreign(self.folder):
             raise StoreError(
                 f"{self.folder} is not an activation store (no {MARKER}) and is not empty; pass "
                 "a new or empty folder, or an existing store"
@@ -312,7 +312,7 @@ class ActivationStore:
         rank, world, barrier = _dist()
         folder = self._entry(req["key"])
         folder.mkdir(parents=True, exist_ok=True)
-        _remove_temporaries(folder)
+        _remove_temporaries(folder, rank)  # only this rank's: another's may be in flight
         state_path = folder / f"rank{rank:03d}.json"
         table, policy = req["table"], req["policy"]
         n = table.num_rows
@@ -325,6 +325,15 @@ class ActivationStore:
             "world": world,
             "examples": [lo, hi],
         }
+        for other in sorted(folder.glob("rank*.json")):  # every rank refuses, none waits
+            recorded = files.read_json(other).get("settings", {}).get("world")
+            if recorded != world:
+                raise StoreError(
+                    f"an unfinished extraction of this entry ran with {recorded} process(es) "
+                    f"({other.name}); this call has {world}. Resume with the same number of "
+                    f"processes (torchrun --nnodes x --nproc_per_node = {recorded}), or "
+                    f"store.delete({req['key'][:12]!r}) to start over"
+                )
         if state_path.exists():
             state = files.read_json(state_path)
             if state["settings"] != settings:
@@ -333,20 +342,29 @@ class ActivationStore:
                     f"the same batch_size, shard_bytes and number of processes (this call: "
                     f"{settings}), or store.delete({req['key'][:12]!r}) to start over"
                 )
-            images = _images(table, req["column"], lo, hi) if req["vision"] else None
+            images = None
+            if req["vision"]:
+                images = _images(table, req["column"], lo, hi) if hi > lo else torch.empty(0)
             prepared = Prepared.load(folder / f"rank{rank:03d}.tokens.arrow", images)
             prepared.tokens_per_image = state.get("tokens_per_image", 0)
             sites = [
                 Site(s["name"], _address(s["name"]), tuple(s["shape"])) for s in state["sites"]
             ]
         else:
-            prepared = _prepare(model, table, req, lo, hi)
-            sites, prepared.tokens_per_image = _probe(model, prepared, policy, req["addresses"])
+            if hi > lo:
+                prepared = probe = _prepare(model, table, req, lo, hi)
+            else:  # more processes than batches: this rank has nothing to extract
+                ids, images = (None, torch.empty(0)) if req["vision"] else ([], None)
+                prepared, probe = Prepared(lo, ids, images, []), _prepare(model, table, req, 0, 1)
+            sites, prepared.tokens_per_image = _probe(model, probe, policy, req["addresses"])
             row_bytes = sum(s.width for s in sites) * files.DTYPES[req["dtype"]][0].itemsize
             plan = plan_shards(prepared, policy, batch_size, row_bytes, shard_bytes)
             prepared.save(folder / f"rank{rank:03d}.tokens.arrow")
             state = {
                 "settings": settings,
+                "key": req["key"],  # key, fields and dataset columns: for `hookscope store merge`
+                "key_fields": req["fields"],
+                "columns": [c for c in table.column_names if c != req["column"]],
                 "sites": [{"name": s.name, "shape": list(s.shape)} for s in sites],
                 "tokens_per_image": prepared.tokens_per_image,
                 "plan": plan,
@@ -364,11 +382,26 @@ class ActivationStore:
             record, _pad_id(model), batch_size, progress,
         )  # fmt: skip
         barrier()
+        failure = None
         if rank == 0:
-            self._finish(folder, req, world, sites, batch_size, shard_bytes)
+            try:
+                self._finish(folder, req, world, sites, batch_size, shard_bytes)
+            except StoreError as err:  # raised after the barrier: no rank waits forever
+                failure = err
         barrier()
+        if failure is not None:
+            raise failure
         result = self._complete(req["key"])
-        assert result is not None
+        if result is None:  # no shared filesystem: the other ranks' files are on other nodes
+            here = [r for r in range(world) if (folder / f"rank{r:03d}.json").exists()]
+            err = StoreError(
+                f"ranks {_ranges([r for r in range(world) if r not in here])} of this "
+                f"{world}-process extraction wrote their files elsewhere (no shared "
+                f"filesystem?); ranks {_ranges(here)} finished in {folder}. Copy every node's "
+                "store folder to one machine and run `hookscope store merge OUT FOLDER...`"
+            )
+            err.ranks_here = here  # type: ignore[attr-defined]  # read by the CLI
+            raise err
         return result
 
     def _finish(
@@ -380,40 +413,18 @@ class ActivationStore:
         batch_size: int,
         shard_bytes: int,
     ) -> None:
-        shards = []
-        for r in range(world):
-            state = files.read_json(folder / f"rank{r:03d}.json")
-            missing = [s["index"] for s in state["plan"] if str(s["index"]) not in state["done"]]
-            if missing:
-                raise StoreError(
-                    f"rank {r} did not finish shards {missing}; run the same extraction again"
-                )
-            shards += [state["done"][str(s["index"])] for s in state["plan"]]
+        """Rank 0, once every rank is done: the dataset's columns, then the manifest if every
+        rank's files are in ``folder`` (per-node folders wait for ``hookscope store merge``)."""
         table = req["table"]
         others = [c for c in table.column_names if c != req["column"]]
         if others:
             t = table.select(others)
             files.atomic_write(folder / "columns.arrow", lambda f: _write_stream(f, t))
-        manifest = {
-            "format": "hookscope-store-entry",
-            "format_version": FORMAT_VERSION,
-            "key": req["key"],
-            "key_fields": req["fields"],
-            "sites": [s.name for s in sites],
-            "site_shapes": {s.name: list(s.shape) for s in sites},
-            "dtype": req["dtype"],
-            "n_examples": table.num_rows,
-            "n_rows": sum(s["rows"] for s in shards),
-            "batch_size": batch_size,
-            "shard_bytes": shard_bytes,
-            "world_size": world,
-            "shards": shards,
-            "columns": others,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "versions": _versions(),
-            "seed": None,  # extraction is deterministic: no randomness is drawn
-        }
-        files.write_json(folder / "manifest.json", manifest)
+        if all((folder / f"rank{r:03d}.json").exists() for r in range(world)):
+            shapes = {s.name: list(s.shape) for s in sites}
+            write_manifest(
+                folder, req["key"], req["fields"], world, shapes, batch_size, shard_bytes, others
+            )
 
     def list(self) -> Listing:
         """Every entry: key, state (complete / unfinished), rows, bytes, sites."""
@@ -502,6 +513,75 @@ class ActivationStore:
 # ---------------------------------------------------------------------- helpers
 
 
+def write_manifest(
+    folder: Path,
+    key: str,
+    fields: dict,
+    world: int,
+    site_shapes: dict[str, list[int]],
+    batch_size: int,
+    shard_bytes: int,
+    columns: list[str],
+    extra: dict | None = None,
+) -> dict:
+    """Write ``manifest.json`` of an entry whose ranks ``0..world-1`` all recorded every
+    planned shard in ``folder`` (extraction's rank 0, or ``hookscope store merge``); it lists
+    the shards in rank order, which is dataset order. StoreError if a rank is unfinished."""
+    shards = []
+    for r in range(world):
+        state = files.read_json(folder / f"rank{r:03d}.json")
+        missing = [s["index"] for s in state["plan"] if str(s["index"]) not in state["done"]]
+        if missing:
+            raise StoreError(
+                f"rank {r} did not finish shards {missing}; run the same extraction again"
+            )
+        shards += [state["done"][str(s["index"])] for s in state["plan"]]
+    manifest = {
+        "format": "hookscope-store-entry",
+        "format_version": FORMAT_VERSION,
+        "key": key,
+        "key_fields": fields,
+        "sites": list(site_shapes),
+        "site_shapes": site_shapes,
+        "dtype": fields["dtype"],
+        "n_examples": fields["dataset"]["rows"],
+        "n_rows": sum(s["rows"] for s in shards),
+        "batch_size": batch_size,
+        "shard_bytes": shard_bytes,
+        "world_size": world,
+        "shards": shards,
+        "columns": columns,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": _versions(),
+        "seed": None,  # extraction is deterministic: no randomness is drawn
+        **(extra or {}),
+    }
+    files.write_json(folder / "manifest.json", manifest)
+    return manifest
+
+
+def _ranges(ranks: Sequence[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    runs: list[list[int]] = []
+    for r in ranks:
+        if runs and r == runs[-1][1] + 1:
+            runs[-1][1] = r
+        else:
+            runs.append([r, r])
+    parts = [str(a) if a == b else f"{a}-{b}" for a, b in runs]
+    return ", ".join(parts) or "none"
+
+
+def _foreign(folder: Path) -> bool:
+    """Whether ``folder`` holds anything but a store being created right now by another
+    process (its ``entries`` folder and the marker's temporary file)."""
+    for p in folder.iterdir():
+        creating = p.name.startswith(f".{MARKER}.") and p.name.endswith(".tmp")
+        if not creating and p.name != "entries":
+            return True
+    return False
+
+
 def _check_version(version: Any, path: Path) -> None:
     if not isinstance(version, int):
         raise StoreError(f"{path} has no format version; it was not written by hookscope")
@@ -568,11 +648,12 @@ def _pad_id(model: Any) -> int:
 def _images(table: pa.Table, column: str, lo: int, hi: int) -> torch.Tensor:
     import datasets
 
-    ds = datasets.Dataset(table.slice(lo, hi - lo)).with_format("torch", columns=[column])
-    x = ds[column]
-    if not isinstance(x, torch.Tensor):
-        raise StoreError(f"column {column!r} does not hold equal-shaped arrays")
-    return x.float().unsqueeze(1) if x.ndim == 3 else x.float()
+    ds = datasets.Dataset(table.slice(lo, hi - lo)).with_format("numpy", columns=[column])
+    try:
+        x = torch.from_numpy(np.asarray(ds[column], dtype=np.float32))
+    except (ValueError, TypeError) as err:
+        raise StoreError(f"column {column!r} does not hold equal-shaped arrays: {err}") from None
+    return x.unsqueeze(1) if x.ndim == 3 else x  # [n, h, w] images: one channel
 
 
 def _prepare(model: Any, table: pa.Table, req: dict, lo: int, hi: int) -> Prepared:
@@ -589,11 +670,14 @@ def _prepare(model: Any, table: pa.Table, req: dict, lo: int, hi: int) -> Prepar
     template = req["fields"]["preprocessing"]["template"]
     max_length = req["fields"]["preprocessing"]["max_length"]
     kwargs = {"truncation": True, "max_length": max_length} if max_length else {}
-    ids = model.tokenizer([template.format(text=t) for t in texts], **kwargs)["input_ids"]
-    empty = [i for i, r in enumerate(ids) if not r]
+    arrays = []
+    for at in range(0, len(texts), 256):  # in chunks: the tokenizer's output is ~20x the ids
+        chunk = [template.format(text=t) for t in texts[at : at + 256]]
+        ids = model.tokenizer(chunk, return_attention_mask=False, **kwargs)["input_ids"]
+        arrays += [np.asarray(r, dtype=np.int64) for r in ids]
+    empty = [i for i, a in enumerate(arrays) if not len(a)]
     if empty:
         raise StoreError(f"row {lo + empty[0]} ({texts[empty[0]]!r}) gives no tokens")
-    arrays = [np.asarray(r, dtype=np.int64) for r in ids]
     lengths = np.asarray([len(a) for a in arrays])
     column = table.column(policy.column).slice(lo, hi - lo).to_pylist() if policy.column else None
     return Prepared(lo, arrays, None, policy.positions(lengths, column))
@@ -632,9 +716,12 @@ def _write_stream(f: Any, table: pa.Table) -> None:
         writer.write_table(table)
 
 
-def _remove_temporaries(folder: Path) -> None:
+def _remove_temporaries(folder: Path, rank: int) -> None:
+    """Temporary files a crash left behind: this rank's, and (rank 0) the entry's own."""
+    mine = (f".rank{rank:03d}.", f".rank{rank:03d}-")
     for tmp in folder.glob(".*.tmp"):
-        tmp.unlink()
+        if tmp.name.startswith(mine) or (rank == 0 and not tmp.name.startswith(".rank")):
+            tmp.unlink(missing_ok=True)
 
 
 def delete_shard_files(folder: Path, names: Sequence[str]) -> None:  # used by tests

@@ -231,6 +231,40 @@ class StoredActivations:
                     batch[n] = torch.from_numpy(np.array(values))
             yield batch
 
+    # ------------------------------------------------------------------ exports
+    def to_dataset(self):
+        """A ``datasets.Dataset`` memory-mapping the shard files (no copy): sites (bfloat16 as
+        uint16 bits), index columns and the dataset's own columns; a ``rows`` subset is a
+        ``select``. See :func:`hookscope.store.export.to_dataset`."""
+        from hookscope.store.export import to_dataset
+
+        return to_dataset(self)
+
+    def to_parquet(
+        self,
+        path: str | Path,
+        sites: Sequence[str] | str | None = None,
+        **kwargs: Any,
+    ) -> Path:
+        """One Parquet file of ``sites`` (default all), index and dataset columns, written
+        atomically in bounded row groups. See :func:`hookscope.store.export.to_parquet`."""
+        from hookscope.store.export import to_parquet
+
+        return to_parquet(self, path, sites, **kwargs)
+
+    def to_saelens(
+        self,
+        path: str | Path,
+        hook_names: dict[str, str] | None = None,
+        **kwargs: Any,
+    ) -> Path:
+        """The folder SAELens reads as cached activations (``positions="all"`` over
+        fixed-length contexts), hook names defaulting to TransformerLens'. See
+        :func:`hookscope.store.export.to_saelens`."""
+        from hookscope.store.export import to_saelens
+
+        return to_saelens(self, path, hook_names, **kwargs)
+
     # ------------------------------------------------------------------ text
     def __repr__(self) -> str:
         m = self.manifest
