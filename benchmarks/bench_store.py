@@ -264,6 +264,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=2, help="timed repeats of (a)")
     parser.add_argument("--rss-factor", type=int, default=10, help="data factor of (b)")
+    parser.add_argument("--rss-only", action="store_true", help="only (b), the peak RSS")
     parser.add_argument("--out", default=str(ROOT / "results" / "bench_store.json"))
     parser.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model-folder", help=argparse.SUPPRESS)
@@ -301,6 +302,15 @@ def main() -> None:
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads()},
         "config": {"examples": n, "length": length, "batch_size": batch_size, "sites": SITES},
     }
+    if args.rss_only:
+        with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
+            folder = builders.save_pythia_like(Path(tmp) / "model", SEED)
+            rss = rss_section(folder, n, length, batch_size, args.rss_factor, Path(tmp))
+        results["rss"] = rss
+        results["machine"]["load_before"] = load_before
+        results["machine"]["load_after"] = loadavg()
+        report_rss(rss)
+        return write(results, args.out)
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp, torch.no_grad():
         tmp = Path(tmp)
         folder = builders.save_pythia_like(tmp / "model", SEED)
@@ -311,18 +321,18 @@ def main() -> None:
         payload = n * length * 6 * 512 * 2
 
         # (a) extraction against the plain forward and the compute floor
-        def plain() -> None:
+        def plain(token_batches=token_batches) -> None:
             for b in token_batches:
                 hf(**b, use_cache=False)
 
-        def floor() -> None:
+        def floor(token_batches=token_batches) -> None:
             with Scope() as scope:
                 scope.replace_forward(hf.get_output_embeddings(), lambda h, *a, **k: h)
                 for b in token_batches:
                     model.run_with_cache(b, names=SITES)
 
-        def extraction() -> None:
-            extract(model, ds, tmp / "store", length, batch_size)
+        def extraction(ds=ds, folder=tmp / "store") -> None:
+            extract(model, ds, folder, length, batch_size)
 
         fns = {
             "plain HF forward (full logits)": plain,
@@ -331,7 +341,11 @@ def main() -> None:
         }
         names = list(fns)
         times: dict[str, list[float]] = {k: [] for k in names}
-        plain()  # warm-up (one pass; the first pass also pays page faults of the weights)
+        # warm-up on the first two batches: page faults of the weights, the model's weight
+        # fingerprint (computed once per model), first calls
+        plain(token_batches[:2])
+        floor(token_batches[:2])
+        extraction(ds.select(range(2 * batch_size)), tmp / "warm")
         for r in range(args.repeats):
             for name in names[r % 3 :] + names[: r % 3]:
                 times[name].append(timed(fns[name]))
@@ -408,39 +422,34 @@ def main() -> None:
         results["peers"] = peer
 
         # (b) peak RSS, fresh processes
-        print("  RSS subprocesses ...", flush=True)
-        small = rss_run(folder, n, length, batch_size, tmp / "rss_store")
-        big = rss_run(folder, n * args.rss_factor, length, batch_size, tmp / "rss_store")
-        results["rss"] = {
-            "factor": args.rss_factor,
-            "small": small,
-            "big": big,
-            "increase": big["peak_mib"] / small["peak_mib"] - 1,
-            "increase_extracting": big["peak_extracting_mib"] / small["peak_extracting_mib"] - 1,
-        }
+        results["rss"] = rss_section(folder, n, length, batch_size, args.rss_factor, tmp)
     results["machine"]["load_before"] = load_before
     results["machine"]["load_after"] = loadavg()
     report(results, names, times, payload)
-    out = Path(args.out)
+    write(results, args.out)
+
+
+def write(results: dict, path: str) -> None:
+    out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
     print(f"\nwrote {out}")
 
 
-def report(r: dict, names: list[str], times: dict, payload: int) -> None:
-    ext = r["extraction"]
-    print(f"\n## (a) Extraction of {payload / 2**20:.0f} MiB, {len(times[names[0]])} repeats")
-    print(f"{'variant':<34}{'median s':>10}{'min-max s':>14}")
-    for name in names:
-        ts = times[name]
-        print(f"{name:<34}{statistics.median(ts):>10.1f}{f'{min(ts):.1f}-{max(ts):.1f}':>14}")
-    met = "met" if ext["extract_over_plain"] <= 1.10 else "NOT met"
-    print(
-        f"store.extract / plain forward: {ext['extract_over_plain']:.3f}x (target <= 1.10x: {met})"
-    )
-    print(f"store.extract / compute floor: {ext['extract_over_floor']:.3f}x")
+def rss_section(folder: Path, n: int, length: int, batch_size: int, factor: int, tmp: Path) -> dict:
+    print("  RSS subprocesses ...", flush=True)
+    small = rss_run(folder, n, length, batch_size, tmp / "rss_store")
+    big = rss_run(folder, n * factor, length, batch_size, tmp / "rss_store")
+    return {
+        "factor": factor,
+        "small": small,
+        "big": big,
+        "increase": big["peak_mib"] / small["peak_mib"] - 1,
+        "increase_extracting": big["peak_extracting_mib"] / small["peak_extracting_mib"] - 1,
+    }
 
-    rss = r["rss"]
+
+def report_rss(rss: dict) -> None:
     print(f"\n## (b) Peak RSS, fresh process (data x{rss['factor']})")
     print(
         f"{'examples':>9}{'rows':>10}{'shards':>8}{'payload MiB':>13}{'peak MiB':>10}"
@@ -458,6 +467,22 @@ def report(r: dict, names: list[str], times: dict, payload: int) -> None:
         f"peak RSS increase: {100 * rss['increase']:+.1f}% (target < 10%: {met}); while "
         f"extracting: {100 * rss['increase_extracting']:+.1f}%"
     )
+
+
+def report(r: dict, names: list[str], times: dict, payload: int) -> None:
+    ext = r["extraction"]
+    print(f"\n## (a) Extraction of {payload / 2**20:.0f} MiB, {len(times[names[0]])} repeats")
+    print(f"{'variant':<34}{'median s':>10}{'min-max s':>14}")
+    for name in names:
+        ts = times[name]
+        print(f"{name:<34}{statistics.median(ts):>10.1f}{f'{min(ts):.1f}-{max(ts):.1f}':>14}")
+    met = "met" if ext["extract_over_plain"] <= 1.10 else "NOT met"
+    print(
+        f"store.extract / plain forward: {ext['extract_over_plain']:.3f}x (target <= 1.10x: {met})"
+    )
+    print(f"store.extract / compute floor: {ext['extract_over_floor']:.3f}x")
+
+    report_rss(r["rss"])
 
     rr = r["reread"]
     print(f"\n## (c) Re-read {READ_SITE}")

@@ -123,7 +123,7 @@ def add_store_parser(sub: Any) -> None:
     ex.add_argument("--split", default="train", metavar="S", help="split name (default train)")
     ex.add_argument("--max-length", type=_positive_int, default=None, metavar="N")
     ex.add_argument("--template", default="{text}", metavar="T", help="e.g. 'Q: {text} A:'")
-    ex.add_argument("--shard-size", type=_size, default=None, metavar="BYTES", help="default 512M")
+    ex.add_argument("--shard-size", type=_size, default=None, metavar="BYTES", help="default 128M")
     ex.add_argument(
         "--device",
         default=None,

@@ -114,11 +114,14 @@ def read_json(path: Path) -> Any:
         raise StoreError(f"cannot read {path}: {err}") from err
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file, read through one reused buffer (no allocation per block)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+    buffer = bytearray(chunk)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            h.update(view[:n])
     return h.hexdigest()
 
 

@@ -31,7 +31,8 @@ __all__ = ["ActivationStore", "FORMAT_VERSION", "DEFAULT_SHARD_BYTES"]
 
 FORMAT_VERSION = 1
 MARKER = "hookscope-store.json"
-DEFAULT_SHARD_BYTES = 512 * 2**20  # well under the ~2 GB where Arrow writers struggle
+DEFAULT_SHARD_BYTES = 128 * 2**20  # far under the ~2 GB where Arrow writers struggle; the
+# extraction holds at most two shard buffers (one filling, one being written)
 
 
 def _dist() -> tuple[int, int, Any]:
