@@ -22,7 +22,8 @@ without padding. Stored: the 6 layers' ``resid_post`` at every position, float16
   tokens, for N = 512 and N = 512 x ``--rss-factor``: the whole process's, and the extraction's
   alone (the peak reset through ``/proc/self/clear_refs`` after loading).
 * (c) **Re-read**: one layer (``resid_post.3``) read from the store into memory (a fresh
-  ``StoredActivations`` each time, median of 5, after one warm-up read: warm page cache)
+  ``StoredActivations`` each time, ``torch.cat`` of its shards' memory-mapped tensors: one
+  copy; median of 5, after one warm-up read: warm page cache)
   against recomputing it (forwards through block 3, stopped there, over all batches).
 * (d) **Bytes on disk**: the shard files against the payload (rows x 6 x 512 x 2 bytes), and
   the whole entry folder (with the per-shard statistics, tokens, manifest).
@@ -99,7 +100,10 @@ def dataset(n: int, length: int, tokenizer):
     import datasets
 
     t = texts(n)
-    lengths = {len(ids) for ids in tokenizer(t, truncation=True, max_length=length)["input_ids"]}
+    lengths = set()
+    for at in range(0, n, 256):  # in chunks: the RSS children measure this process
+        enc = tokenizer(t[at : at + 256], truncation=True, max_length=length)
+        lengths |= {len(ids) for ids in enc["input_ids"]}
     assert lengths == {length}, f"texts must give {length} tokens each, got {lengths}"
     return datasets.Dataset.from_dict({"text": t})
 
@@ -385,8 +389,8 @@ def main() -> None:
             finally:
                 handle.remove()
 
-        def read() -> torch.Tensor:
-            return StoredActivations(acts.folder, acts.manifest)[READ_SITE].clone()
+        def read() -> torch.Tensor:  # into memory: one copy out of the page cache
+            return torch.cat(StoredActivations(acts.folder, acts.manifest).shard_tensors(READ_SITE))
 
         layer = read()  # warm
         reads = [timed(read) for _ in range(5)]
