@@ -33,6 +33,7 @@ from hookscope.errors import (
     HookscopeError,
     InputError,
     ModelLoadError,
+    ProbeError,
     SiteUnavailableError,
     StoreError,
 )
@@ -43,10 +44,10 @@ __version__ = "0.1.0"
 
 # Subpackages with heavy dependencies (matplotlib, scipy, datasets) load on first use, so
 # that ``import hookscope`` and the command line start fast; ``hs.data`` works as before.
-_LAZY = ("analysis", "data", "dispatch", "plot", "store", "zoo")
+_LAZY = ("analysis", "data", "dispatch", "plot", "probes", "store", "zoo")
 
 if TYPE_CHECKING:
-    from hookscope import analysis, data, dispatch, plot, store, zoo
+    from hookscope import analysis, data, dispatch, plot, probes, store, zoo
     from hookscope.generation import GenerationContext
     from hookscope.lens import LogitLens, logit_lens
     from hookscope.store import ActivationStore, StoredActivations
@@ -83,6 +84,7 @@ __all__ = [
     "data",
     "dispatch",
     "plot",
+    "probes",
     "store",
     "zoo",
     "Address",
@@ -107,6 +109,7 @@ __all__ = [
     "ActivationStore",
     "StoredActivations",
     "StoreError",
+    "ProbeError",
     "MLPNeuron",
     "MLPOut",
     "ModelLoadError",

@@ -26,6 +26,7 @@ __all__ = [
     "HookError",
     "AnalysisError",
     "StoreError",
+    "ProbeError",
     "closest_match",
     "format_choices",
 ]
@@ -80,6 +81,11 @@ class AnalysisError(HookscopeError, ValueError):
 
 class StoreError(HookscopeError, OSError):
     """An activation-store folder, entry or argument that cannot be used (see hookscope.store)."""
+
+
+class ProbeError(HookscopeError, ValueError):
+    """A probe, sweep, control or eraser given data it cannot use (misaligned labels, one
+    class, NaN activations, a missing site or column, too few examples for a split)."""
 
 
 def closest_match(word: str, choices: Iterable[str]) -> str | None:

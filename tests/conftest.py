@@ -10,7 +10,10 @@ matplotlib.use("Agg")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# one intra-op thread per xdist worker on this 2-core machine: oversubscribed OpenMP threads
+# spin against each other and slow small tensor operations several-fold
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, torch.get_num_threads()) // _WORKERS))
 
 import builders  # noqa: E402
 

@@ -29,6 +29,7 @@ References: N. Elhage et al., "Toy Models of Superposition", 2022; A. Scherlis e
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +61,25 @@ __all__ = [
 
 ALIGNMENT_METRICS = ("max_cos", "participation_ratio", "kurtosis")
 _QUANTILES = (0.001, 0.01, 0.5, 0.99, 0.999)
+
+
+def _named(W: Any, names: Any) -> tuple[Any, Any]:
+    """A ``{name: direction}`` mapping (e.g. a probe sweep's ``directions``) as stacked rows
+    and its names; anything else unchanged. Multiclass entries ([K, d]) give K rows each."""
+    if not isinstance(W, Mapping):
+        return W, names
+    rows, found = [], []
+    for key, value in W.items():
+        v = torch.as_tensor(value) if not isinstance(value, Tensor) else value
+        v = v.reshape(1, -1) if v.ndim == 1 else v
+        rows.append(v)
+        found += [str(key)] if v.shape[0] == 1 else [f"{key}[{k}]" for k in range(v.shape[0])]
+    if not rows:
+        raise AnalysisError("W is an empty mapping; give at least one direction")
+    widths = {r.shape[1] for r in rows}
+    if len(widths) != 1:
+        raise AnalysisError(f"the directions in W have different widths {sorted(widths)}")
+    return torch.cat(rows), names if names is not None else found
 
 
 def _directions(W: Any, name: str = "W") -> Tensor:
@@ -224,11 +244,13 @@ def neuron_alignment(
     n_baseline: int = 2000,
     seed: int = 0,
 ) -> NeuronAlignment:
-    """Neuron alignment of probe directions ``W`` ([k, d] or [d]) against random directions.
+    """Neuron alignment of probe directions ``W`` ([k, d] or [d], or ``{name: direction}``
+    such as a probe sweep's ``directions``) against random directions.
 
     A probe is neuron-aligned when ``max_cos >= alignment_threshold`` (0.7: half its squared
     weight on one neuron) and above the baseline's 99.9th percentile.
     """
+    W, names = _named(W, names)
     w = _directions(W)
     thr = in_range(alignment_threshold, "alignment_threshold", 0.0, 1.0, closed_low=False)
     if baseline is None:
@@ -345,7 +367,9 @@ def polysemanticity_report(
     n_baseline: int = 2000,
     seed: int = 0,
 ) -> PolysemanticityReport:
-    """Everything above for a set of probe directions ``W`` ([k, d], one probe per row)."""
+    """Everything above for a set of probe directions ``W`` ([k, d], one probe per row; or
+    ``{name: direction}``)."""
+    W, names = _named(W, names)
     w = _directions(W)
     z_threshold = in_range(z_threshold, "z_threshold", 0.0, np.inf, closed_low=False)
     unrelated_below = in_range(unrelated_below, "unrelated_below", 0.0, 1.0, closed_low=False)

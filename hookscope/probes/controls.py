@@ -1,0 +1,104 @@
+"""Baselines a probe's score is read against.
+
+* ``shuffle`` - the labels permuted within the training rows: what a probe of this capacity
+  scores when the labels carry nothing the activations could explain (the null).
+* ``control_task`` - Hewitt & Liang (2019): every *type* (a token id, a word, any column)
+  gets one fixed random label drawn from the task's empirical label distribution (seeded,
+  the same in every split). A probe that scores high on it is memorising types, so
+  selectivity = task score - control score says how much of the task score the
+  representation, not the probe, explains.
+* ``random_features`` - Gaussian features with the site's mean and covariance, drawn
+  independently of the inputs: the same width and second-order statistics, no information.
+  (A random *projection* of the activations to the same width is not a control: a linear
+  probe on ``X R`` spans the same functions as one on ``X`` when ``R`` is invertible, so it
+  scores like the task up to the penalty.)
+* ``random_init`` - the same sites of the same architecture with untrained weights
+  (:func:`random_init` builds the model; extract it through the store and pass the result
+  to :func:`~hookscope.probes.probe_sweep` as ``random_init=``).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from hookscope.errors import ProbeError
+
+__all__ = ["CONTROLS", "control_task_labels", "gaussian_features", "random_init"]
+
+CONTROLS = ("shuffle", "random_features", "control_task", "random_init")
+
+
+def control_task_labels(types: Any, labels: np.ndarray, seed: int) -> np.ndarray:
+    """Hewitt & Liang's control labels: one label per distinct value of ``types``, drawn from
+    the empirical distribution of ``labels`` (class codes or regression targets) with
+    ``seed``; each row gets its type's label."""
+    t = np.asarray(types)
+    if t.shape[0] != labels.shape[0]:
+        raise ProbeError(
+            f"control_task_key has {t.shape[0]} values but there are {labels.shape[0]} rows"
+        )
+    kinds, which = np.unique(t, return_inverse=True)
+    rng = np.random.default_rng(seed)
+    drawn = labels[rng.integers(0, labels.shape[0], size=kinds.shape[0])]
+    return drawn[which.reshape(-1)]
+
+
+def gaussian_features(X: Tensor, generator: torch.Generator) -> Tensor:
+    """Rows drawn from ``N(mean(X), cov(X))`` (float64), as many as ``X`` has."""
+    x = X.to(torch.float64)
+    mean = x.mean(0)
+    centred = x - mean
+    cov = centred.T @ centred / max(x.shape[0] - 1, 1)
+    # a symmetric square root (eigh) stays real for rank-deficient activations
+    evals, evecs = torch.linalg.eigh(cov)
+    root = evecs * evals.clamp_min(0).sqrt()
+    z = torch.randn(x.shape, generator=generator, dtype=torch.float64, device="cpu").to(x.device)
+    return mean + z @ root.T
+
+
+def random_init(model: Any, seed: int = 0) -> Any:
+    """A copy of ``model`` (a :class:`~hookscope.HookedModel`) with untrained weights: the
+    architecture's own initialisation (Hugging Face models are rebuilt from their config
+    under ``torch.manual_seed(seed)``; other modules are deep-copied and every submodule's
+    ``reset_parameters`` is called). Same adapter, tokenizer and device; ``model`` is left
+    untouched."""
+    from hookscope.model import HookedModel
+
+    if not isinstance(model, HookedModel):
+        raise ProbeError(f"random_init takes a hookscope.HookedModel; got {type(model).__name__}")
+    inner = model.model
+    param = next(inner.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None else torch.float32
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        config = getattr(inner, "config", None)
+        if config is not None and hasattr(type(inner), "_from_config"):
+            fresh = type(inner)._from_config(config, dtype=dtype)
+        else:
+            fresh = copy.deepcopy(inner)
+            missing = []
+            for name, module in fresh.named_modules():
+                own = list(module.parameters(recurse=False))
+                if not own:
+                    continue
+                if hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+                else:
+                    missing.append(name or type(module).__name__)
+            if missing:
+                raise ProbeError(
+                    f"cannot re-initialise {missing}: these modules hold parameters but have "
+                    "no reset_parameters(); build the untrained model yourself and wrap it "
+                    "with hookscope.HookedModel"
+                )
+    finally:
+        torch.random.set_rng_state(state)
+    fresh = fresh.to(device).eval()
+    return HookedModel.wrap(fresh, model.tokenizer, adapter=model.adapter.name)

@@ -1,0 +1,931 @@
+"""``probe_sweep``: one linear probe per site, with controls, seeds and statistics.
+
+For every site (read one at a time, so memory holds one site's activations) the real task,
+each control and every seed (and fold, and ``C`` of a grid) are problems of one batched solve
+(:mod:`hookscope.probes.solve`). What each number means:
+
+* ``score``: the metric on held-out rows (the test split, or out-of-fold predictions with
+  ``cv``), mean over ``seeds`` (each seed draws its own split and controls; the splits are
+  the same at every site, so sites compare on the same rows); ``sd`` over seeds.
+* ``ci_low`` / ``ci_high``: percentile bootstrap interval of that seed-mean, over both
+  sources of variation: each replicate draws the seeds with replacement, then resamples each
+  drawn seed's held-out rows (the probes are not refit; predictions are reused).
+* controls (see :mod:`hookscope.probes.controls`): their seed-mean scores; ``effect`` =
+  score - shuffle and ``selectivity`` = score - control_task, each with a paired bootstrap
+  interval (task and control resampled on the same rows).
+* ``p_value``: one-sided, that the probe beats chance. ``permutation="predictions"``
+  permutes seed 0's held-out labels against its fixed predictions (no refits; a valid test
+  of "held-out score = chance"); ``"refit"`` retrains ``permutations`` probes on shuffled
+  training labels (the Ojala & Garriga test). ``p_holm``: Holm-corrected across the sites.
+* ``directions``: each site's task probe direction (unit ``coef_``), averaged over seeds and
+  renormalised, in activation space.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from hookscope.errors import ProbeError, format_choices
+from hookscope.probes import stats
+from hookscope.probes.controls import CONTROLS, control_task_labels, gaussian_features
+from hookscope.probes.linear import LinearProbe, as_features, encode_labels
+from hookscope.probes.solve import fit_logistic, fit_ridge, logits, probabilities
+
+__all__ = ["ProbeSweep", "probe_sweep"]
+
+_PERMUTATION_MODES = ("predictions", "refit")
+_CHUNK = 256  # problems per batched solve
+
+
+# ---------------------------------------------------------------------------- sources
+class _Source:
+    """Sites, labels and columns from a StoredActivations or a ``{site: tensor}`` dict."""
+
+    def __init__(self, acts: Any, name: str = "acts"):
+        from hookscope.store import StoredActivations
+
+        self.name = name
+        if isinstance(acts, StoredActivations):
+            self.stored = acts
+            self.sites = list(acts.sites)
+            self.n = acts.n_rows
+        elif isinstance(acts, Mapping):
+            self.stored = None
+            self.tensors = dict(acts)
+            if not self.tensors:
+                raise ProbeError(f"{name} is an empty dict; give {{site: [rows, d] tensor}}")
+            self.sites = [str(k) for k in self.tensors]
+            sizes = {k: int(v.shape[0]) for k, v in self.tensors.items()}
+            if len(set(sizes.values())) != 1:
+                raise ProbeError(f"the sites of {name} have different numbers of rows: {sizes}")
+            self.n = next(iter(sizes.values()))
+        else:
+            raise ProbeError(
+                f"{name} must be a hookscope StoredActivations or a dict {{site: [rows, d] "
+                f"tensor}}; got {type(acts).__name__}"
+            )
+
+    def select(self, sites: Any) -> list[str]:
+        if sites is None:
+            return list(self.sites)
+        patterns = [sites] if isinstance(sites, str) else list(sites)
+        picked: list[str] = []
+        for p in patterns:
+            hits = [s for s in self.sites if fnmatch.fnmatchcase(s, str(p))]
+            if not hits:
+                raise ProbeError(
+                    f"no site of {self.name} matches {p!r}; sites: {format_choices(self.sites)}"
+                )
+            picked += [h for h in hits if h not in picked]
+        return sorted(picked, key=_site_order)
+
+    def get(self, site: str, device: Any) -> Tensor:
+        if self.stored is not None:
+            x = self.stored[site]
+        else:
+            x = self.tensors[site]
+            if not isinstance(x, Tensor):
+                x = torch.as_tensor(np.asarray(x))
+        if x.ndim != 2:
+            x = x.reshape(x.shape[0], -1)
+        return as_features(x, name=f"{self.name}[{site!r}]", device=device).to(torch.float64)
+
+    def column(self, value: Any, what: str) -> np.ndarray:
+        """A label or type column: a name (a dataset or index column of the store) or an
+        array aligned with the rows."""
+        if isinstance(value, str):
+            if self.stored is None:
+                raise ProbeError(
+                    f"{what}={value!r} names a column, but {self.name} is a dict of tensors; "
+                    f"pass the {what} as an array with one value per row"
+                )
+            columns = list(self.stored.columns.columns)
+            if value in columns:
+                return self.stored.column(value)
+            index = self.stored.index
+            if value in index.columns:
+                return index[value].to_numpy()
+            raise ProbeError(
+                f"{what}={value!r} is not a column of the store entry; columns: "
+                f"{format_choices(columns + list(index.columns))}"
+            )
+        arr = value.detach().cpu().numpy() if isinstance(value, Tensor) else np.asarray(value)
+        if arr.ndim != 1 or arr.shape[0] != self.n:
+            raise ProbeError(
+                f"{what} has {arr.shape[0] if arr.ndim else 0} values but {self.name} has "
+                f"{self.n} rows; they must align"
+            )
+        return arr
+
+
+def _site_order(site: str) -> tuple:
+    parts = re.split(r"(\d+)", site)
+    return tuple(int(p) if p.isdigit() else p for p in parts)
+
+
+def _layer_of(site: str) -> float:
+    m = re.search(r"\.(\d+)", site)
+    return float(m.group(1)) if m else math.nan
+
+
+# ---------------------------------------------------------------------------- splits
+@dataclass(frozen=True)
+class _Split:
+    """Row masks of one seed: ``train``/``val`` (bool [n]) and the held-out rows (``test``)
+    for the split mode, or ``folds`` (fold number per row) for cross-validation."""
+
+    train: list[np.ndarray]  # one per fold (a single one for the split mode)
+    val: list[np.ndarray | None]
+    test: list[np.ndarray]
+
+
+def _stratified_parts(strata: np.ndarray, fractions: list[float], rng) -> np.ndarray:
+    """Part number per row, allocating each stratum's rows to the parts by ``fractions``."""
+    part = np.empty(strata.shape[0], dtype=np.int64)
+    bounds = np.cumsum(fractions)
+    for s in np.unique(strata):
+        rows = rng.permutation(np.flatnonzero(strata == s))
+        cuts = np.round(bounds * rows.shape[0]).astype(int)
+        start = 0
+        for k, end in enumerate(cuts):
+            part[rows[start:end]] = k
+            start = end
+    return part
+
+
+def _splits(
+    strata: np.ndarray, split: dict | None, cv: int | None, seeds: int, base: int
+) -> list[_Split]:
+    out = []
+    for s in range(seeds):
+        rng = np.random.default_rng([base, s])
+        if cv is not None:
+            folds = _stratified_parts(strata, [1.0 / cv] * cv, rng)
+            out.append(
+                _Split(
+                    [folds != f for f in range(cv)], [None] * cv, [folds == f for f in range(cv)]
+                )
+            )
+        else:
+            names = list(split)
+            part = _stratified_parts(strata, [split[k] for k in names], rng)
+            masks = {k: part == i for i, k in enumerate(names)}
+            out.append(_Split([masks["train"]], [masks.get("val")], [masks["test"]]))
+    return out
+
+
+def _check_split(split: Any, cv: Any, needs_val: bool) -> tuple[dict | None, int | None]:
+    if cv is not None and split is not None:
+        raise ProbeError("give split= or cv=, not both")
+    if cv is not None:
+        if not isinstance(cv, int) or isinstance(cv, bool) or cv < 2:
+            raise ProbeError(f"cv must be an integer number of folds >= 2; got {cv!r}")
+        if needs_val:
+            raise ProbeError("a grid of C needs a validation split: use split= with a 'val' part")
+        return None, cv
+    if split is None:
+        split = (
+            {"train": 0.6, "val": 0.2, "test": 0.2} if needs_val else {"train": 0.8, "test": 0.2}
+        )
+    if not isinstance(split, Mapping):
+        raise ProbeError(f"split must be a dict like {{'train': 0.8, 'test': 0.2}}; got {split!r}")
+    unknown = set(split) - {"train", "val", "test"}
+    if unknown or not {"train", "test"} <= set(split):
+        raise ProbeError(
+            f"split takes the parts 'train', 'test' and optionally 'val'; got {sorted(split)}"
+        )
+    values = [float(v) for v in split.values()]
+    if any(v <= 0 for v in values) or abs(sum(values) - 1.0) > 1e-6:
+        raise ProbeError(f"split fractions must be positive and sum to 1; got {dict(split)}")
+    if needs_val and "val" not in split:
+        raise ProbeError("a grid of C picks C on a validation split: add a 'val' part to split")
+    return dict(split), None
+
+
+def _check_sizes(strata: np.ndarray, split: dict | None, cv: int | None, task: str) -> None:
+    n = strata.shape[0]
+    if cv is not None:
+        if task == "classification":
+            classes, counts = np.unique(strata, return_counts=True)
+            if counts.min() < cv:
+                raise ProbeError(
+                    f"cv={cv} needs at least {cv} rows of every class; class "
+                    f"{classes[counts.argmin()]!r} has {counts.min()} ({n} rows in all)"
+                )
+        elif n < 2 * cv:
+            raise ProbeError(f"cv={cv} needs at least {2 * cv} rows; there are {n}")
+        return
+    if task == "classification":
+        classes, counts = np.unique(strata, return_counts=True)
+        for part, frac in split.items():
+            smallest = int(np.round(frac * counts.min()))
+            if smallest < 1:
+                raise ProbeError(
+                    f"too few examples for the split {split}: class {classes[counts.argmin()]!r} "
+                    f"has {counts.min()} rows, which leaves {smallest} in '{part}'"
+                )
+    else:
+        for part, frac in split.items():
+            if round(frac * n) < 2:
+                raise ProbeError(
+                    f"too few examples for the split {split}: {n} rows leave "
+                    f"{round(frac * n)} in '{part}'"
+                )
+
+
+# ---------------------------------------------------------------------------- problems
+@dataclass
+class _Problem:
+    kind: str  # "task", a control, or "permutation"
+    seed: int
+    fold: int
+    c_index: int
+    labels: np.ndarray  # codes (classification) or targets, [n]
+    train: np.ndarray  # bool [n]
+
+
+@dataclass
+class _Fitted:
+    """Held-out predictions of one (kind, seed), after choosing C on the validation rows."""
+
+    pred: Tensor  # [m, K] probabilities or [m] values on the held-out rows
+    rows: np.ndarray  # the held-out row numbers
+    target: np.ndarray  # what the held-out rows are scored against (control labels for
+    # control_task; the task's own labels otherwise: shuffles permute training rows only)
+    directions: list[Tensor] = field(default_factory=list)
+    C: float = math.nan
+
+
+def _solve(
+    X: Tensor,
+    problems: list[_Problem],
+    task: str,
+    n_classes: int,
+    grid: list[float],
+    alpha: float,
+    standardize: bool,
+    max_iter: int,
+    tol: float,
+) -> tuple[Tensor, Tensor]:
+    """Coefficients ``[B, K', d]`` and intercepts ``[B, K']`` of every problem, on raw ``X``."""
+    x = X
+    if standardize:
+        mean, scale = X.mean(0), X.std(0, correction=0)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        x = (X - mean) / scale
+    coefs, intercepts = [], []
+    for start in range(0, len(problems), _CHUNK):
+        chunk = problems[start : start + _CHUNK]
+        weights = torch.as_tensor(
+            np.stack([p.train for p in chunk]), dtype=torch.float64, device=X.device
+        )
+        if task == "classification":
+            labels = torch.as_tensor(np.stack([p.labels for p in chunk]), device=X.device)
+            C = torch.tensor([grid[p.c_index] for p in chunk], dtype=torch.float64)
+            sol = fit_logistic(x, labels, weights, n_classes, C.to(X.device), True, max_iter, tol)
+        else:
+            targets = torch.as_tensor(
+                np.stack([p.labels for p in chunk]), dtype=torch.float64, device=X.device
+            )
+            sol = fit_ridge(x, targets, weights, alpha, True)
+        coefs.append(sol.coef)
+        intercepts.append(sol.intercept)
+    coef, intercept = torch.cat(coefs), torch.cat(intercepts)
+    if standardize:
+        coef = coef / scale
+        intercept = intercept - coef @ mean
+    return coef, intercept
+
+
+def _predict(X: Tensor, coef: Tensor, intercept: Tensor, rows: np.ndarray, task: str) -> Tensor:
+    x = X[torch.as_tensor(rows, device=X.device)]
+    if task == "classification":
+        return probabilities(x, coef[None], intercept[None])[0]
+    return logits(x, coef[None], intercept[None])[0, :, 0]
+
+
+# ---------------------------------------------------------------------------- result
+_SUMMARY = ("score", "sd", "ci_low", "ci_high")
+
+
+@dataclass
+class ProbeSweep:
+    """A probe per site with its controls and statistics (see :mod:`hookscope.probes.sweep`
+    for what each column means). ``to_pandas()``, ``str()``, ``plot()``, ``to_json(path)``.
+
+    ``directions``: ``{site: unit direction}`` (feeds :func:`hookscope.analysis.neuron_alignment`
+    as it is); ``probes``: seed 0's task probe per site (fold 0 with ``cv``), a fitted
+    :class:`LinearProbe`; ``splits``: per seed, the row numbers of each part."""
+
+    metric: str
+    task: str
+    controls: tuple[str, ...]
+    rows: list[dict]
+    directions: dict[str, Tensor]
+    probes: dict[str, LinearProbe]
+    config: dict
+    splits: list[dict[str, np.ndarray]] = field(default_factory=list, repr=False)
+
+    @property
+    def sites(self) -> list[str]:
+        return [r["site"] for r in self.rows]
+
+    def to_pandas(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.rows).set_index("site")
+
+    def __getitem__(self, site: str) -> dict:
+        for r in self.rows:
+            if r["site"] == site:
+                return r
+        raise ProbeError(
+            f"{site!r} is not a site of this sweep; sites: {format_choices(self.sites)}"
+        )
+
+    def __str__(self) -> str:
+        head = [f"{'site':<16}", f"{self.metric:>20}"]
+        head += [f"{c:>15}" for c in self.controls]
+        if "control_task" in self.controls:
+            head.append(f"{'selectivity':>12}")
+        head += [f"{'p (Holm)':>9}", f"{'n test':>7}"]
+        lines = [
+            f"ProbeSweep: {self.task} probes, {self.metric}, {self.config['seeds']} seeds, "
+            f"{int(self.config['confidence'] * 100)}% bootstrap CI",
+            " ".join(head),
+        ]
+        for r in self.rows:
+            cells = [
+                f"{r['site']:<16}",
+                f"{r['score']:.3f}±{_fmt(r['sd'])} [{r['ci_low']:.3f},{r['ci_high']:.3f}]".rjust(
+                    20
+                ),
+            ]
+            cells += [f"{r[c]:.3f}±{_fmt(r[c + '_sd'])}".rjust(15) for c in self.controls]
+            if "control_task" in self.controls:
+                cells.append(f"{r['selectivity']:+.3f}".rjust(12))
+            star = "*" if r["p_holm"] <= 0.05 else " "
+            cells += [f"{r['p_holm']:.3g}{star}".rjust(9), f"{r['n_test']:>7}"]
+            lines.append(" ".join(cells))
+        lines.append("* p (Holm) <= 0.05; ± is the sd over seeds")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+    def plot(self):
+        """The metric per site with its confidence band, the controls beneath."""
+        from hookscope.plot import figure
+
+        df = self.to_pandas()
+        x = np.arange(len(df))
+        fig = figure(figsize=(max(5.0, 0.5 * len(df) + 2), 3.6))
+        ax = fig.subplots()
+        ax.fill_between(
+            x,
+            df["ci_low"],
+            df["ci_high"],
+            alpha=0.25,
+            color="C0",
+            label=f"{int(self.config['confidence'] * 100)}% CI",
+        )
+        ax.plot(x, df["score"], "o-", color="C0", label="probe")
+        for k, c in enumerate(self.controls):
+            ax.errorbar(
+                x,
+                df[c],
+                yerr=df[c + "_sd"].fillna(0),
+                fmt=".--",
+                color=f"C{k + 1}",
+                lw=1,
+                capsize=2,
+                label=c.replace("_", " "),
+            )
+        ax.set_xticks(x, list(df.index), rotation=45, ha="right", fontsize=8)
+        ax.set_ylabel(self.metric)
+        ax.set_title(f"{self.task} probe per site ({self.config['seeds']} seeds)")
+        ax.legend(fontsize=7, loc="best")
+        fig.tight_layout()
+        return fig
+
+    def to_json(self, path: str | Path) -> Path:
+        """Write the table, directions (as lists), configuration, versions and seeds,
+        atomically."""
+        from hookscope.store.files import atomic_write
+
+        payload = {
+            "kind": "hookscope.probes.ProbeSweep",
+            "format": 1,
+            "metric": self.metric,
+            "task": self.task,
+            "controls": list(self.controls),
+            "rows": [{k: _json_value(v) for k, v in r.items()} for r in self.rows],
+            "directions": {k: v.tolist() for k, v in self.directions.items()},
+            "config": self.config,
+        }
+        data = json.dumps(payload, indent=1, allow_nan=True).encode()
+        path = Path(path)
+        atomic_write(path, lambda f: f.write(data))
+        return path
+
+
+def _fmt(x: float) -> str:
+    return "nan" if x != x else f"{x:.3f}"
+
+
+def _json_value(v: Any) -> Any:
+    if isinstance(v, (np.floating, np.integer)):
+        return v.item()
+    return v
+
+
+def _versions() -> dict:
+    from importlib.metadata import version
+
+    import hookscope
+
+    return {
+        "hookscope": hookscope.__version__,
+        "torch": torch.__version__,
+        "transformers": version("transformers"),
+        "scikit-learn": version("scikit-learn"),
+        "numpy": np.__version__,
+    }
+
+
+# ---------------------------------------------------------------------------- the sweep
+def probe_sweep(
+    acts: Any,
+    label: Any,
+    sites: Any = None,
+    *,
+    task: str | None = None,
+    split: dict | None = None,
+    cv: int | None = None,
+    controls: Sequence[str] | None = None,
+    control_task_key: Any = None,
+    random_init: Any = None,
+    seeds: int = 5,
+    bootstrap: int = 1000,
+    permutations: int = 1000,
+    permutation: str = "predictions",
+    metric: str | None = None,
+    C: float | Sequence[float] = 1.0,
+    alpha: float = 1.0,
+    standardize: bool = False,
+    confidence: float = 0.95,
+    seed: int = 0,
+    max_iter: int = 1000,
+    tol: float = 1e-6,
+    device: Any = None,
+    progress: bool | None = None,
+) -> ProbeSweep:
+    """Probe every site of ``acts`` for ``label``, with controls and statistics.
+
+    ``acts``: a :class:`~hookscope.store.StoredActivations` (sites read one at a time) or a
+    dict ``{site: [rows, d] tensor}``. ``label`` and ``control_task_key``: column names of
+    the store entry (dataset columns, or ``token``/``position``/``example`` of its index) or
+    arrays with one value per row. ``sites``: names or glob patterns (``"resid_post.*"``).
+
+    ``task``: "classification" (default for integer, string or boolean labels) or
+    "regression" (default for float labels); ``metric``: accuracy (default), f1, auroc for
+    classification, r2 (default) for regression. ``split`` (default train 0.8 / test 0.2,
+    or 0.6 / 0.2 / 0.2 with a grid of ``C``, chosen on ``val``) or ``cv`` folds.
+    ``controls``: any of shuffle, random_features, control_task (needs
+    ``control_task_key``), random_init (needs ``random_init=``, activations of the same
+    sites and rows from :func:`hookscope.probes.random_init`'s model); default shuffle and
+    random_features, plus control_task when a key is given. ``seeds`` splits and control
+    draws; ``bootstrap`` resamples; ``permutations`` for the p-value (``permutation``:
+    "predictions" or "refit"). See the module docstring for every column of the result.
+
+    >>> sweep = probes.probe_sweep(acts, "label", "resid_post.*", control_task_key="token")  # doctest: +SKIP
+    >>> sweep.to_pandas(); print(sweep); sweep.plot(); sweep.directions                    # doctest: +SKIP
+    """
+    source = _Source(acts)
+    names = source.select(sites)
+    # ---- check every argument before reading activations
+    controls = _check_controls(controls, control_task_key, random_init)
+    if permutation not in _PERMUTATION_MODES:
+        raise ProbeError(f"permutation must be one of {_PERMUTATION_MODES}; got {permutation!r}")
+    for name, value, low in (
+        ("seeds", seeds, 1),
+        ("bootstrap", bootstrap, 1),
+        ("permutations", permutations, 1),
+        ("max_iter", max_iter, 1),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ProbeError(f"{name} must be an integer >= {low}; got {value!r}")
+    if not 0 < confidence < 1:
+        raise ProbeError(f"confidence must lie in (0, 1); got {confidence!r}")
+    grid = [float(c) for c in (C if isinstance(C, Sequence) else [C])]
+    if not grid or any(not c > 0 for c in grid):
+        raise ProbeError(f"C must be a positive number or a list of them; got {C!r}")
+    raw = source.column(label, "label")
+    task = _infer_task(raw, task)
+    metric = stats.check_metric(metric or ("accuracy" if task == "classification" else "r2"), task)
+    if task == "classification":
+        classes, codes = encode_labels(raw, source.n, "label")
+        y_all: np.ndarray = codes.astype(np.int64)
+        strata = y_all
+    else:
+        classes = None
+        y_all = raw.astype(np.float64)
+        if not np.isfinite(y_all).all():
+            raise ProbeError("label has NaN or infinite regression targets")
+        strata = np.zeros(source.n, dtype=np.int64)
+    if task == "regression" and len(grid) > 1:
+        raise ProbeError("a grid of C is for classification; ridge probes take one alpha")
+    split, cv = _check_split(split, cv, len(grid) > 1)
+    _check_sizes(strata, split, cv, task)
+    types = (
+        source.column(control_task_key, "control_task_key") if "control_task" in controls else None
+    )
+    rand_source = None
+    if "random_init" in controls:
+        rand_source = _Source(random_init, "random_init")
+        if rand_source.n != source.n:
+            raise ProbeError(
+                f"random_init has {rand_source.n} rows but acts has {source.n}; extract the "
+                "untrained model on the same dataset and positions"
+            )
+        missing = [s for s in names if s not in rand_source.sites]
+        if missing:
+            raise ProbeError(
+                f"random_init lacks the sites {missing}; it has {format_choices(rand_source.sites)}"
+            )
+    n_classes = len(classes) if classes is not None else 1
+    plan = _splits(strata, split, cv, seeds, seed)
+    config = {
+        "sites": names,
+        "label": label if isinstance(label, str) else "<array>",
+        "task": task,
+        "metric": metric,
+        "split": split,
+        "cv": cv,
+        "controls": list(controls),
+        "control_task_key": control_task_key
+        if isinstance(control_task_key, str)
+        else (None if control_task_key is None else "<array>"),
+        "seeds": seeds,
+        "seed": seed,
+        "bootstrap": bootstrap,
+        "permutations": permutations,
+        "permutation": permutation,
+        "C": grid if len(grid) > 1 else grid[0],
+        "alpha": alpha,
+        "standardize": standardize,
+        "confidence": confidence,
+        "n_rows": source.n,
+        "classes": None if classes is None else [_json_value(c) for c in classes],
+        "versions": _versions(),
+    }
+    # ---- per seed, the labels of every problem (the same at every site)
+    shared = _problems(y_all, types, plan, controls, grid, permutations, permutation, seed, task)
+    from tqdm.auto import tqdm
+
+    show = progress if progress is not None else len(names) > 1
+    rows, directions, fitted_probes = [], {}, {}
+    for site in tqdm(names, desc="probing sites", disable=not show):
+        X = source.get(site, device)
+        fits = _fit_kind(
+            X,
+            shared,
+            plan,
+            task,
+            n_classes,
+            grid,
+            alpha,
+            standardize,
+            max_iter,
+            tol,
+            exclude=("random_features", "random_init"),
+        )
+        if "random_features" in controls:  # a fresh draw per seed
+            gen = torch.Generator().manual_seed(int(seed) * 7919 + 17)
+            for s in range(seeds):
+                Xr = gaussian_features(X, gen)
+                fits.update(
+                    _fit_kind(
+                        Xr,
+                        shared,
+                        plan,
+                        task,
+                        n_classes,
+                        grid,
+                        alpha,
+                        standardize,
+                        max_iter,
+                        tol,
+                        only="random_features",
+                        relabel="task",
+                        seed_only=s,
+                    )
+                )
+            del Xr
+        if "random_init" in controls:
+            Xi = rand_source.get(site, device)
+            fits.update(
+                _fit_kind(
+                    Xi,
+                    shared,
+                    plan,
+                    task,
+                    n_classes,
+                    grid,
+                    alpha,
+                    standardize,
+                    max_iter,
+                    tol,
+                    only="random_init",
+                    relabel="task",
+                )
+            )
+            del Xi
+        row, direction, probe = _summarise(
+            site,
+            fits,
+            y_all,
+            plan,
+            controls,
+            metric,
+            task,
+            bootstrap,
+            permutations,
+            permutation,
+            confidence,
+            seed,
+            classes,
+            X.shape[1],
+            grid,
+        )
+        rows.append(row)
+        directions[site] = direction
+        fitted_probes[site] = probe
+        del X
+    p = torch.tensor([r["p_value"] for r in rows], dtype=torch.float64)
+    for r, adj in zip(rows, stats.holm(p).tolist(), strict=True):
+        r["p_holm"] = adj
+    splits = [_rows_of(part) for part in plan]
+    return ProbeSweep(
+        metric, task, tuple(controls), rows, directions, fitted_probes, config, splits
+    )
+
+
+def _rows_of(part: _Split) -> dict[str, np.ndarray]:
+    """Row numbers of one seed's split (``train``/``val``/``test``), or ``folds``: the
+    held-out fold of every row."""
+    if len(part.train) == 1:
+        out = {"train": np.flatnonzero(part.train[0]), "test": np.flatnonzero(part.test[0])}
+        if part.val[0] is not None:
+            out["val"] = np.flatnonzero(part.val[0])
+        return out
+    folds = np.zeros(part.test[0].shape[0], dtype=np.int64)
+    for f, test in enumerate(part.test):
+        folds[test] = f
+    return {"folds": folds}
+
+
+def _check_controls(controls: Any, key: Any, random_init: Any) -> tuple[str, ...]:
+    if controls is None:
+        chosen = ["shuffle", "random_features"] + (["control_task"] if key is not None else [])
+        if random_init is not None:
+            chosen.append("random_init")
+        return tuple(chosen)
+    chosen = [controls] if isinstance(controls, str) else list(controls)
+    bad = [c for c in chosen if c not in CONTROLS]
+    if bad:
+        raise ProbeError(f"unknown controls {bad}; choose from {format_choices(CONTROLS)}")
+    if "control_task" in chosen and key is None:
+        raise ProbeError(
+            "the control_task control needs control_task_key= (the type column, e.g. 'token', "
+            "whose values each get one random label)"
+        )
+    if "random_init" in chosen and random_init is None:
+        raise ProbeError(
+            "the random_init control needs random_init= (the same sites extracted from "
+            "hookscope.probes.random_init(model) on the same dataset)"
+        )
+    return tuple(dict.fromkeys(chosen))
+
+
+def _infer_task(raw: np.ndarray, task: str | None) -> str:
+    if task is not None:
+        if task not in ("classification", "regression"):
+            raise ProbeError(f"task must be 'classification' or 'regression'; got {task!r}")
+        return task
+    if raw.dtype.kind == "f" and not np.all(np.mod(raw[np.isfinite(raw)], 1) == 0):
+        return "regression"
+    return "classification"
+
+
+def _problems(
+    y: np.ndarray,
+    types: np.ndarray | None,
+    plan: list[_Split],
+    controls: tuple[str, ...],
+    grid: list[float],
+    permutations: int,
+    permutation: str,
+    base: int,
+    task: str,
+) -> list[_Problem]:
+    out = []
+    for s, part in enumerate(plan):
+        rng = np.random.default_rng([base, s, 1])
+        control = (
+            control_task_labels(types, y, int(rng.integers(2**31))) if types is not None else None
+        )
+        for f, train in enumerate(part.train):
+            for ci in range(len(grid)):
+                out.append(_Problem("task", s, f, ci, y, train))
+                if "shuffle" in controls:
+                    shuffled = y.copy()
+                    idx = np.flatnonzero(train)
+                    shuffled[idx] = y[rng.permutation(idx)]
+                    out.append(_Problem("shuffle", s, f, ci, shuffled, train))
+                if control is not None:
+                    out.append(_Problem("control_task", s, f, ci, control, train))
+    if permutation == "refit":
+        rng = np.random.default_rng([base, 2])
+        part = plan[0]
+        for r in range(permutations):
+            for f, train in enumerate(part.train):
+                shuffled = y.copy()
+                idx = np.flatnonzero(train)
+                shuffled[idx] = y[rng.permutation(idx)]
+                out.append(_Problem(f"permutation{r}", 0, f, 0, shuffled, train))
+    return out
+
+
+def _fit_kind(
+    X: Tensor,
+    shared: list[_Problem],
+    plan: list[_Split],
+    task: str,
+    n_classes: int,
+    grid: list[float],
+    alpha: float,
+    standardize: bool,
+    max_iter: int,
+    tol: float,
+    exclude: tuple = (),
+    only: str | None = None,
+    relabel: str | None = None,
+    seed_only: int | None = None,
+) -> dict[tuple[str, int], _Fitted]:
+    """Fit the problems (all but ``exclude``; or the ``relabel`` problems under the name
+    ``only``) on ``X``; choose C on validation rows; return held-out predictions per
+    (kind, seed)."""
+    if only is not None:
+        problems = [
+            _Problem(only, p.seed, p.fold, p.c_index, p.labels, p.train)
+            for p in shared
+            if p.kind == relabel and (seed_only is None or p.seed == seed_only)
+        ]
+    else:
+        problems = [p for p in shared if p.kind not in exclude]
+    coef, intercept = _solve(X, problems, task, n_classes, grid, alpha, standardize, max_iter, tol)
+    groups: dict[tuple[str, int, int], list[int]] = {}
+    for b, p in enumerate(problems):
+        groups.setdefault((p.kind, p.seed, p.fold), []).append(b)
+    out: dict[tuple[str, int], _Fitted] = {}
+    for (kind, s, f), members in groups.items():
+        part = plan[s]
+        b = members[0]
+        if len(members) > 1:  # a grid of C: pick on the validation rows by the likelihood
+            val_rows = np.flatnonzero(part.val[f])
+            b = max(
+                members,
+                key=lambda m: _val_score(
+                    X, coef[m], intercept[m], val_rows, problems[m].labels[val_rows], task
+                ),
+            )
+        rows = np.flatnonzero(part.test[f])
+        pred = _predict(X, coef[b], intercept[b], rows, task)
+        empty = _Fitted(pred.new_empty((0, *pred.shape[1:])), rows[:0], problems[b].labels[:0])
+        fitted = out.setdefault((kind, s), empty)
+        fitted.pred = torch.cat([fitted.pred, pred])
+        fitted.rows = np.concatenate([fitted.rows, rows])
+        fitted.target = np.concatenate([fitted.target, problems[b].labels[rows]])
+        c = coef[b]
+        fitted.directions.append(c / c.norm(dim=1, keepdim=True).clamp_min(1e-300))
+        fitted.C = grid[problems[b].c_index]
+        if (kind, s) == ("task", 0) and f == 0:
+            fitted.coef, fitted.intercept = coef[b], intercept[b]  # type: ignore[attr-defined]
+    return out
+
+
+def _val_score(
+    X: Tensor, coef: Tensor, intercept: Tensor, rows: np.ndarray, y: np.ndarray, task: str
+) -> float:
+    p = _predict(X, coef, intercept, rows, task)
+    picked = p[torch.arange(len(rows)), torch.as_tensor(y, device=p.device)]
+    return float(torch.log(picked.clamp_min(1e-300)).mean())
+
+
+def _summarise(
+    site: str,
+    fits: dict,
+    y: np.ndarray,
+    plan: list[_Split],
+    controls: tuple[str, ...],
+    metric: str,
+    task: str,
+    n_boot: int,
+    permutations: int,
+    permutation: str,
+    confidence: float,
+    base: int,
+    classes: Any,
+    d: int,
+    grid: list[float],
+) -> tuple[dict, Tensor, LinearProbe]:
+    seeds = len(plan)
+    gen = torch.Generator().manual_seed(int(base) * 104729 + 3)
+    kinds = ["task", *controls]
+    per_seed: dict[str, list[float]] = {k: [] for k in kinds}
+    by_seed: dict[str, list[Tensor]] = {k: [] for k in kinds}  # [R] row-bootstrap per seed
+    for s in range(seeds):
+        rows = fits[("task", s)].rows
+        idx = stats.resample_indices(len(rows), n_boot, gen)
+        for k in kinds:
+            fit = fits[(k, s)]
+            ys, pred = torch.as_tensor(fit.target), fit.pred.cpu()
+            per_seed[k].append(float(stats.metric_values(metric, ys, pred)[0]))
+            by_seed[k].append(stats.metric_values(metric, ys, pred, idx))
+    # two-level bootstrap of the seed mean: each replicate draws the seeds with replacement,
+    # then each drawn seed's held-out rows (the same draws for the task and its controls, so
+    # differences are paired); with one seed it is the plain row bootstrap
+    pick = torch.randint(0, seeds, (n_boot, seeds), generator=gen) if seeds > 1 else None
+    reps = {}
+    for k in kinds:
+        table = torch.stack(by_seed[k])  # [S, R]
+        if pick is None:
+            reps[k] = table[0]
+        else:
+            reps[k] = table.gather(0, pick.T).mean(0)
+    alpha = (1 - confidence) / 2
+    row: dict[str, Any] = {"site": site, "layer": _layer_of(site), "metric": metric}
+    score, sd = stats.mean_sd(per_seed["task"])
+    lo, hi = _quantiles(reps["task"], alpha)
+    row.update(score=score, sd=sd, ci_low=lo, ci_high=hi)
+    for c in controls:
+        row[c], row[c + "_sd"] = stats.mean_sd(per_seed[c])
+        lo, hi = _quantiles(reps[c], alpha)
+        row[c + "_ci_low"], row[c + "_ci_high"] = lo, hi
+    if "shuffle" in controls:
+        row["effect"] = score - row["shuffle"]
+        row["effect_ci_low"], row["effect_ci_high"] = _quantiles(
+            reps["task"] - reps["shuffle"], alpha
+        )
+    if "control_task" in controls:
+        row["selectivity"] = score - row["control_task"]
+        row["selectivity_ci_low"], row["selectivity_ci_high"] = _quantiles(
+            reps["task"] - reps["control_task"], alpha
+        )
+    # ---- p-value on seed 0
+    first = fits[("task", 0)]
+    y0 = torch.as_tensor(first.target)
+    if permutation == "predictions":
+        p = stats.permutation_pvalue(metric, y0, first.pred.cpu(), permutations, seed=base)
+    else:
+        observed = per_seed["task"][0]
+        null = [
+            float(stats.metric_values(metric, y0, fits[(f"permutation{r}", 0)].pred.cpu())[0])
+            for r in range(permutations)
+        ]
+        p = (1 + sum(v >= observed - 1e-12 for v in null)) / (1 + permutations)
+    row["p_value"] = p
+    row["n_train"] = (
+        int(plan[0].train[0].sum())
+        if len(plan[0].train) == 1
+        else int(np.mean([t.sum() for t in plan[0].train]))
+    )
+    row["n_test"] = len(first.rows)
+    row["seeds"] = seeds
+    row["C"] = float(np.mean([fits[("task", s)].C for s in range(seeds)]))
+    # ---- direction: mean of the seeds' unit directions (fold 0 of each), renormalised
+    units = torch.stack([fits[("task", s)].directions[0] for s in range(seeds)]).mean(0)
+    units = units / units.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    direction = units[0] if units.shape[0] == 1 else units
+    params = {"task": task, "C": row["C"]} if task == "classification" else {"task": task}
+    probe = LinearProbe.from_coef(first.coef, first.intercept, classes, **params)
+    return row, direction, probe
+
+
+def _quantiles(replicates: Tensor, alpha: float) -> tuple[float, float]:
+    r = replicates[torch.isfinite(replicates)]
+    if r.numel() == 0:
+        return math.nan, math.nan
+    q = torch.quantile(r, torch.tensor([alpha, 1 - alpha], dtype=r.dtype))
+    return float(q[0]), float(q[1])
