@@ -24,12 +24,10 @@ each control and every seed (and fold, and ``C`` of a grid) are problems of one 
 from __future__ import annotations
 
 import fnmatch
-import json
 import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,7 +38,9 @@ from hookscope.errors import ProbeError, format_choices
 from hookscope.probes import stats
 from hookscope.probes.controls import CONTROLS, control_task_labels, gaussian_features
 from hookscope.probes.linear import LinearProbe, as_features, encode_labels
+from hookscope.probes.result import ProbeSweep, _json_value, _versions
 from hookscope.probes.solve import fit_logistic, fit_ridge, logits, probabilities
+from hookscope.probes.splits import Split, check_sizes, check_split, rows_of, splits
 
 __all__ = ["ProbeSweep", "probe_sweep"]
 
@@ -139,111 +139,6 @@ def _layer_of(site: str) -> float:
     return float(m.group(1)) if m else math.nan
 
 
-# ---------------------------------------------------------------------------- splits
-@dataclass(frozen=True)
-class _Split:
-    """Row masks of one seed: ``train``/``val`` (bool [n]) and the held-out rows (``test``)
-    for the split mode, or ``folds`` (fold number per row) for cross-validation."""
-
-    train: list[np.ndarray]  # one per fold (a single one for the split mode)
-    val: list[np.ndarray | None]
-    test: list[np.ndarray]
-
-
-def _stratified_parts(strata: np.ndarray, fractions: list[float], rng) -> np.ndarray:
-    """Part number per row, allocating each stratum's rows to the parts by ``fractions``."""
-    part = np.empty(strata.shape[0], dtype=np.int64)
-    bounds = np.cumsum(fractions)
-    for s in np.unique(strata):
-        rows = rng.permutation(np.flatnonzero(strata == s))
-        cuts = np.round(bounds * rows.shape[0]).astype(int)
-        start = 0
-        for k, end in enumerate(cuts):
-            part[rows[start:end]] = k
-            start = end
-    return part
-
-
-def _splits(
-    strata: np.ndarray, split: dict | None, cv: int | None, seeds: int, base: int
-) -> list[_Split]:
-    out = []
-    for s in range(seeds):
-        rng = np.random.default_rng([base, s])
-        if cv is not None:
-            folds = _stratified_parts(strata, [1.0 / cv] * cv, rng)
-            out.append(
-                _Split(
-                    [folds != f for f in range(cv)], [None] * cv, [folds == f for f in range(cv)]
-                )
-            )
-        else:
-            names = list(split)
-            part = _stratified_parts(strata, [split[k] for k in names], rng)
-            masks = {k: part == i for i, k in enumerate(names)}
-            out.append(_Split([masks["train"]], [masks.get("val")], [masks["test"]]))
-    return out
-
-
-def _check_split(split: Any, cv: Any, needs_val: bool) -> tuple[dict | None, int | None]:
-    if cv is not None and split is not None:
-        raise ProbeError("give split= or cv=, not both")
-    if cv is not None:
-        if not isinstance(cv, int) or isinstance(cv, bool) or cv < 2:
-            raise ProbeError(f"cv must be an integer number of folds >= 2; got {cv!r}")
-        if needs_val:
-            raise ProbeError("a grid of C needs a validation split: use split= with a 'val' part")
-        return None, cv
-    if split is None:
-        split = (
-            {"train": 0.6, "val": 0.2, "test": 0.2} if needs_val else {"train": 0.8, "test": 0.2}
-        )
-    if not isinstance(split, Mapping):
-        raise ProbeError(f"split must be a dict like {{'train': 0.8, 'test': 0.2}}; got {split!r}")
-    unknown = set(split) - {"train", "val", "test"}
-    if unknown or not {"train", "test"} <= set(split):
-        raise ProbeError(
-            f"split takes the parts 'train', 'test' and optionally 'val'; got {sorted(split)}"
-        )
-    values = [float(v) for v in split.values()]
-    if any(v <= 0 for v in values) or abs(sum(values) - 1.0) > 1e-6:
-        raise ProbeError(f"split fractions must be positive and sum to 1; got {dict(split)}")
-    if needs_val and "val" not in split:
-        raise ProbeError("a grid of C picks C on a validation split: add a 'val' part to split")
-    return dict(split), None
-
-
-def _check_sizes(strata: np.ndarray, split: dict | None, cv: int | None, task: str) -> None:
-    n = strata.shape[0]
-    if cv is not None:
-        if task == "classification":
-            classes, counts = np.unique(strata, return_counts=True)
-            if counts.min() < cv:
-                raise ProbeError(
-                    f"cv={cv} needs at least {cv} rows of every class; class "
-                    f"{classes[counts.argmin()]!r} has {counts.min()} ({n} rows in all)"
-                )
-        elif n < 2 * cv:
-            raise ProbeError(f"cv={cv} needs at least {2 * cv} rows; there are {n}")
-        return
-    if task == "classification":
-        classes, counts = np.unique(strata, return_counts=True)
-        for part, frac in split.items():
-            smallest = int(np.round(frac * counts.min()))
-            if smallest < 1:
-                raise ProbeError(
-                    f"too few examples for the split {split}: class {classes[counts.argmin()]!r} "
-                    f"has {counts.min()} rows, which leaves {smallest} in '{part}'"
-                )
-    else:
-        for part, frac in split.items():
-            if round(frac * n) < 2:
-                raise ProbeError(
-                    f"too few examples for the split {split}: {n} rows leave "
-                    f"{round(frac * n)} in '{part}'"
-                )
-
-
 # ---------------------------------------------------------------------------- problems
 @dataclass
 class _Problem:
@@ -313,154 +208,6 @@ def _predict(X: Tensor, coef: Tensor, intercept: Tensor, rows: np.ndarray, task:
     if task == "classification":
         return probabilities(x, coef[None], intercept[None])[0]
     return logits(x, coef[None], intercept[None])[0, :, 0]
-
-
-# ---------------------------------------------------------------------------- result
-_SUMMARY = ("score", "sd", "ci_low", "ci_high")
-
-
-@dataclass
-class ProbeSweep:
-    """A probe per site with its controls and statistics (see :mod:`hookscope.probes.sweep`
-    for what each column means). ``to_pandas()``, ``str()``, ``plot()``, ``to_json(path)``.
-
-    ``directions``: ``{site: unit direction}`` (feeds :func:`hookscope.analysis.neuron_alignment`
-    as it is); ``probes``: seed 0's task probe per site (fold 0 with ``cv``), a fitted
-    :class:`LinearProbe`; ``splits``: per seed, the row numbers of each part."""
-
-    metric: str
-    task: str
-    controls: tuple[str, ...]
-    rows: list[dict]
-    directions: dict[str, Tensor]
-    probes: dict[str, LinearProbe]
-    config: dict
-    splits: list[dict[str, np.ndarray]] = field(default_factory=list, repr=False)
-
-    @property
-    def sites(self) -> list[str]:
-        return [r["site"] for r in self.rows]
-
-    def to_pandas(self):
-        import pandas as pd
-
-        return pd.DataFrame(self.rows).set_index("site")
-
-    def __getitem__(self, site: str) -> dict:
-        for r in self.rows:
-            if r["site"] == site:
-                return r
-        raise ProbeError(
-            f"{site!r} is not a site of this sweep; sites: {format_choices(self.sites)}"
-        )
-
-    def __str__(self) -> str:
-        head = [f"{'site':<16}", f"{self.metric:>20}"]
-        head += [f"{c:>15}" for c in self.controls]
-        if "control_task" in self.controls:
-            head.append(f"{'selectivity':>12}")
-        head += [f"{'p (Holm)':>9}", f"{'n test':>7}"]
-        lines = [
-            f"ProbeSweep: {self.task} probes, {self.metric}, {self.config['seeds']} seeds, "
-            f"{int(self.config['confidence'] * 100)}% bootstrap CI",
-            " ".join(head),
-        ]
-        for r in self.rows:
-            cells = [
-                f"{r['site']:<16}",
-                f"{r['score']:.3f}±{_fmt(r['sd'])} [{r['ci_low']:.3f},{r['ci_high']:.3f}]".rjust(
-                    20
-                ),
-            ]
-            cells += [f"{r[c]:.3f}±{_fmt(r[c + '_sd'])}".rjust(15) for c in self.controls]
-            if "control_task" in self.controls:
-                cells.append(f"{r['selectivity']:+.3f}".rjust(12))
-            star = "*" if r["p_holm"] <= 0.05 else " "
-            cells += [f"{r['p_holm']:.3g}{star}".rjust(9), f"{r['n_test']:>7}"]
-            lines.append(" ".join(cells))
-        lines.append("* p (Holm) <= 0.05; ± is the sd over seeds")
-        return "\n".join(lines)
-
-    __repr__ = __str__
-
-    def plot(self):
-        """The metric per site with its confidence band, the controls beneath."""
-        from hookscope.plot import figure
-
-        df = self.to_pandas()
-        x = np.arange(len(df))
-        fig = figure(figsize=(max(5.0, 0.5 * len(df) + 2), 3.6))
-        ax = fig.subplots()
-        ax.fill_between(
-            x,
-            df["ci_low"],
-            df["ci_high"],
-            alpha=0.25,
-            color="C0",
-            label=f"{int(self.config['confidence'] * 100)}% CI",
-        )
-        ax.plot(x, df["score"], "o-", color="C0", label="probe")
-        for k, c in enumerate(self.controls):
-            ax.errorbar(
-                x,
-                df[c],
-                yerr=df[c + "_sd"].fillna(0),
-                fmt=".--",
-                color=f"C{k + 1}",
-                lw=1,
-                capsize=2,
-                label=c.replace("_", " "),
-            )
-        ax.set_xticks(x, list(df.index), rotation=45, ha="right", fontsize=8)
-        ax.set_ylabel(self.metric)
-        ax.set_title(f"{self.task} probe per site ({self.config['seeds']} seeds)")
-        ax.legend(fontsize=7, loc="best")
-        fig.tight_layout()
-        return fig
-
-    def to_json(self, path: str | Path) -> Path:
-        """Write the table, directions (as lists), configuration, versions and seeds,
-        atomically."""
-        from hookscope.store.files import atomic_write
-
-        payload = {
-            "kind": "hookscope.probes.ProbeSweep",
-            "format": 1,
-            "metric": self.metric,
-            "task": self.task,
-            "controls": list(self.controls),
-            "rows": [{k: _json_value(v) for k, v in r.items()} for r in self.rows],
-            "directions": {k: v.tolist() for k, v in self.directions.items()},
-            "config": self.config,
-        }
-        data = json.dumps(payload, indent=1, allow_nan=True).encode()
-        path = Path(path)
-        atomic_write(path, lambda f: f.write(data))
-        return path
-
-
-def _fmt(x: float) -> str:
-    return "nan" if x != x else f"{x:.3f}"
-
-
-def _json_value(v: Any) -> Any:
-    if isinstance(v, (np.floating, np.integer)):
-        return v.item()
-    return v
-
-
-def _versions() -> dict:
-    from importlib.metadata import version
-
-    import hookscope
-
-    return {
-        "hookscope": hookscope.__version__,
-        "torch": torch.__version__,
-        "transformers": version("transformers"),
-        "scikit-learn": version("scikit-learn"),
-        "numpy": np.__version__,
-    }
 
 
 # ---------------------------------------------------------------------------- the sweep
@@ -545,8 +292,8 @@ def probe_sweep(
         strata = np.zeros(source.n, dtype=np.int64)
     if task == "regression" and len(grid) > 1:
         raise ProbeError("a grid of C is for classification; ridge probes take one alpha")
-    split, cv = _check_split(split, cv, len(grid) > 1)
-    _check_sizes(strata, split, cv, task)
+    split, cv = check_split(split, cv, len(grid) > 1)
+    check_sizes(strata, split, cv, task)
     types = (
         source.column(control_task_key, "control_task_key") if "control_task" in controls else None
     )
@@ -564,7 +311,7 @@ def probe_sweep(
                 f"random_init lacks the sites {missing}; it has {format_choices(rand_source.sites)}"
             )
     n_classes = len(classes) if classes is not None else 1
-    plan = _splits(strata, split, cv, seeds, seed)
+    plan = splits(strata, split, cv, seeds, seed)
     config = {
         "sites": names,
         "label": label if isinstance(label, str) else "<array>",
@@ -675,24 +422,10 @@ def probe_sweep(
     p = torch.tensor([r["p_value"] for r in rows], dtype=torch.float64)
     for r, adj in zip(rows, stats.holm(p).tolist(), strict=True):
         r["p_holm"] = adj
-    splits = [_rows_of(part) for part in plan]
+    split_rows = [rows_of(part) for part in plan]
     return ProbeSweep(
-        metric, task, tuple(controls), rows, directions, fitted_probes, config, splits
+        metric, task, tuple(controls), rows, directions, fitted_probes, config, split_rows
     )
-
-
-def _rows_of(part: _Split) -> dict[str, np.ndarray]:
-    """Row numbers of one seed's split (``train``/``val``/``test``), or ``folds``: the
-    held-out fold of every row."""
-    if len(part.train) == 1:
-        out = {"train": np.flatnonzero(part.train[0]), "test": np.flatnonzero(part.test[0])}
-        if part.val[0] is not None:
-            out["val"] = np.flatnonzero(part.val[0])
-        return out
-    folds = np.zeros(part.test[0].shape[0], dtype=np.int64)
-    for f, test in enumerate(part.test):
-        folds[test] = f
-    return {"folds": folds}
 
 
 def _check_controls(controls: Any, key: Any, random_init: Any) -> tuple[str, ...]:
@@ -731,7 +464,7 @@ def _infer_task(raw: np.ndarray, task: str | None) -> str:
 def _problems(
     y: np.ndarray,
     types: np.ndarray | None,
-    plan: list[_Split],
+    plan: list[Split],
     controls: tuple[str, ...],
     grid: list[float],
     permutations: int,
@@ -770,7 +503,7 @@ def _problems(
 def _fit_kind(
     X: Tensor,
     shared: list[_Problem],
-    plan: list[_Split],
+    plan: list[Split],
     task: str,
     n_classes: int,
     grid: list[float],
@@ -837,7 +570,7 @@ def _summarise(
     site: str,
     fits: dict,
     y: np.ndarray,
-    plan: list[_Split],
+    plan: list[Split],
     controls: tuple[str, ...],
     metric: str,
     task: str,
