@@ -48,8 +48,9 @@ def control_task_labels(types: Any, labels: np.ndarray, seed: int) -> np.ndarray
     return drawn[which.reshape(-1)]
 
 
-def gaussian_features(X: Tensor, generator: torch.Generator) -> Tensor:
-    """Rows drawn from ``N(mean(X), cov(X))`` (float64), as many as ``X`` has."""
+def gaussian_features(X: Tensor, generator: torch.Generator, draws: int = 1) -> Tensor:
+    """``draws`` blocks of rows drawn from ``N(mean(X), cov(X))`` (float64), each as many rows
+    as ``X`` has, stacked: ``[draws * n, d]`` (one eigendecomposition for all of them)."""
     x = X.to(torch.float64)
     mean = x.mean(0)
     centred = x - mean
@@ -57,7 +58,8 @@ def gaussian_features(X: Tensor, generator: torch.Generator) -> Tensor:
     # a symmetric square root (eigh) stays real for rank-deficient activations
     evals, evecs = torch.linalg.eigh(cov)
     root = evecs * evals.clamp_min(0).sqrt()
-    z = torch.randn(x.shape, generator=generator, dtype=torch.float64, device="cpu").to(x.device)
+    shape = (draws * x.shape[0], x.shape[1])
+    z = torch.randn(shape, generator=generator, dtype=torch.float64, device="cpu").to(x.device)
     return mean + z @ root.T
 
 

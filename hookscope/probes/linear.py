@@ -23,6 +23,8 @@ Conventions:
 
 from __future__ import annotations
 
+import numbers
+import warnings
 from typing import Any
 
 import numpy as np
@@ -96,7 +98,7 @@ class LinearProbe(BaseEstimator):
         fit_intercept: bool = True,
         standardize: bool = False,
         max_iter: int = 1000,
-        tol: float = 1e-7,
+        tol: float = 1e-8,
         device: Any = None,
     ):
         self.task = task
@@ -131,9 +133,9 @@ class LinearProbe(BaseEstimator):
             raise ProbeError(f"task must be one of {TASKS}; got {self.task!r}")
         for name in ("C", "alpha", "tol"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not value > 0:
+            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not value > 0:
                 raise ProbeError(f"{name} must be a positive number; got {value!r}")
-        if not isinstance(self.max_iter, int) or self.max_iter < 1:
+        if not isinstance(self.max_iter, numbers.Integral) or self.max_iter < 1:
             raise ProbeError(f"max_iter must be a positive integer; got {self.max_iter!r}")
 
     def fit(self, X: Any, y: Any, sample_weight: Any = None) -> LinearProbe:
@@ -145,8 +147,8 @@ class LinearProbe(BaseEstimator):
             w = torch.ones(1, n, dtype=torch.float64, device=x.device)
         else:
             w = torch.as_tensor(np.asarray(sample_weight), dtype=torch.float64, device=x.device)
-            if w.shape != (n,) or bool((w < 0).any()):
-                raise ProbeError(f"sample_weight must be {n} non-negative numbers")
+            if w.shape != (n,) or bool((w < 0).any()) or not bool((w > 0).any()):
+                raise ProbeError(f"sample_weight must be {n} non-negative numbers, not all zero")
             w = w[None]
         if self.standardize:
             mean = x.mean(0)
@@ -154,6 +156,12 @@ class LinearProbe(BaseEstimator):
             scale = torch.where(scale > 0, scale, torch.ones_like(scale))
             x = (x - mean) / scale
         if self.task == "classification":
+            arr = y.detach().cpu().numpy() if isinstance(y, Tensor) else np.asarray(y)
+            if arr.dtype.kind == "f" and not bool(np.all(np.mod(arr[np.isfinite(arr)], 1) == 0)):
+                raise ProbeError(
+                    "y holds continuous values; a classification probe needs class labels (use "
+                    "task='regression' for a continuous target)"
+                )
             classes, codes = encode_labels(y, n)
             labels = torch.as_tensor(codes, device=x.device)[None]
             sol = fit_logistic(
@@ -177,6 +185,15 @@ class LinearProbe(BaseEstimator):
         self.coef_, self.intercept_ = coef, intercept
         self.n_iter_ = sol.n_iter
         self.converged_ = bool(sol.converged[0])
+        if not self.converged_:
+            from sklearn.exceptions import ConvergenceWarning
+
+            warnings.warn(
+                f"LinearProbe did not reach tol={self.tol} in max_iter={self.max_iter} "
+                "iterations; raise max_iter or standardize the features",
+                ConvergenceWarning,
+                stacklevel=2,
+            )
         self.loss_ = float(sol.loss[0])
         self.n_features_in_ = x.shape[1]
         return self

@@ -131,11 +131,11 @@ class ProbeSweep:
             "metric": self.metric,
             "task": self.task,
             "controls": list(self.controls),
-            "rows": [{k: _json_value(v) for k, v in r.items()} for r in self.rows],
+            "rows": self.rows,
             "directions": {k: v.tolist() for k, v in self.directions.items()},
             "config": self.config,
         }
-        data = json.dumps(payload, indent=1, allow_nan=True).encode()
+        data = json.dumps(_json_value(payload), indent=1, allow_nan=False).encode()
         path = Path(path)
         atomic_write(path, lambda f: f.write(data))
         return path
@@ -146,8 +146,15 @@ def _fmt(x: float) -> str:
 
 
 def _json_value(v: Any) -> Any:
-    if isinstance(v, (np.floating, np.integer)):
-        return v.item()
+    """``v`` with numpy scalars as Python numbers and NaN / infinity as null (strict JSON)."""
+    if isinstance(v, dict):
+        return {str(k): _json_value(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_value(x) for x in v]
+    if isinstance(v, (np.generic,)):
+        v = v.item()
+    if isinstance(v, float) and not np.isfinite(v):
+        return None
     return v
 
 

@@ -215,7 +215,9 @@ def fit_logistic(
             rows = active[pending]
             trial = th[pending] + step[pending, None] * d[pending]
             ft, gt = problem(trial, rows)
-            ok = ft <= fa[pending] + _ARMIJO * step[pending] * slope[pending]
+            # strict decrease: once the Armijo term is below rounding, a step that changes
+            # nothing must count as a failure (the float64 optimum), not as progress
+            ok = (ft <= fa[pending] + _ARMIJO * step[pending] * slope[pending]) & (ft < fa[pending])
             okp = pending[ok]
             f_new[okp], g_new[okp] = ft[ok], gt[ok]
             accepted[okp] = True

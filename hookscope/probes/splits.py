@@ -11,7 +11,7 @@ import numpy as np
 
 from hookscope.errors import ProbeError
 
-__all__ = ["check_sizes", "check_split", "rows_of", "splits"]
+__all__ = ["check_sizes", "check_split", "part_sizes", "rows_of", "splits"]
 
 
 @dataclass(frozen=True)
@@ -24,17 +24,23 @@ class Split:
     test: list[np.ndarray]
 
 
+def part_sizes(count: int, fractions: list[float]) -> np.ndarray:
+    """How many of ``count`` rows each part gets: cumulative rounding, the last part taking
+    the rest (so the sizes always add up to ``count``)."""
+    cuts = np.round(np.cumsum(fractions) * count).astype(int)
+    cuts[-1] = count
+    return np.diff(np.concatenate([[0], cuts]))
+
+
 def _stratified_parts(strata: np.ndarray, fractions: list[float], rng) -> np.ndarray:
     """Part number per row, allocating each stratum's rows to the parts by ``fractions``."""
-    part = np.empty(strata.shape[0], dtype=np.int64)
-    bounds = np.cumsum(fractions)
+    part = np.full(strata.shape[0], -1, dtype=np.int64)
     for s in np.unique(strata):
         rows = rng.permutation(np.flatnonzero(strata == s))
-        cuts = np.round(bounds * rows.shape[0]).astype(int)
         start = 0
-        for k, end in enumerate(cuts):
-            part[rows[start:end]] = k
-            start = end
+        for k, size in enumerate(part_sizes(rows.shape[0], fractions)):
+            part[rows[start : start + size]] = k
+            start += size
     return part
 
 
@@ -77,6 +83,10 @@ def check_split(split: Any, cv: Any, needs_val: bool) -> tuple[dict | None, int 
         raise ProbeError(
             f"split takes the parts 'train', 'test' and optionally 'val'; got {sorted(split)}"
         )
+    if not all(
+        isinstance(v, (int, float, np.floating)) and not isinstance(v, bool) for v in split.values()
+    ):
+        raise ProbeError(f"split fractions must be numbers; got {dict(split)}")
     values = [float(v) for v in split.values()]
     if any(v <= 0 for v in values) or abs(sum(values) - 1.0) > 1e-6:
         raise ProbeError(f"split fractions must be positive and sum to 1; got {dict(split)}")
@@ -98,22 +108,25 @@ def check_sizes(strata: np.ndarray, split: dict | None, cv: int | None, task: st
         elif n < 2 * cv:
             raise ProbeError(f"cv={cv} needs at least {2 * cv} rows; there are {n}")
         return
+    names, fractions = list(split), list(split.values())
     if task == "classification":
         classes, counts = np.unique(strata, return_counts=True)
-        for part, frac in split.items():
-            smallest = int(np.round(frac * counts.min()))
-            if smallest < 1:
+        for c, count in zip(classes, counts, strict=True):
+            sizes = part_sizes(int(count), fractions)
+            if sizes.min() < 1:
+                empty = names[int(sizes.argmin())]
                 raise ProbeError(
-                    f"too few examples for the split {split}: class {classes[counts.argmin()]!r} "
-                    f"has {counts.min()} rows, which leaves {smallest} in '{part}'"
+                    f"too few examples for the split {split}: class {c!r} has {count} rows, "
+                    f"which leaves {int(sizes.min())} in '{empty}'"
                 )
     else:
-        for part, frac in split.items():
-            if round(frac * n) < 2:
-                raise ProbeError(
-                    f"too few examples for the split {split}: {n} rows leave "
-                    f"{round(frac * n)} in '{part}'"
-                )
+        sizes = part_sizes(n, fractions)
+        if sizes.min() < 2:
+            empty = names[int(sizes.argmin())]
+            raise ProbeError(
+                f"too few examples for the split {split}: {n} rows leave {int(sizes.min())} "
+                f"in '{empty}'"
+            )
 
 
 def rows_of(part: Split) -> dict[str, np.ndarray]:

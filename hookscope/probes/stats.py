@@ -72,6 +72,7 @@ __all__ = [
     "check_metric",
     "resample_indices",
     "metric_values",
+    "weighted_values",
     "bootstrap",
     "paired_difference",
     "permutation_pvalue",
@@ -451,6 +452,58 @@ def metric_values(
     if lo < 0 or hi >= d.n:
         raise ProbeError(f"idx holds row indices {lo}..{hi}; valid rows are 0..{d.n - 1}")
     return _on_resamples(d, it.to(torch.int64))
+
+
+def weighted_values(
+    metric: str,
+    y: Int[Tensor, " n"] | Float[Tensor, " n"],
+    pred: Float[Tensor, "n k"] | Float[Tensor, " n"],
+    weights: Float[Tensor, "r n"],
+) -> Float[Tensor, " r"]:
+    """``metric`` under every row of non-negative row ``weights`` (a weight ``w`` counts a row
+    ``w`` times, as scikit-learn's ``sample_weight``): a bootstrap that resamples rows by
+    weights (e.g. Poisson(1) counts) shared between several sets of predictions of the same
+    rows. Each metric is a ratio of weighted sums, so all ``r`` weightings cost a few matrix
+    products (AUROC: weighted Mann-Whitney over the tie groups of the scores)."""
+    d = _prepare(metric, y, pred)
+    w = _tensor(weights, "weights").to(_F64)
+    if w.ndim != 2 or w.shape[1] != d.n:
+        raise ProbeError(f"weights must be [r, {d.n}]; got {tuple(w.shape)}")
+    if bool((w < 0).any()):
+        raise ProbeError("weights must be non-negative")
+    w = w.to(d.pred.device)
+    total = w.sum(1)
+    if d.metric == "r2":
+        t = d.target
+        mean = (w @ t) / total.clamp_min(1e-300)
+        ss_tot = w @ t.square() - total * mean.square()
+        return _r2(w @ (t - d.pred).square(), ss_tot.clamp_min(0))
+    k, target, yhat = d.k, d.target, d.yhat
+    assert yhat is not None
+    if d.metric == "accuracy":
+        hit = (target == yhat).to(_F64)
+        return torch.where(total > 0, (w @ hit) / total.clamp_min(1e-300), torch.nan)
+    if d.metric == "f1":
+        onehot_t = torch.nn.functional.one_hot(target, k).to(_F64)
+        onehot_p = torch.nn.functional.one_hot(yhat, k).to(_F64)
+        tp = w @ (onehot_t * onehot_p)
+        return _f1(tp, w @ onehot_t, w @ onehot_p, binary=k == 2)
+    columns = [1] if k == 2 else list(range(k))
+    aucs = []
+    for c in columns:
+        score = d.pred[:, c]
+        _, group = torch.unique(score, return_inverse=True)
+        size = int(group.max()) + 1
+        pos = (target == c).to(_F64)
+        wp = torch.zeros(w.shape[0], size, dtype=_F64, device=w.device)
+        wn = torch.zeros_like(wp)
+        idx = group[None].expand_as(w)
+        wp.scatter_add_(1, idx, w * pos)
+        wn.scatter_add_(1, idx, w * (1 - pos))
+        below = torch.cumsum(wn, 1) - wn  # negative weight strictly below each group
+        u = (wp * (below + 0.5 * wn)).sum(1)
+        aucs.append(_auc(u, wp.sum(1), wn.sum(1)))
+    return aucs[0] if k == 2 else torch.stack(aucs).mean(0)
 
 
 @dataclass(frozen=True)

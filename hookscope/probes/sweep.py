@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import numbers
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,10 +64,18 @@ class _Source:
             self.n = acts.n_rows
         elif isinstance(acts, Mapping):
             self.stored = None
-            self.tensors = dict(acts)
+            self.tensors = {}
+            for k, v in acts.items():
+                t = v if isinstance(v, Tensor) else torch.as_tensor(np.asarray(v))
+                if t.ndim != 2:
+                    raise ProbeError(
+                        f"{name}[{k!r}] must be [rows, features]; got shape {tuple(t.shape)}"
+                        + (" (flatten positions into rows first)" if t.ndim > 2 else "")
+                    )
+                self.tensors[str(k)] = t
             if not self.tensors:
                 raise ProbeError(f"{name} is an empty dict; give {{site: [rows, d] tensor}}")
-            self.sites = [str(k) for k in self.tensors]
+            self.sites = list(self.tensors)
             sizes = {k: int(v.shape[0]) for k, v in self.tensors.items()}
             if len(set(sizes.values())) != 1:
                 raise ProbeError(f"the sites of {name} have different numbers of rows: {sizes}")
@@ -79,7 +89,15 @@ class _Source:
     def select(self, sites: Any) -> list[str]:
         if sites is None:
             return list(self.sites)
-        patterns = [sites] if isinstance(sites, str) else list(sites)
+        if isinstance(sites, str):
+            patterns = [sites]
+        elif isinstance(sites, (list, tuple)) and sites and all(isinstance(p, str) for p in sites):
+            patterns = list(sites)
+        else:
+            raise ProbeError(
+                f"sites must be a site name, a glob pattern or a non-empty list of them; got "
+                f"{sites!r}; sites: {format_choices(self.sites)}"
+            )
         picked: list[str] = []
         for p in patterns:
             hits = [s for s in self.sites if fnmatch.fnmatchcase(s, str(p))]
@@ -95,9 +113,7 @@ class _Source:
             x = self.stored[site]
         else:
             x = self.tensors[site]
-            if not isinstance(x, Tensor):
-                x = torch.as_tensor(np.asarray(x))
-        if x.ndim != 2:
+        if x.ndim != 2:  # a stored site with extra axes (e.g. conv feature maps): one row each
             x = x.reshape(x.shape[0], -1)
         return as_features(x, name=f"{self.name}[{site!r}]", device=device).to(torch.float64)
 
@@ -194,6 +210,16 @@ def _solve(
                 np.stack([p.labels for p in chunk]), dtype=torch.float64, device=X.device
             )
             sol = fit_ridge(x, targets, weights, alpha, True)
+        if not bool(sol.converged.all()):
+            from sklearn.exceptions import ConvergenceWarning
+
+            lagging = int((~sol.converged).sum())
+            warnings.warn(
+                f"{lagging} of {len(chunk)} probes did not reach tol={tol} in max_iter={max_iter} "
+                "iterations; raise max_iter or pass standardize=True",
+                ConvergenceWarning,
+                stacklevel=3,
+            )
         coefs.append(sol.coef)
         intercepts.append(sol.intercept)
     coef, intercept = torch.cat(coefs), torch.cat(intercepts)
@@ -233,7 +259,7 @@ def probe_sweep(
     confidence: float = 0.95,
     seed: int = 0,
     max_iter: int = 1000,
-    tol: float = 1e-6,
+    tol: float = 1e-7,
     device: Any = None,
     progress: bool | None = None,
 ) -> ProbeSweep:
@@ -269,14 +295,23 @@ def probe_sweep(
         ("bootstrap", bootstrap, 1),
         ("permutations", permutations, 1),
         ("max_iter", max_iter, 1),
+        ("seed", seed, 0),
     ):
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
             raise ProbeError(f"{name} must be an integer >= {low}; got {value!r}")
-    if not 0 < confidence < 1:
-        raise ProbeError(f"confidence must lie in (0, 1); got {confidence!r}")
-    grid = [float(c) for c in (C if isinstance(C, Sequence) else [C])]
-    if not grid or any(not c > 0 for c in grid):
+    for name, value in (("confidence", confidence), ("alpha", alpha), ("tol", tol)):
+        if not _positive(value) or (name == "confidence" and not value < 1):
+            bounds = "in (0, 1)" if name == "confidence" else "a positive number"
+            raise ProbeError(f"{name} must be {bounds}; got {value!r}")
+    values = list(C) if isinstance(C, (Sequence, np.ndarray)) and not isinstance(C, str) else [C]
+    if not values or not all(_positive(c) for c in values):
         raise ProbeError(f"C must be a positive number or a list of them; got {C!r}")
+    grid = [float(c) for c in values]
+    if permutation == "refit" and len(grid) > 1:
+        raise ProbeError(
+            "permutation='refit' with a grid of C would need the grid refit per permutation; "
+            "use one C, or permutation='predictions'"
+        )
     raw = source.column(label, "label")
     task = _infer_task(raw, task)
     metric = stats.check_metric(metric or ("accuracy" if task == "classification" else "r2"), task)
@@ -286,6 +321,11 @@ def probe_sweep(
         strata = y_all
     else:
         classes = None
+        if raw.dtype.kind not in "biuf":
+            raise ProbeError(
+                f"task='regression' needs numeric labels; label holds {raw.dtype} values (use "
+                "task='classification' for categories)"
+            )
         y_all = raw.astype(np.float64)
         if not np.isfinite(y_all).all():
             raise ProbeError("label has NaN or infinite regression targets")
@@ -357,27 +397,17 @@ def probe_sweep(
             tol,
             exclude=("random_features", "random_init"),
         )
-        if "random_features" in controls:  # a fresh draw per seed
+        if "random_features" in controls:
+            # a fresh Gaussian draw per seed, stacked: seed s's problem sees block s only,
+            # so all seeds are one batched solve
             gen = torch.Generator().manual_seed(int(seed) * 7919 + 17)
-            for s in range(seeds):
-                Xr = gaussian_features(X, gen)
-                fits.update(
-                    _fit_kind(
-                        Xr,
-                        shared,
-                        plan,
-                        task,
-                        n_classes,
-                        grid,
-                        alpha,
-                        standardize,
-                        max_iter,
-                        tol,
-                        only="random_features",
-                        relabel="task",
-                        seed_only=s,
-                    )
+            Xr = gaussian_features(X, gen, draws=seeds)
+            fits.update(
+                _fit_kind(
+                    Xr, shared, plan, task, n_classes, grid, alpha, standardize, max_iter, tol,
+                    only="random_features", relabel="task", blocks=X.shape[0],
                 )
+            )  # fmt: skip
             del Xr
         if "random_init" in controls:
             Xi = rand_source.get(site, device)
@@ -428,6 +458,10 @@ def probe_sweep(
     )
 
 
+def _positive(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and value > 0
+
+
 def _check_controls(controls: Any, key: Any, random_init: Any) -> tuple[str, ...]:
     if controls is None:
         chosen = ["shuffle", "random_features"] + (["control_task"] if key is not None else [])
@@ -456,9 +490,7 @@ def _infer_task(raw: np.ndarray, task: str | None) -> str:
         if task not in ("classification", "regression"):
             raise ProbeError(f"task must be 'classification' or 'regression'; got {task!r}")
         return task
-    if raw.dtype.kind == "f" and not np.all(np.mod(raw[np.isfinite(raw)], 1) == 0):
-        return "regression"
-    return "classification"
+    return "regression" if raw.dtype.kind == "f" else "classification"
 
 
 def _problems(
@@ -514,20 +546,31 @@ def _fit_kind(
     exclude: tuple = (),
     only: str | None = None,
     relabel: str | None = None,
-    seed_only: int | None = None,
+    blocks: int | None = None,
 ) -> dict[tuple[str, int], _Fitted]:
     """Fit the problems (all but ``exclude``; or the ``relabel`` problems under the name
     ``only``) on ``X``; choose C on validation rows; return held-out predictions per
-    (kind, seed)."""
+    (kind, seed). With ``blocks=n``, ``X`` stacks one ``n``-row block per seed and seed
+    ``s``'s problems train and predict on block ``s`` only."""
     if only is not None:
         problems = [
             _Problem(only, p.seed, p.fold, p.c_index, p.labels, p.train)
             for p in shared
-            if p.kind == relabel and (seed_only is None or p.seed == seed_only)
+            if p.kind == relabel
         ]
     else:
         problems = [p for p in shared if p.kind not in exclude]
-    coef, intercept = _solve(X, problems, task, n_classes, grid, alpha, standardize, max_iter, tol)
+    offset = [0] * len(problems)
+    solved = problems
+    if blocks is not None:
+        offset = [p.seed * blocks for p in problems]
+        solved = []
+        for p, o in zip(problems, offset, strict=True):
+            labels = np.zeros(X.shape[0], dtype=p.labels.dtype)
+            train = np.zeros(X.shape[0], dtype=bool)
+            labels[o : o + blocks], train[o : o + blocks] = p.labels, p.train
+            solved.append(_Problem(p.kind, p.seed, p.fold, p.c_index, labels, train))
+    coef, intercept = _solve(X, solved, task, n_classes, grid, alpha, standardize, max_iter, tol)
     groups: dict[tuple[str, int, int], list[int]] = {}
     for b, p in enumerate(problems):
         groups.setdefault((p.kind, p.seed, p.fold), []).append(b)
@@ -540,11 +583,16 @@ def _fit_kind(
             b = max(
                 members,
                 key=lambda m: _val_score(
-                    X, coef[m], intercept[m], val_rows, problems[m].labels[val_rows], task
+                    X,
+                    coef[m],
+                    intercept[m],
+                    val_rows + offset[m],
+                    problems[m].labels[val_rows],
+                    task,
                 ),
             )
         rows = np.flatnonzero(part.test[f])
-        pred = _predict(X, coef[b], intercept[b], rows, task)
+        pred = _predict(X, coef[b], intercept[b], rows + offset[b], task)
         empty = _Fitted(pred.new_empty((0, *pred.shape[1:])), rows[:0], problems[b].labels[:0])
         fitted = out.setdefault((kind, s), empty)
         fitted.pred = torch.cat([fitted.pred, pred])
@@ -587,26 +635,32 @@ def _summarise(
     gen = torch.Generator().manual_seed(int(base) * 104729 + 3)
     kinds = ["task", *controls]
     per_seed: dict[str, list[float]] = {k: [] for k in kinds}
-    by_seed: dict[str, list[Tensor]] = {k: [] for k in kinds}  # [R] row-bootstrap per seed
+    n_rows = len(y)
     for s in range(seeds):
-        rows = fits[("task", s)].rows
-        idx = stats.resample_indices(len(rows), n_boot, gen)
         for k in kinds:
             fit = fits[(k, s)]
             ys, pred = torch.as_tensor(fit.target), fit.pred.cpu()
             per_seed[k].append(float(stats.metric_values(metric, ys, pred)[0]))
-            by_seed[k].append(stats.metric_values(metric, ys, pred, idx))
-    # two-level bootstrap of the seed mean: each replicate draws the seeds with replacement,
-    # then each drawn seed's held-out rows (the same draws for the task and its controls, so
-    # differences are paired); with one seed it is the plain row bootstrap
+    # two-level bootstrap of the seed mean. Rows: every replicate draws one Poisson(1) count
+    # per row of the data set, shared by all seeds (their held-out rows overlap) and by the
+    # task and its controls (paired differences). Seeds: every replicate draws the seeds with
+    # replacement. With one seed it is the plain (Poisson) row bootstrap.
+    table = {k: torch.empty(seeds, n_boot, dtype=torch.float64) for k in kinds}
+    chunk = max(1, (1 << 23) // max(n_rows, 1))
+    for start in range(0, n_boot, chunk):
+        size = min(chunk, n_boot - start)
+        counts = torch.poisson(torch.ones(size, n_rows, dtype=torch.float64), generator=gen)
+        for s in range(seeds):
+            for k in kinds:
+                fit = fits[(k, s)]
+                w = counts[:, torch.as_tensor(fit.rows)]
+                table[k][s, start : start + size] = stats.weighted_values(
+                    metric, torch.as_tensor(fit.target), fit.pred.cpu(), w
+                )
     pick = torch.randint(0, seeds, (n_boot, seeds), generator=gen) if seeds > 1 else None
     reps = {}
     for k in kinds:
-        table = torch.stack(by_seed[k])  # [S, R]
-        if pick is None:
-            reps[k] = table[0]
-        else:
-            reps[k] = table.gather(0, pick.T).mean(0)
+        reps[k] = table[k][0] if pick is None else table[k].gather(0, pick.T).mean(0)
     alpha = (1 - confidence) / 2
     row: dict[str, Any] = {"site": site, "layer": _layer_of(site), "metric": metric}
     score, sd = stats.mean_sd(per_seed["task"])
@@ -646,7 +700,7 @@ def _summarise(
     )
     row["n_test"] = len(first.rows)
     row["seeds"] = seeds
-    row["C"] = float(np.mean([fits[("task", s)].C for s in range(seeds)]))
+    row["C"] = fits[("task", 0)].C  # seed 0's (with a grid, each seed picks its own)
     # ---- direction: mean of the seeds' unit directions (fold 0 of each), renormalised
     units = torch.stack([fits[("task", s)].directions[0] for s in range(seeds)]).mean(0)
     units = units / units.norm(dim=1, keepdim=True).clamp_min(1e-300)

@@ -170,8 +170,19 @@ class ActivationStore:
             raise StoreError(f"max_length must be a positive int or None, got {max_length!r}")
         if not isinstance(template, str) or "{text}" not in template:
             raise StoreError(f"template must be a string containing '{{text}}', got {template!r}")
-        if not vision and model.tokenizer is None:
-            raise StoreError("this model has no tokenizer; a text dataset needs one")
+        ftype = table.schema.field(column).type
+        pretokenized = (
+            not vision
+            and (pa.types.is_list(ftype) or pa.types.is_large_list(ftype))
+            and pa.types.is_integer(ftype.value_type)
+        )
+        if pretokenized and template != "{text}":
+            raise StoreError(f"column {column!r} holds token ids; a template applies to text only")
+        if not vision and not pretokenized and model.tokenizer is None:
+            raise StoreError(
+                "this model has no tokenizer; a text dataset needs one (or give a column of "
+                "token ids, e.g. hs.data.induction's 'tokens', as text_column)"
+            )
         addresses = _sites(model, sites)
         used = [column] + ([policy.column] if policy.column else [])
         fields = {
@@ -190,7 +201,15 @@ class ActivationStore:
                 "template": template,
                 "max_length": max_length,
                 "padding_side": "right",
-                **({"tokenizer": tokenizer_fingerprint(model.tokenizer)} if not vision else {}),
+                **(
+                    {
+                        "tokenizer": "token ids"
+                        if pretokenized
+                        else tokenizer_fingerprint(model.tokenizer)
+                    }
+                    if not vision
+                    else {}
+                ),
             },
             "dtype": dtype,
         }
@@ -203,6 +222,7 @@ class ActivationStore:
             "addresses": addresses,
             "dtype": dtype,
             "vision": vision,
+            "pretokenized": pretokenized,
             "column": column,
         }
 
@@ -663,13 +683,23 @@ def _prepare(model: Any, table: pa.Table, req: dict, lo: int, hi: int) -> Prepar
         images = _images(table, req["column"], lo, hi)
         return Prepared(lo, None, images, [np.zeros(0, dtype=np.int64)] * (hi - lo))
     texts = table.column(req["column"]).slice(lo, hi - lo).to_pylist()
+    max_length = req["fields"]["preprocessing"]["max_length"]
+    if req.get("pretokenized"):  # a column of token ids: the ids as they are
+        arrays = [np.asarray(r[:max_length] if max_length else r, dtype=np.int64) for r in texts]
+        empty = [i for i, a in enumerate(arrays) if not len(a)]
+        if empty:
+            raise StoreError(f"row {lo + empty[0]} of column {req['column']!r} has no token ids")
+        lengths = np.asarray([len(a) for a in arrays])
+        column = (
+            table.column(policy.column).slice(lo, hi - lo).to_pylist() if policy.column else None
+        )
+        return Prepared(lo, arrays, None, policy.positions(lengths, column))
     bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
     if bad:
         raise StoreError(
             f"text column {req['column']!r} row {lo + bad[0]} is not a string: {texts[bad[0]]!r}"
         )
     template = req["fields"]["preprocessing"]["template"]
-    max_length = req["fields"]["preprocessing"]["max_length"]
     kwargs = {"truncation": True, "max_length": max_length} if max_length else {}
     arrays = []
     for at in range(0, len(texts), 256):  # in chunks: the tokenizer's output is ~20x the ids

@@ -400,3 +400,145 @@ def test_bad_input_names_the_problem(xor_store):
         probes.probe_sweep(X, y, split={"train": 0.5, "test": 0.2})
     with pytest.raises(ProbeError, match="metric.*accuracy"):
         probes.probe_sweep(X, y, metric="precision")
+
+
+# ------------------------------------------------------------------ review fixes
+def test_weighted_bootstrap_metrics_equal_sklearn_sample_weights():
+    from sklearn.metrics import accuracy_score, f1_score, r2_score, roc_auc_score
+
+    from hookscope.probes.stats import weighted_values
+
+    rng = np.random.default_rng(0)
+    for k in (2, 3):
+        y = rng.integers(0, k, 300)
+        p = np.round(rng.dirichlet(np.ones(k), 300), 1) + 1e-3
+        p /= p.sum(1, keepdims=True)  # rounded scores: many ties
+        W = rng.poisson(1.0, (4, 300)).astype(float)
+        yt, pt, wt = torch.tensor(y), torch.tensor(p), torch.tensor(W)
+        average = "binary" if k == 2 else "macro"
+        refs = {
+            "accuracy": [accuracy_score(y, p.argmax(1), sample_weight=w) for w in W],
+            "f1": [f1_score(y, p.argmax(1), sample_weight=w, average=average) for w in W],
+            "auroc": [
+                roc_auc_score(y, p[:, 1] if k == 2 else p, sample_weight=w, multi_class="ovr")
+                for w in W
+            ],
+        }
+        for metric, ref in refs.items():
+            np.testing.assert_allclose(weighted_values(metric, yt, pt, wt).numpy(), ref, atol=1e-12)
+    t = rng.standard_normal(200)
+    pred = t + rng.standard_normal(200)
+    W = rng.poisson(1.0, (3, 200)).astype(float)
+    np.testing.assert_allclose(
+        weighted_values("r2", torch.tensor(t), torch.tensor(pred), torch.tensor(W)).numpy(),
+        [r2_score(t, pred, sample_weight=w) for w in W],
+        atol=1e-12,
+    )
+
+
+def test_interval_does_not_shrink_with_more_seeds_on_the_same_rows():
+    """Seeds' held-out rows overlap: more seeds average over more of the data set's rows
+    (the interval narrows as the seeds cover it, and the seed-to-seed part shrinks), but
+    never below what all 400 rows allow: the binomial interval of n = 400 at 0.5. (Resampling
+    each seed's rows independently fell to 0.042 at 50 seeds, half of that floor.)"""
+    rng = np.random.default_rng(5)
+    X = {"resid_post.0": torch.tensor(rng.standard_normal((400, 5)))}
+    y = rng.integers(0, 2, 400)
+    width = {}
+    for seeds in (1, 20, 50):
+        row = probes.probe_sweep(
+            X, y, controls=(), seeds=seeds, bootstrap=400, permutations=50, progress=False
+        )["resid_post.0"]
+        width[seeds] = row["ci_high"] - row["ci_low"]
+        assert row["ci_low"] < 0.5 < row["ci_high"]  # null data: chance inside
+    all_rows = 2 * 1.96 * math.sqrt(0.25 / 400)
+    assert width[1] > 2 * all_rows  # one seed: 80 held-out rows
+    assert width[20] > 0.9 * all_rows and width[50] > 0.9 * all_rows
+
+
+def test_solver_stops_at_the_float64_optimum_and_warns_when_it_cannot_converge():
+    from sklearn.exceptions import ConvergenceWarning
+
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((300, 20))
+    y = (X[:, 0] > 0).astype(int)  # separable
+    probe = LinearProbe = probes.LinearProbe(tol=1e-300, max_iter=5000).fit(X, y)
+    assert probe.converged_ and probe.n_iter_ < 5000
+    with pytest.warns(ConvergenceWarning, match="max_iter=2"):
+        LinearProbe.set_params(tol=1e-12, max_iter=2).fit(X, y)
+    with pytest.warns(ConvergenceWarning, match="did not reach"):
+        probes.probe_sweep(
+            {"resid_post.0": torch.tensor(X)},
+            y,
+            controls=(),
+            seeds=1,
+            bootstrap=10,
+            permutations=10,
+            max_iter=2,
+            progress=False,
+        )
+
+
+def test_review_edge_cases_of_the_sweep(tmp_path):
+    rng = np.random.default_rng(2)
+    X = {"resid_post.0": torch.tensor(rng.standard_normal((60, 3)))}
+    whole = np.round(np.abs(rng.standard_normal(60)) * 10).astype(float)
+    assert (
+        probes.probe_sweep(
+            X, whole, controls=(), seeds=1, bootstrap=20, permutations=20, progress=False
+        ).task
+        == "regression"
+    )  # float labels: regression
+    with pytest.raises(ProbeError, match="continuous values.*task='regression'"):
+        probes.LinearProbe().fit(X["resid_post.0"], rng.standard_normal(60))
+    with pytest.raises(ProbeError, match="refit.*grid of C"):
+        probes.probe_sweep(X, np.arange(60) % 2, C=[0.1, 1.0], permutation="refit")
+    with pytest.raises(ProbeError, match="C must be a positive"):
+        probes.probe_sweep(X, np.arange(60) % 2, C="abc")
+    assert (
+        probes.probe_sweep(
+            X,
+            np.arange(60) % 2,
+            C=np.array([0.5]),
+            controls=(),
+            seeds=1,
+            bootstrap=10,
+            permutations=10,
+            progress=False,
+        ).rows[0]["C"]
+        == 0.5
+    )
+    with pytest.raises(ProbeError, match="sites must be"):
+        probes.probe_sweep(X, np.arange(60) % 2, sites=3)
+    with pytest.raises(ProbeError, match="must be \\[rows, features\\].*flatten"):
+        probes.probe_sweep({"resid_post.0": torch.randn(60, 2, 3)}, np.arange(60) % 2)
+    numbered = probes.probe_sweep(
+        {0: X["resid_post.0"]},
+        np.arange(60) % 2,
+        controls=(),
+        seeds=1,
+        bootstrap=10,
+        permutations=10,
+        progress=False,
+    )
+    assert numbered.sites == ["0"]
+    # 3 + 3 rows in three parts: the check and the split allocate alike (no empty part later)
+    six = {"resid_post.0": torch.randn(6, 2)}
+    with pytest.raises(ProbeError, match="too few examples"):
+        probes.probe_sweep(
+            six, np.array([0, 0, 0, 1, 1, 1]), split={"train": 0.6, "test": 0.2, "val": 0.2}
+        )
+    # strict JSON: NaN (one seed's sd) as null, booleans and numpy numbers as JSON
+    sweep = probes.probe_sweep(
+        X,
+        np.arange(60) % 2 == 0,
+        controls=["shuffle"],
+        seeds=1,
+        bootstrap=20,
+        permutations=20,
+        seed=np.int64(3),
+        progress=False,
+    )
+    text = sweep.to_json(tmp_path / "s.json").read_text()
+    saved = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert saved["rows"][0]["sd"] is None and saved["config"]["classes"] == [False, True]

@@ -344,3 +344,42 @@ def test_lookups_name_the_choices(store, model, data):
         store.delete("ffffffff")
     store.delete(acts.key[:8])
     assert store.list() == []
+
+
+def test_a_column_of_token_ids_needs_no_tokenizer(store):
+    """Pre-tokenised rows (hs.data.induction's ``tokens``) on a model without a tokenizer:
+    each row's last and every real position equal a forward of that row alone."""
+    model = hs.zoo.load("tiny-induction")
+    assert model.tokenizer is None
+    ds = hs.data.induction(12, vocab_size=model.model.config.vocab_size, seed=3)
+    ds = ds.map(lambda r, i: {"tokens": r["tokens"][: 20 + i]}, with_indices=True)  # ragged
+    last = store.extract(
+        model,
+        ds,
+        sites="resid_post.1",
+        positions="last",
+        text_column="tokens",
+        batch_size=5,
+        progress=False,
+    )
+    every = store.extract(
+        model,
+        ds,
+        sites="resid_post.1",
+        positions="all",
+        text_column="tokens",
+        batch_size=5,
+        progress=False,
+    )
+    rows = []
+    for i, ids in enumerate(ds["tokens"]):
+        _, cache = model.run_with_cache(torch.tensor([ids]), names="resid_post.1")
+        torch.testing.assert_close(last["resid_post.1"][i], cache["resid_post.1"][0, -1])
+        rows.append(cache["resid_post.1"][0])
+    torch.testing.assert_close(every["resid_post.1"], torch.cat(rows))
+    assert every.index["token"].tolist() == [t for ids in ds["tokens"] for t in ids]
+    assert last.manifest["key_fields"]["preprocessing"]["tokenizer"] == "token ids"
+    with pytest.raises(StoreError, match="holds token ids; a template applies to text only"):
+        store.extract(model, ds, sites="resid_post.1", text_column="tokens", template="x {text}")
+    with pytest.raises(StoreError, match="has no tokenizer.*token ids"):
+        store.extract(model, datasets.Dataset.from_dict({"text": ["a b"]}), sites="resid_post.1")
