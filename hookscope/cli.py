@@ -225,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     from hookscope.cli_store import add_store_parser
 
     add_store_parser(sub)
+    from hookscope.cli_run import add_run_parsers
+
+    add_run_parsers(sub)
     return parser
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "AnalysisError",
     "StoreError",
     "ProbeError",
+    "ExperimentError",
     "closest_match",
     "format_choices",
 ]
@@ -86,6 +87,11 @@ class StoreError(HookscopeError, OSError):
 class ProbeError(HookscopeError, ValueError):
     """A probe, sweep, control or eraser given data it cannot use (misaligned labels, one
     class, NaN activations, a missing site or column, too few examples for a split)."""
+
+
+class ExperimentError(HookscopeError, ValueError):
+    """An experiment config, action, run folder or report that cannot be used; the message is
+    one line naming the config field's dotted path where there is one."""
 
 
 def closest_match(word: str, choices: Iterable[str]) -> str | None:

@@ -1,0 +1,1 @@
+"""The built-in actions (registered on import; see :mod:`hookscope.actions`)."""
