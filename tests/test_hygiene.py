@@ -210,8 +210,8 @@ def test_entering_an_active_hooks_block_again_is_an_error(neox):
 
 
 def test_every_signal_deferred_in_a_section_is_delivered():
-    import os
     import signal
+    import threading
 
     from hookscope.scope import Scope
 
@@ -221,8 +221,14 @@ def test_every_signal_deferred_in_a_section_is_delivered():
     try:
         scope = Scope()
         scope.__enter__()
+        # to the main thread itself: os.kill lets the kernel pick any thread, and under xdist
+        # the full suite saw the SIGINT land where it was not handled before the check
+        main = threading.main_thread().ident
         scope.defer(
-            lambda: (os.kill(os.getpid(), signal.SIGINT), os.kill(os.getpid(), signal.SIGTERM))
+            lambda: (
+                signal.pthread_kill(main, signal.SIGINT),
+                signal.pthread_kill(main, signal.SIGTERM),
+            )
         )
         with pytest.raises(KeyboardInterrupt):
             scope.__exit__(None, None, None)
