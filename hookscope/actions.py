@@ -22,6 +22,7 @@ polysemanticity, repr_collapse.
 
 from __future__ import annotations
 
+import abc
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -71,20 +72,23 @@ class ActionResult:
     predictions: Any = None
 
 
-class Action:
-    """Base class of actions (see the module docstring)."""
+class Action(abc.ABC):
+    """Base class of actions (see the module docstring); the three methods are abstract."""
 
     name: str = ""
     Params: type[Params] = Params
 
+    @abc.abstractmethod
     def prepare(self, context: Any) -> Any:
-        raise NotImplementedError(f"{type(self).__name__}.prepare")
+        """Read what the action needs (data, activations through ``context``)."""
 
+    @abc.abstractmethod
     def run(self, prepared: Any) -> ActionResult:
-        raise NotImplementedError(f"{type(self).__name__}.run")
+        """Compute the results from what ``prepare`` returned."""
 
+    @abc.abstractmethod
     def summarize(self, result: ActionResult) -> dict:
-        raise NotImplementedError(f"{type(self).__name__}.summarize")
+        """The report record: question, metrics, tables, figures, notes."""
 
 
 def register(name: str) -> Callable[[type], type]:
@@ -94,7 +98,9 @@ def register(name: str) -> Callable[[type], type]:
 
     def decorate(cls: type) -> type:
         missing = [
-            m for m in ("prepare", "run", "summarize") if not callable(getattr(cls, m, None))
+            m
+            for m in ("prepare", "run", "summarize")
+            if not callable(getattr(cls, m, None)) or m in getattr(cls, "__abstractmethods__", ())
         ]
         if missing:
             raise ExperimentError(

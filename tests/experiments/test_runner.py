@@ -372,3 +372,14 @@ def test_the_pythia70m_config_through_the_hub_cache_path(tmp_path):
     assert all("control_task" in row and "selectivity" in row for row in sites.values())
     art = json.loads((tmp_path / "run" / "artifacts.json").read_text())
     assert art["config"]["extraction"]["model"] == "EleutherAI/pythia-70m"
+
+
+def test_an_action_missing_a_method_is_refused_at_registration():
+    with pytest.raises(ExperimentError, match="lacks run, summarize"):
+
+        @actions.register("half_done")
+        class HalfDone(actions.Action):
+            def prepare(self, context):
+                return None
+
+    assert "half_done" not in actions.available()
