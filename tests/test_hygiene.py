@@ -210,30 +210,32 @@ def test_entering_an_active_hooks_block_again_is_an_error(neox):
 
 
 def test_every_signal_deferred_in_a_section_is_delivered():
-    import signal
-    import threading
+    """In a fresh interpreter: signal dispositions are process-wide, and in the full xdist
+    suite some earlier test leaves a state under which the SIGINT is not raised here (found
+    at the issue-15 stop, not yet traced; the in-process version passes alone)."""
+    import subprocess
+    import sys
+    import textwrap
 
-    from hookscope.scope import Scope
+    code = textwrap.dedent(
+        """
+        import os, signal
+        from hookscope.scope import Scope
 
-    got = []
-    before = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, lambda s, f: got.append("TERM"))
-    try:
+        got = []
+        signal.signal(signal.SIGTERM, lambda s, f: got.append("TERM"))
         scope = Scope()
         scope.__enter__()
-        # to the main thread itself: os.kill lets the kernel pick any thread, and under xdist
-        # the full suite saw the SIGINT land where it was not handled before the check
-        main = threading.main_thread().ident
-        scope.defer(
-            lambda: (
-                signal.pthread_kill(main, signal.SIGINT),
-                signal.pthread_kill(main, signal.SIGTERM),
-            )
-        )
-        with pytest.raises(KeyboardInterrupt):
+        scope.defer(lambda: (os.kill(os.getpid(), signal.SIGINT), os.kill(os.getpid(), signal.SIGTERM)))
+        try:
             scope.__exit__(None, None, None)
             sum(range(10000))  # the re-posted SIGTERM is handled here at the latest
-        sum(range(10000))
-        assert got == ["TERM"]
-    finally:
-        signal.signal(signal.SIGTERM, before)
+            print("no KeyboardInterrupt")
+        except KeyboardInterrupt:
+            sum(range(10000))
+            print("raised", got)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "raised ['TERM']"
