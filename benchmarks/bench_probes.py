@@ -19,8 +19,9 @@ The 120 problems: 6 sites x 5 seeds x (task, shuffle, control_task, random_featu
 seed a stratified 80/20 split (numpy ``default_rng([0, seed])``, 8,192 training rows), the
 task labels permuted within the training rows (shuffle), Hewitt-Liang labels from
 ``hookscope.probes.control_task_labels(tokens, y, seed)``, and ``gaussian_features(X, g)``
-(one torch generator per site, one draw per seed) with the task labels. Both sides fit
-exactly these problems on the same float64 rows, ``C = 1``:
+(one torch generator per site, one float32 draw per seed) with the task labels. Both sides
+fit exactly these problems on the same rows (float32 as stored; scikit-learn gets float64
+copies of the same values), ``C = 1``:
 
 * **scikit-learn**: one ``LogisticRegression(C=1, solver="lbfgs", max_iter=10_000,
   tol=--sklearn-tol)`` per problem, one after the other, on the training rows (the copy
@@ -29,12 +30,14 @@ exactly these problems on the same float64 rows, ``C = 1``:
   as the sum over kinds of (mean seconds per fit) x 30; the output says so.
 * **hookscope, solver alone**: ``fit_logistic`` per site, as the sweep batches it: the 15
   task/shuffle/control_task problems in one batch on the shared ``X`` (the training rows as
-  0/1 weights, all 10,240 rows in every product), each random-features problem alone on its
-  own ``X``; ``tol=--tol``, ``max_iter=--max-iter``. ``X`` is on the device before the clock
-  starts; each site's two sides run in alternating order.
+  0/1 weights, all 10,240 rows in every product), the 5 random-features problems in a
+  second batch on the stack of their draws (``design`` = the seed, with the covariance they
+  were drawn from as ``gram``, computed inside the clock); ``tol=--tol``,
+  ``max_iter=--max-iter``. ``X`` and the draws are on the device before the clock starts
+  (scikit-learn's copies too); each site's two sides run in alternating order.
 * **hookscope, end to end**: ``probe_sweep(acts, label, sites, controls=[shuffle,
   random_features, control_task], control_task_key="token", seeds=5, bootstrap=1000,
-  permutations=1000)`` at its default ``tol``, on the store entry itself: reading the sites,
+  permutations=1000, tol=--tol)`` on the store entry itself: reading the sites,
   drawing the controls and random features, the 120 fits, predictions, the two-level
   bootstrap intervals of every score and difference, the permutation p-values and Holm's
   correction. Its splits and draws are its own (same sizes and kinds, other rows); the time
@@ -97,6 +100,7 @@ from hookscope.probes import (  # noqa: E402
     probe_sweep,
 )
 from hookscope.probes import stats as probe_stats  # noqa: E402
+from hookscope.probes.controls import covariance  # noqa: E402
 from hookscope.store import ActivationStore  # noqa: E402
 
 import builders  # noqa: E402
@@ -212,24 +216,29 @@ def sklearn_subset(seeds: int, n: int | None) -> set[tuple[int, int, str]]:
 def hookscope_solve(
     X: torch.Tensor, Xr: list[torch.Tensor], problems: list[Problem], tol: float, max_iter: int
 ) -> tuple[dict[int, tuple[np.ndarray, float]], list[dict]]:
-    """One site's problems with ``fit_logistic``: the shared-``X`` ones in one batch, each
-    random-features problem on its own ``X`` (as the sweep batches them). Returns
-    ``{problem: (coef, intercept)}`` and one record per solve (size, seconds, iterations,
-    converged)."""
+    """One site's problems with ``fit_logistic``, batched as the sweep batches them: the
+    shared-``X`` ones in one solve, the random-features ones in another on the stack of their
+    draws (``design`` = the seed). Returns ``{problem: (coef, intercept)}`` and one record
+    per solve (size, seconds, iterations, converged)."""
     device = X.device
     shared = [i for i, p in enumerate(problems) if p.kind != "random_features"]
-    batches = [(X, shared)] + [
-        (Xr[problems[i].seed], [i]) for i, p in enumerate(problems) if p.kind == "random_features"
-    ]
+    drawn = [i for i, p in enumerate(problems) if p.kind == "random_features"]
+    batches = [(X, shared, None)]
+    if drawn:
+        design = torch.tensor([problems[i].seed for i in drawn], device=device)
+        batches.append((torch.stack(Xr), drawn, design))
     out, solves = {}, []
-    for x, members in batches:
+    for x, members, design in batches:
 
-        def solve(x=x, members=members):
+        def solve(x=x, members=members, design=design):
             labels = torch.as_tensor(np.stack([problems[i].labels for i in members]))
             weights = torch.as_tensor(np.stack([problems[i].train for i in members]))
+            # the draws' covariance, as the sweep hands it to the solver for its random features
+            gram = None if design is None else covariance(X)
             return fit_logistic(
-                x, labels.to(device), weights.to(device, torch.float64), 2, C, True, max_iter, tol
-            )
+                x, labels.to(device), weights.to(device, torch.float64), 2, C, True, max_iter,
+                tol, design=design, gram=gram,
+            )  # fmt: skip
 
         seconds, sol = timed(solve, device)
         coef, intercept = sol.coef[:, 0].cpu().numpy(), sol.intercept[:, 0].cpu().numpy()
@@ -302,23 +311,27 @@ def rel_coef(a: np.ndarray, b: np.ndarray) -> float:
 
 def thread_check(X: torch.Tensor, threads: int, batch: int) -> dict:
     """The per-iteration building blocks at 1 thread, the machine's cores and ``threads``
-    (milliseconds, median of 10): one problem's product ``X[train] @ w`` in numpy
-    (scikit-learn's path, 80 % of the rows) and a batch's ``X @ W.T`` in torch
-    (``fit_logistic``'s, every row), float64. On a shared machine whose
-    load exceeds its cores, more threads can be slower; this records it."""
+    (milliseconds, median of 10): one problem's product ``X[train] @ w`` in numpy float64
+    (scikit-learn's path, 80 % of the rows) and a batch's forward product ``W X'`` as
+    ``fit_logistic`` runs it (float32 activations, every row, numpy's BLAS). On a shared
+    machine whose load exceeds its cores, more threads can be slower; this records it."""
     from threadpoolctl import threadpool_limits
 
-    Xn = np.ascontiguousarray(X.numpy()[: round(0.8 * X.shape[0])])
+    from hookscope.probes.solve import _mm
+
+    Xn = np.ascontiguousarray(X.numpy()[: round(0.8 * X.shape[0])]).astype(np.float64)
     w = np.random.default_rng(SEED).standard_normal(X.shape[1])
+    XT = X.to(torch.float32).T.contiguous()
     W = torch.from_numpy(np.random.default_rng(SEED).standard_normal((batch, X.shape[1])))
+    W = W.to(torch.float32)
     out = {}
     for t in sorted({1, os.cpu_count() or 1, threads}):
         torch.set_num_threads(t)
         with threadpool_limits(limits=t):
             cpu = torch.device("cpu")
             mv = median_time(lambda: Xn @ w, 10, cpu)[0]
-            mm = median_time(lambda: X @ W.T, 10, cpu)[0]
-        out[t] = {"numpy_matvec_ms": 1e3 * mv, f"torch_gemm_{batch}_ms": 1e3 * mm}
+            mm = median_time(lambda: _mm(W, XT), 10, cpu)[0]
+        out[t] = {"numpy_matvec_ms": 1e3 * mv, f"hookscope_product_{batch}_ms": 1e3 * mm}
     torch.set_num_threads(threads)
     return out
 
@@ -332,12 +345,14 @@ def fits_section(acts, y, tokens, args, device) -> dict:
     picked = sklearn_subset(seeds, args.sklearn_fits)
     sk_records, hs_times, hs_solves, compare = [], [], [], []
     for i, site in enumerate(SITES):
-        X = acts[site].to(torch.float64)
+        X32 = acts[site].to(torch.float32)  # as stored; scikit-learn gets float64 copies
+        X = X32.to(torch.float64)
         gen = torch.Generator().manual_seed(SEED * 7919 + 17 + i)
-        Xr = [gaussian_features(X, gen) for _ in range(seeds)]
+        Xr32 = [gaussian_features(X32, gen) for _ in range(seeds)]  # float32 draws
+        Xr = [x.to(torch.float64) for x in Xr32]
         problems = problems_of(site, y, tokens, seeds)
         mine = [k for k, p in enumerate(problems) if (i, p.seed, p.kind) in picked]
-        Xd, Xrd = X.to(device), [x.to(device) for x in Xr]
+        Xd, Xrd = X32.to(device), [x.to(device) for x in Xr32]
 
         def source(p: Problem, X=X, Xr=Xr) -> np.ndarray:
             return (Xr[p.seed] if p.kind == "random_features" else X).numpy()
@@ -398,7 +413,7 @@ def fits_section(acts, y, tokens, args, device) -> dict:
             f"{[(problems[k].kind[:4], r['n_iter']) for k, (_, r) in sk.items()]}",
             flush=True,
         )
-        del X, Xr, Xd, Xrd
+        del X, X32, Xr, Xr32, Xd, Xrd
     return summarise_fits(sk_records, hs_times, hs_solves, compare, n_total, seeds)
 
 
@@ -418,8 +433,8 @@ def summarise_fits(sk_records, hs_times, hs_solves, compare, n_total, seeds) -> 
     sk_measured = sum(r["seconds"] for r in sk_records)
     sk_iters = sum(r["n_iter"] for r in sk_records)
     hs_total = [sum(ts) for ts in zip(*hs_times, strict=True)]
-    batched = [s for site in hs_solves for s in site if s["problems"] > 1]
-    single = [s for site in hs_solves for s in site if s["problems"] == 1]
+    batched = [site[0] for site in hs_solves]  # task, shuffle, control_task on the site's X
+    drawn = [site[1] for site in hs_solves if len(site) > 1]  # random features, stacked draws
     keys = ("rel_objective_diff", "gap_sklearn", "gap_hookscope", "grad_sklearn",
             "grad_hookscope", "rel_coef_diff", "intercept_diff", "rel_coef_err_sklearn",
             "rel_coef_err_hookscope")  # fmt: skip
@@ -445,12 +460,13 @@ def summarise_fits(sk_records, hs_times, hs_solves, compare, n_total, seeds) -> 
             * sum(s["seconds"] for s in batched)
             / max(sum(s["n_iter"] for s in batched), 1),
         },
-        "hookscope_single": {
-            "seconds": sum(s["seconds"] for s in single),
-            "n_iter": [s["n_iter"] for s in single],
+        "hookscope_random_features": {
+            "problems": drawn[0]["problems"] if drawn else 0,
+            "seconds": sum(s["seconds"] for s in drawn),
+            "n_iter": [s["n_iter"] for s in drawn],
             "ms_per_iteration": 1e3
-            * sum(s["seconds"] for s in single)
-            / max(sum(s["n_iter"] for s in single), 1),
+            * sum(s["seconds"] for s in drawn)
+            / max(sum(s["n_iter"] for s in drawn), 1),
         },
         "hookscope_unconverged": sum(
             s["problems"] - s["converged"] for site in hs_solves for s in site
@@ -468,8 +484,8 @@ def sweep_section(acts, label, args, device) -> dict:
     def run():
         return probe_sweep(
             acts, label, SITES, controls=CONTROLS, control_task_key="token", seeds=args.seeds,
-            bootstrap=args.bootstrap, permutations=args.bootstrap, C=C, device=device,
-            progress=False,
+            bootstrap=args.bootstrap, permutations=args.bootstrap, C=C, tol=args.tol,
+            device=device, progress=False,
         )  # fmt: skip
 
     # the solver's share: sweep.py's own fit_logistic wrapped by a clock for these runs
@@ -501,7 +517,7 @@ def sweep_section(acts, label, args, device) -> dict:
         "seconds": times,
         "median_s": statistics.median(times),
         "fit_logistic_s": solver,
-        "tol": probe_sweep.__kwdefaults__["tol"],
+        "tol": args.tol,
         "rows": {site: {c: float(table.loc[site, c]) for c in cols} for site in table.index},
         "text": str(sweep),
     }
@@ -686,7 +702,7 @@ def report(r: dict) -> None:
             f"  {kind:<16} {v['fits']:>3} fits, {v['mean_s']:6.2f} s a fit, iterations mean "
             f"{v['mean_iter']:.0f}, max {v['max_iter']}"
         )
-    ts, hb, h1 = f["hookscope_solver_s"], f["hookscope_batched"], f["hookscope_single"]
+    ts, hb, h1 = f["hookscope_solver_s"], f["hookscope_batched"], f["hookscope_random_features"]
     print(
         f"hookscope fit_logistic (tol {cfg['tol']:g}, max_iter {cfg['max_iter']}): "
         f"{f['hookscope_solver_median_s']:.1f} s (runs: {', '.join(f'{t:.1f}' for t in ts)}); "
@@ -697,9 +713,9 @@ def report(r: dict) -> None:
         f"iterations {hb['n_iter']}, {hb['ms_per_iteration']:.0f} ms an iteration"
     )
     print(
-        f"  random_features, one a solve: {h1['seconds']:.1f} s, iterations "
-        f"{min(h1['n_iter'])}-{max(h1['n_iter'])} (mean {np.mean(h1['n_iter']):.0f}), "
-        f"{h1['ms_per_iteration']:.1f} ms an iteration"
+        f"  random_features, batches of {h1['problems']} (one Gaussian draw per seed, stacked): "
+        f"{h1['seconds']:.1f} s, iterations {h1['n_iter']}, {h1['ms_per_iteration']:.0f} ms an "
+        "iteration"
     )
     print(
         f"hookscope probe_sweep end to end (tol {sw['tol']:g}; incl. reading the store, the "

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from hookscope.errors import ProbeError
 
-__all__ = ["CONTROLS", "control_task_labels", "gaussian_features", "random_init"]
+__all__ = ["CONTROLS", "control_task_labels", "covariance", "gaussian_features", "random_init"]
 
 CONTROLS = ("shuffle", "random_features", "control_task", "random_init")
 
@@ -48,19 +48,34 @@ def control_task_labels(types: Any, labels: np.ndarray, seed: int) -> np.ndarray
     return drawn[which.reshape(-1)]
 
 
-def gaussian_features(X: Tensor, generator: torch.Generator, draws: int = 1) -> Tensor:
-    """``draws`` blocks of rows drawn from ``N(mean(X), cov(X))`` (float64), each as many rows
-    as ``X`` has, stacked: ``[draws * n, d]`` (one eigendecomposition for all of them)."""
+def covariance(X: Tensor) -> Tensor:
+    """The covariance of the rows of ``X`` (float64 ``[d, d]``, ``n - 1`` in the denominator)."""
+    from hookscope.probes.solve import _mm
+
     x = X.to(torch.float64)
-    mean = x.mean(0)
-    centred = x - mean
-    cov = centred.T @ centred / max(x.shape[0] - 1, 1)
+    centred = x - x.mean(0)
+    return _mm(centred.T, centred) / max(x.shape[0] - 1, 1)
+
+
+def gaussian_features(
+    X: Tensor, generator: torch.Generator, draws: int = 1, cov: Tensor | None = None
+) -> Tensor:
+    """``draws`` blocks of rows drawn from ``N(mean(X), cov(X))``, each as many rows as
+    ``X`` has, stacked: ``[draws * n, d]`` (one eigendecomposition for all of them; pass
+    ``cov`` when :func:`covariance` of ``X`` is at hand). The moments are float64; the draws
+    are float32 (random numbers need no more, and both the draw and the product with the
+    covariance's root take half the time)."""
+    from hookscope.probes.solve import _mm
+
+    mean = X.to(torch.float64).mean(0)
+    if cov is None:
+        cov = covariance(X)
     # a symmetric square root (eigh) stays real for rank-deficient activations
     evals, evecs = torch.linalg.eigh(cov)
-    root = evecs * evals.clamp_min(0).sqrt()
-    shape = (draws * x.shape[0], x.shape[1])
-    z = torch.randn(shape, generator=generator, dtype=torch.float64, device="cpu").to(x.device)
-    return mean + z @ root.T
+    root = (evecs * evals.clamp_min(0).sqrt()).to(torch.float32)
+    shape = (draws * X.shape[0], X.shape[1])
+    z = torch.randn(shape, generator=generator, dtype=torch.float32, device="cpu").to(X.device)
+    return _mm(z, root.T).add_(mean.to(torch.float32))
 
 
 def random_init(model: Any, seed: int = 0) -> Any:

@@ -38,10 +38,21 @@ from torch import Tensor
 
 from hookscope.errors import ProbeError, format_choices
 from hookscope.probes import stats
-from hookscope.probes.controls import CONTROLS, control_task_labels, gaussian_features
+from hookscope.probes.controls import (
+    CONTROLS,
+    control_task_labels,
+    covariance,
+    gaussian_features,
+)
 from hookscope.probes.linear import LinearProbe, as_features, encode_labels
 from hookscope.probes.result import ProbeSweep, _json_value, _versions
-from hookscope.probes.solve import fit_logistic, fit_ridge, logits, probabilities
+from hookscope.probes.solve import (
+    LinearSolution,
+    fit_logistic,
+    fit_ridge,
+    logits,
+    probabilities,
+)
 from hookscope.probes.splits import Split, check_sizes, check_split, rows_of, splits
 
 __all__ = ["ProbeSweep", "probe_sweep"]
@@ -188,11 +199,14 @@ def _solve(
     standardize: bool,
     max_iter: int,
     tol: float,
+    design: list[int] | None = None,
+    gram: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Coefficients ``[B, K', d]`` and intercepts ``[B, K']`` of every problem, on raw ``X``."""
+    """Coefficients ``[B, K', d]`` and intercepts ``[B, K']`` of every problem, on raw ``X``
+    (``[n, d]``, or a stack ``[G, n, d]`` with problem ``b`` reading ``X[design[b]]``)."""
     x = X
     if standardize:
-        mean, scale = X.mean(0), X.std(0, correction=0)
+        mean, scale = X.mean(-2, keepdim=True), X.std(-2, correction=0, keepdim=True)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         x = (X - mean) / scale
     coefs, intercepts = [], []
@@ -201,15 +215,20 @@ def _solve(
         weights = torch.as_tensor(
             np.stack([p.train for p in chunk]), dtype=torch.float64, device=X.device
         )
+        which = None if design is None else torch.tensor(design[start : start + _CHUNK])
         if task == "classification":
             labels = torch.as_tensor(np.stack([p.labels for p in chunk]), device=X.device)
             C = torch.tensor([grid[p.c_index] for p in chunk], dtype=torch.float64)
-            sol = fit_logistic(x, labels, weights, n_classes, C.to(X.device), True, max_iter, tol)
+            sol = fit_logistic(
+                x, labels, weights, n_classes, C.to(X.device), True, max_iter, tol,
+                design=None if which is None else which.to(X.device),
+                gram=None if standardize else gram,  # a hint about raw X only
+            )  # fmt: skip
         else:
             targets = torch.as_tensor(
                 np.stack([p.labels for p in chunk]), dtype=torch.float64, device=X.device
             )
-            sol = fit_ridge(x, targets, weights, alpha, True)
+            sol = _ridge(x, targets, weights, alpha, which)
         if not bool(sol.converged.all()):
             from sklearn.exceptions import ConvergenceWarning
 
@@ -224,9 +243,31 @@ def _solve(
         intercepts.append(sol.intercept)
     coef, intercept = torch.cat(coefs), torch.cat(intercepts)
     if standardize:
+        if design is not None:  # each problem's own design's statistics
+            idx = torch.tensor(design, device=X.device)
+            mean, scale = mean[idx], scale[idx]  # [B, 1, d]
         coef = coef / scale
-        intercept = intercept - coef @ mean
+        intercept = intercept - (coef @ mean.transpose(-1, -2))[..., 0]
     return coef, intercept
+
+
+def _ridge(
+    X: Tensor, targets: Tensor, weights: Tensor, alpha: float, design: Tensor | None
+) -> LinearSolution:
+    """:func:`fit_ridge` of every problem on its own design (one call per design)."""
+    if design is None:
+        return fit_ridge(X, targets, weights, alpha, True)
+    b = targets.shape[0]
+    coef = torch.empty(b, 1, X.shape[-1], dtype=torch.float64, device=X.device)
+    intercept = torch.empty(b, 1, dtype=torch.float64, device=X.device)
+    loss = torch.empty(b, dtype=torch.float64, device=X.device)
+    for g in torch.unique(design).tolist():
+        sel = torch.nonzero(design == g).flatten().to(X.device)
+        sol = fit_ridge(X[g], targets[sel], weights[sel], alpha, True)
+        coef[sel], intercept[sel], loss[sel] = sol.coef, sol.intercept, sol.loss
+    return LinearSolution(
+        coef, intercept, loss, 1, torch.ones(b, dtype=torch.bool, device=X.device)
+    )
 
 
 def _predict(X: Tensor, coef: Tensor, intercept: Tensor, rows: np.ndarray, task: str) -> Tensor:
@@ -381,6 +422,15 @@ def probe_sweep(
     from tqdm.auto import tqdm
 
     show = progress if progress is not None else len(names) > 1
+    # the bootstrap's Poisson(1) count of every row in every replicate, drawn once: the sites
+    # share their rows, so one draw serves all of them (and pairs them)
+    gen = torch.Generator().manual_seed(int(seed) * 104729 + 3)
+    row_counts = torch.empty(bootstrap, len(y_all), dtype=torch.uint8)
+    step = max(1, (1 << 23) // max(len(y_all), 1))
+    for start in range(0, bootstrap, step):
+        size = min(step, bootstrap - start)
+        ones = torch.ones(size, len(y_all), dtype=torch.float32)
+        row_counts[start : start + size] = torch.poisson(ones, generator=gen).clamp_max_(255)
     rows, directions, fitted_probes = [], {}, {}
     for site in tqdm(names, desc="probing sites", disable=not show):
         X = source.get(site, device)
@@ -398,14 +448,15 @@ def probe_sweep(
             exclude=("random_features", "random_init"),
         )
         if "random_features" in controls:
-            # a fresh Gaussian draw per seed, stacked: seed s's problem sees block s only,
-            # so all seeds are one batched solve
+            # a fresh Gaussian draw per seed, stacked [seeds, n, d]: seed s's problems read
+            # draw s only, and all seeds are one batched solve
             gen = torch.Generator().manual_seed(int(seed) * 7919 + 17)
-            Xr = gaussian_features(X, gen, draws=seeds)
+            cov = covariance(X)
+            Xr = gaussian_features(X, gen, draws=seeds, cov=cov).reshape(seeds, *X.shape)
             fits.update(
                 _fit_kind(
                     Xr, shared, plan, task, n_classes, grid, alpha, standardize, max_iter, tol,
-                    only="random_features", relabel="task", blocks=X.shape[0],
+                    only="random_features", relabel="task", stacked=True, gram=cov,
                 )
             )  # fmt: skip
             del Xr
@@ -444,6 +495,7 @@ def probe_sweep(
             classes,
             X.shape[1],
             grid,
+            row_counts,
         )
         rows.append(row)
         directions[site] = direction
@@ -546,12 +598,14 @@ def _fit_kind(
     exclude: tuple = (),
     only: str | None = None,
     relabel: str | None = None,
-    blocks: int | None = None,
+    stacked: bool = False,
+    gram: Tensor | None = None,
 ) -> dict[tuple[str, int], _Fitted]:
     """Fit the problems (all but ``exclude``; or the ``relabel`` problems under the name
     ``only``) on ``X``; choose C on validation rows; return held-out predictions per
-    (kind, seed). With ``blocks=n``, ``X`` stacks one ``n``-row block per seed and seed
-    ``s``'s problems train and predict on block ``s`` only."""
+    (kind, seed). With ``stacked``, ``X`` is ``[seeds, n, d]`` and seed ``s``'s problems
+    train and predict on ``X[s]`` only. ``gram``: the rows' covariance, when known (a speed
+    hint to :func:`fit_logistic`)."""
     if only is not None:
         problems = [
             _Problem(only, p.seed, p.fold, p.c_index, p.labels, p.train)
@@ -560,17 +614,10 @@ def _fit_kind(
         ]
     else:
         problems = [p for p in shared if p.kind not in exclude]
-    offset = [0] * len(problems)
-    solved = problems
-    if blocks is not None:
-        offset = [p.seed * blocks for p in problems]
-        solved = []
-        for p, o in zip(problems, offset, strict=True):
-            labels = np.zeros(X.shape[0], dtype=p.labels.dtype)
-            train = np.zeros(X.shape[0], dtype=bool)
-            labels[o : o + blocks], train[o : o + blocks] = p.labels, p.train
-            solved.append(_Problem(p.kind, p.seed, p.fold, p.c_index, labels, train))
-    coef, intercept = _solve(X, solved, task, n_classes, grid, alpha, standardize, max_iter, tol)
+    design = [p.seed for p in problems] if stacked else None
+    coef, intercept = _solve(
+        X, problems, task, n_classes, grid, alpha, standardize, max_iter, tol, design, gram
+    )
     groups: dict[tuple[str, int, int], list[int]] = {}
     for b, p in enumerate(problems):
         groups.setdefault((p.kind, p.seed, p.fold), []).append(b)
@@ -583,16 +630,16 @@ def _fit_kind(
             b = max(
                 members,
                 key=lambda m: _val_score(
-                    X,
+                    X[s] if stacked else X,
                     coef[m],
                     intercept[m],
-                    val_rows + offset[m],
+                    val_rows,
                     problems[m].labels[val_rows],
                     task,
                 ),
             )
         rows = np.flatnonzero(part.test[f])
-        pred = _predict(X, coef[b], intercept[b], rows + offset[b], task)
+        pred = _predict(X[s] if stacked else X, coef[b], intercept[b], rows, task)
         empty = _Fitted(pred.new_empty((0, *pred.shape[1:])), rows[:0], problems[b].labels[:0])
         fitted = out.setdefault((kind, s), empty)
         fitted.pred = torch.cat([fitted.pred, pred])
@@ -630,9 +677,10 @@ def _summarise(
     classes: Any,
     d: int,
     grid: list[float],
+    row_counts: Tensor,
 ) -> tuple[dict, Tensor, LinearProbe]:
     seeds = len(plan)
-    gen = torch.Generator().manual_seed(int(base) * 104729 + 3)
+    gen = torch.Generator().manual_seed(int(base) * 104729 + 5)
     kinds = ["task", *controls]
     per_seed: dict[str, list[float]] = {k: [] for k in kinds}
     n_rows = len(y)
@@ -649,11 +697,14 @@ def _summarise(
     chunk = max(1, (1 << 23) // max(n_rows, 1))
     for start in range(0, n_boot, chunk):
         size = min(chunk, n_boot - start)
-        counts = torch.poisson(torch.ones(size, n_rows, dtype=torch.float64), generator=gen)
+        counts = row_counts[start : start + size]
         for s in range(seeds):
+            rows, w = None, None
             for k in kinds:
                 fit = fits[(k, s)]
-                w = counts[:, torch.as_tensor(fit.rows)]
+                if rows is None or not np.array_equal(rows, fit.rows):  # a seed's kinds share
+                    rows = fit.rows
+                    w = counts[:, torch.as_tensor(rows)].to(torch.float64)
                 table[k][s, start : start + size] = stats.weighted_values(
                     metric, torch.as_tensor(fit.target), fit.pred.cpu(), w
                 )

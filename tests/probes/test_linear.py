@@ -200,3 +200,67 @@ def test_bad_inputs_name_the_problem():
         LinearProbe().fit(X, y).predict(X[:, :3])
     with pytest.raises(ProbeError, match="regresses"):
         LinearProbe(task="regression").fit(X, y.astype(float)).predict_proba(X)
+
+
+def test_stacked_designs_equal_separate_fits():
+    """X stacked [G, n, d] with design[b]: every problem equals sklearn on its own matrix,
+    including problems on the same design and a multinomial batch."""
+    rng = np.random.default_rng(11)
+    mats, labels, masks = [], [], []
+    for g in range(3):
+        X, y = anisotropic(700, 15, seed=20 + g, classes=3)
+        mats.append(X)
+        labels.append(y)
+        masks.append(rng.random(len(y)) < 0.7)
+    design = torch.tensor([0, 1, 2, 1])
+    lab = np.stack([labels[g] for g in design.tolist()])
+    lab[3] = rng.permutation(lab[3])  # a second problem on design 1
+    w = np.stack([masks[g] for g in design.tolist()]).astype(float)
+    C = torch.tensor([1.0, 0.2, 3.0, 1.0])
+    sol = fit_logistic(
+        torch.tensor(np.stack(mats)), torch.tensor(lab), torch.tensor(w), 3, C=C, tol=1e-10,
+        design=design,
+    )  # fmt: skip
+    assert bool(sol.converged.all())
+    for b, g in enumerate(design.tolist()):
+        keep = w[b] > 0
+        ref = reference(mats[g][keep], lab[b][keep], C=float(C[b]))
+        coef = sol.coef[b].numpy()
+        assert np.abs(coef - ref.coef_).max() / np.abs(ref.coef_).max() < 1e-4
+
+
+def test_float32_activations_reach_the_float64_optimum():
+    """float32 X (the store's format) multiplies in float32 but ends at scikit-learn's
+    optimum of the same values in float64; a covariance hint changes nothing."""
+    X, y = anisotropic(3000, 60, seed=5)
+    X32 = torch.tensor(X, dtype=torch.float32)
+    Xref = X32.double().numpy()
+    ref = reference(Xref, y, C=1.0)
+    rng = np.random.default_rng(0)
+    labels = torch.tensor(np.stack([y, rng.permutation(y)]))
+    weights = torch.ones(2, len(y), dtype=torch.float64)
+    ref_shuffled = reference(Xref, labels[1].numpy(), C=1.0)
+    cov = torch.cov(X32.double().T)
+    for gram in (None, cov):
+        sol = fit_logistic(X32, labels, weights, 2, C=1.0, tol=1e-7, gram=gram)
+        assert bool(sol.converged.all())
+        for b, r in enumerate((ref, ref_shuffled)):
+            coef = sol.coef[b].numpy()
+            assert np.abs(coef - r.coef_).max() / np.abs(r.coef_).max() < 1e-4
+            ours = objective(coef, sol.intercept[b].numpy(), Xref, labels[b].numpy(), 1.0)
+            theirs = objective(r.coef_, r.intercept_, Xref, labels[b].numpy(), 1.0)
+            assert abs(ours - theirs) / theirs < 1e-6
+
+
+def test_design_and_gram_mistakes_are_named():
+    X = torch.randn(50, 4, dtype=torch.float64)
+    y = torch.randint(0, 2, (2, 50))
+    w = torch.ones(2, 50, dtype=torch.float64)
+    with pytest.raises(ProbeError, match="design"):
+        fit_logistic(torch.stack([X, X]), y, w, 2)  # stacked without design
+    with pytest.raises(ProbeError, match="design must be 2 indices in 0..1"):
+        fit_logistic(torch.stack([X, X]), y, w, 2, design=torch.tensor([0, 2]))
+    with pytest.raises(ProbeError, match="one matrix"):
+        fit_logistic(X, y, w, 2, design=torch.tensor([0, 0]))
+    with pytest.raises(ProbeError, match="gram must be"):
+        fit_logistic(X, y, w, 2, gram=torch.eye(5))

@@ -542,3 +542,24 @@ def test_review_edge_cases_of_the_sweep(tmp_path):
     text = sweep.to_json(tmp_path / "s.json").read_text()
     saved = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
     assert saved["rows"][0]["sd"] is None and saved["config"]["classes"] == [False, True]
+
+
+def test_gaussian_features_have_the_sites_mean_and_covariance():
+    """Each block of draws has X's mean and covariance up to sampling error (closed form:
+    the sd of a sample covariance entry is sqrt((s_ii s_jj + s_ij^2) / n)); blocks are
+    independent draws, and the same generator seed gives the same draws."""
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((6, 6))
+    X = torch.tensor(rng.standard_normal((4000, 6)) @ A + 3.0)
+    Z = probes.gaussian_features(X, torch.Generator().manual_seed(1), draws=2)
+    assert Z.shape == (8000, 6)
+    S = torch.cov(X.T)
+    n = 4000
+    for block in (Z[:n].double(), Z[n:].double()):
+        sd_mean = (torch.diag(S) / n).sqrt()
+        assert bool(((block.mean(0) - X.mean(0)).abs() < 5 * sd_mean).all())
+        sd_cov = ((torch.diag(S)[:, None] * torch.diag(S)[None] + S**2) / n).sqrt()
+        assert bool(((torch.cov(block.T) - S).abs() < 5 * sd_cov).all())
+    assert not torch.allclose(Z[:n], Z[n:])
+    again = probes.gaussian_features(X, torch.Generator().manual_seed(1), draws=2)
+    assert torch.equal(Z, again)
