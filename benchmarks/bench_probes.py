@@ -18,8 +18,9 @@ of the rows); control-task types: the token id (the store's ``index["token"]``).
 The 120 problems: 6 sites x 5 seeds x (task, shuffle, control_task, random_features). Per
 seed a stratified 80/20 split (numpy ``default_rng([0, seed])``, 8,192 training rows), the
 task labels permuted within the training rows (shuffle), Hewitt-Liang labels from
-``hookscope.probes.control_task_labels(tokens, y, seed)``, and ``gaussian_features(X, g)``
-(one torch generator per site, one float32 draw per seed) with the task labels. Both sides
+``hookscope.probes.control_task_labels(tokens, y, seed)``, and ``gaussian_features(X, g,
+rotate=False)`` (one torch generator per site, one float32 draw per seed, in the
+covariance's eigenbasis as the sweep draws it) with the task labels. Both sides
 fit exactly these problems on the same rows (float32 as stored; scikit-learn gets float64
 copies of the same values), ``C = 1``:
 
@@ -234,7 +235,9 @@ def hookscope_solve(
             labels = torch.as_tensor(np.stack([problems[i].labels for i in members]))
             weights = torch.as_tensor(np.stack([problems[i].train for i in members]))
             # the draws' covariance, as the sweep hands it to the solver for its random features
-            gram = None if design is None else covariance(X)
+            gram = None
+            if design is not None:  # the draws' covariance: diagonal in their basis
+                gram = torch.diag(torch.linalg.eigvalsh(covariance(X)).clamp_min(0))
             return fit_logistic(
                 x, labels.to(device), weights.to(device, torch.float64), 2, C, True, max_iter,
                 tol, design=design, gram=gram,
@@ -348,7 +351,8 @@ def fits_section(acts, y, tokens, args, device) -> dict:
         X32 = acts[site].to(torch.float32)  # as stored; scikit-learn gets float64 copies
         X = X32.to(torch.float64)
         gen = torch.Generator().manual_seed(SEED * 7919 + 17 + i)
-        Xr32 = [gaussian_features(X32, gen) for _ in range(seeds)]  # float32 draws
+        # float32 draws in the covariance's eigenbasis, as the sweep draws them
+        Xr32 = [gaussian_features(X32, gen, rotate=False) for _ in range(seeds)]
         Xr = [x.to(torch.float64) for x in Xr32]
         problems = problems_of(site, y, tokens, seeds)
         mine = [k for k, p in enumerate(problems) if (i, p.seed, p.kind) in picked]

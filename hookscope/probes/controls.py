@@ -58,24 +58,36 @@ def covariance(X: Tensor) -> Tensor:
 
 
 def gaussian_features(
-    X: Tensor, generator: torch.Generator, draws: int = 1, cov: Tensor | None = None
+    X: Tensor,
+    generator: torch.Generator,
+    draws: int = 1,
+    cov: Tensor | None = None,
+    rotate: bool = True,
 ) -> Tensor:
     """``draws`` blocks of rows drawn from ``N(mean(X), cov(X))``, each as many rows as
     ``X`` has, stacked: ``[draws * n, d]`` (one eigendecomposition for all of them; pass
     ``cov`` when :func:`covariance` of ``X`` is at hand). The moments are float64; the draws
-    are float32 (random numbers need no more, and both the draw and the product with the
-    covariance's root take half the time)."""
+    are float32 (random numbers need no more).
+
+    ``rotate=False`` returns the same kind of draw expressed in the covariance's eigenbasis
+    and centred, ``N(0, diag(eigenvalues))``: ``Z = mean + G L^1/2 V'`` becomes
+    ``G L^1/2``. A linear probe cannot tell them apart: with ``u = V'w`` (an orthogonal
+    map) both its penalty ``||w||^2`` and its margins are the same up to the intercept, so
+    its optimum, predictions and scores are too; the sweep uses this form, which skips the
+    ``[n, d] x [d, d]`` product."""
     from hookscope.probes.solve import _mm
 
-    mean = X.to(torch.float64).mean(0)
     if cov is None:
         cov = covariance(X)
     # a symmetric square root (eigh) stays real for rank-deficient activations
     evals, evecs = torch.linalg.eigh(cov)
-    root = (evecs * evals.clamp_min(0).sqrt()).to(torch.float32)
+    scale = evals.clamp_min(0).sqrt().to(torch.float32)
     shape = (draws * X.shape[0], X.shape[1])
     z = torch.randn(shape, generator=generator, dtype=torch.float32, device="cpu").to(X.device)
-    return _mm(z, root.T).add_(mean.to(torch.float32))
+    if not rotate:
+        return z.mul_(scale)
+    mean = X.to(torch.float64).mean(0).to(torch.float32)
+    return _mm(z, (evecs.to(torch.float32) * scale).T).add_(mean)
 
 
 def random_init(model: Any, seed: int = 0) -> Any:

@@ -451,12 +451,15 @@ def probe_sweep(
             # a fresh Gaussian draw per seed, stacked [seeds, n, d]: seed s's problems read
             # draw s only, and all seeds are one batched solve
             gen = torch.Generator().manual_seed(int(seed) * 7919 + 17)
+            # in the covariance's eigenbasis (rotate=False): the same scores, no rotation
             cov = covariance(X)
-            Xr = gaussian_features(X, gen, draws=seeds, cov=cov).reshape(seeds, *X.shape)
+            Xr = gaussian_features(X, gen, draws=seeds, cov=cov, rotate=False)
+            gram = torch.diag(torch.linalg.eigvalsh(cov).clamp_min(0))
             fits.update(
                 _fit_kind(
-                    Xr, shared, plan, task, n_classes, grid, alpha, standardize, max_iter, tol,
-                    only="random_features", relabel="task", stacked=True, gram=cov,
+                    Xr.reshape(seeds, *X.shape), shared, plan, task, n_classes, grid, alpha,
+                    standardize, max_iter, tol, only="random_features", relabel="task",
+                    stacked=True, gram=gram,
                 )
             )  # fmt: skip
             del Xr

@@ -563,3 +563,23 @@ def test_gaussian_features_have_the_sites_mean_and_covariance():
     assert not torch.allclose(Z[:n], Z[n:])
     again = probes.gaussian_features(X, torch.Generator().manual_seed(1), draws=2)
     assert torch.equal(Z, again)
+
+
+def test_eigenbasis_random_features_give_the_same_probe():
+    """rotate=False draws G L^1/2; rotate=True the same G as mean + G L^1/2 V'. A logistic
+    probe on either has the same penalty and margins (u = V'w), so the same predictions."""
+    rng = np.random.default_rng(2)
+    X = torch.tensor(rng.standard_normal((1500, 5)) @ rng.standard_normal((5, 5)) + 1.0)
+    cov = probes.controls.covariance(X)
+    flat = probes.gaussian_features(X, torch.Generator().manual_seed(4), rotate=False)
+    full = probes.gaussian_features(X, torch.Generator().manual_seed(4))
+    evals, V = torch.linalg.eigh(cov)
+    expected = flat.double() @ V.T + X.mean(0)
+    assert torch.allclose(full.double(), expected, atol=1e-4)
+    assert torch.allclose(torch.cov(flat.double().T), torch.diag(evals), atol=0.15 * evals.max())
+    y = (rng.random(1500) < 0.4).astype(int)
+    a = probes.LinearProbe(C=0.5, tol=1e-10).fit(flat.double(), y)
+    b = probes.LinearProbe(C=0.5, tol=1e-10).fit(full.double(), y)
+    np.testing.assert_allclose(
+        a.predict_proba(flat.double()), b.predict_proba(full.double()), atol=1e-5
+    )
