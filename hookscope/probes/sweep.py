@@ -434,53 +434,27 @@ def probe_sweep(
     rows, directions, fitted_probes = [], {}, {}
     for site in tqdm(names, desc="probing sites", disable=not show):
         X = source.get(site, device)
-        fits = _fit_kind(
-            X,
-            shared,
-            plan,
-            task,
-            n_classes,
-            grid,
-            alpha,
-            standardize,
-            max_iter,
-            tol,
-            exclude=("random_features", "random_init"),
-        )
+
+        def fit(x: Tensor, **kind: Any) -> dict[tuple[str, int], _Fitted]:
+            return _fit_kind(
+                x, shared, plan, task, n_classes, grid, alpha, standardize, max_iter, tol, **kind
+            )
+
+        fits = fit(X, exclude=("random_features", "random_init"))
         if "random_features" in controls:
             # a fresh Gaussian draw per seed, stacked [seeds, n, d]: seed s's problems read
-            # draw s only, and all seeds are one batched solve
+            # draw s only, and all seeds are one batched solve; in the covariance's
+            # eigenbasis (rotate=False: the same scores, no rotation of every row)
             gen = torch.Generator().manual_seed(int(seed) * 7919 + 17)
-            # in the covariance's eigenbasis (rotate=False): the same scores, no rotation
             cov = covariance(X)
             Xr = gaussian_features(X, gen, draws=seeds, cov=cov, rotate=False)
             gram = torch.diag(torch.linalg.eigvalsh(cov).clamp_min(0))
-            fits.update(
-                _fit_kind(
-                    Xr.reshape(seeds, *X.shape), shared, plan, task, n_classes, grid, alpha,
-                    standardize, max_iter, tol, only="random_features", relabel="task",
-                    stacked=True, gram=gram,
-                )
-            )  # fmt: skip
+            Xr = Xr.reshape(seeds, *X.shape)
+            fits.update(fit(Xr, only="random_features", relabel="task", stacked=True, gram=gram))
             del Xr
         if "random_init" in controls:
             Xi = rand_source.get(site, device)
-            fits.update(
-                _fit_kind(
-                    Xi,
-                    shared,
-                    plan,
-                    task,
-                    n_classes,
-                    grid,
-                    alpha,
-                    standardize,
-                    max_iter,
-                    tol,
-                    only="random_init",
-                    relabel="task",
-                )
-            )
+            fits.update(fit(Xi, only="random_init", relabel="task"))
             del Xi
         row, direction, probe = _summarise(
             site,
