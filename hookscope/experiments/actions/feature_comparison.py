@@ -44,7 +44,7 @@ from hookscope.actions import Action, ActionResult, Params, register
 from hookscope.errors import ExperimentError, HookscopeError, format_choices
 from hookscope.experiments.actions.feature_detection import (
     EXPLAIN,
-    _cell,
+    json_cell,
     sweep_controls,
     table_json,
 )
@@ -298,10 +298,10 @@ class FeatureComparison(Action):
             row = summary.loc[name]
             per_task[name] = {
                 "curve": {
-                    s: _cell(v)
+                    s: json_cell(v)
                     for s, v in result.tables["curves"].xs(name, level="task")["score"].items()
                 },
-                **{k: _cell(v) for k, v in row.items()},
+                **{k: json_cell(v) for k, v in row.items()},
             }
         return {
             "question": f"Over the sites {', '.join(m['order'])}, does {a!r} become linearly "

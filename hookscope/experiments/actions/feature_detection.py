@@ -12,7 +12,7 @@ from pydantic import Field
 from hookscope.actions import Action, ActionResult, Params, register
 from hookscope.errors import ExperimentError
 
-__all__ = ["FeatureDetection", "sweep_controls", "table_json", "EXPLAIN"]
+__all__ = ["FeatureDetection", "sweep_controls", "table_json", "json_cell", "EXPLAIN"]
 
 EXPLAIN = {
     "score": "the probe's metric on held-out rows, mean over seeds, with its 95% bootstrap interval",
@@ -34,7 +34,7 @@ def table_json(name: str, title: str, df: pd.DataFrame, explain: dict[str, str])
     frame = df.reset_index()
     rows = []
     for rec in frame.itertuples(index=False):
-        rows.append([_cell(v) for v in rec])
+        rows.append([json_cell(v) for v in rec])
     cols = [str(c) for c in frame.columns]
     return {
         "name": name,
@@ -45,7 +45,8 @@ def table_json(name: str, title: str, df: pd.DataFrame, explain: dict[str, str])
     }
 
 
-def _cell(v: Any) -> Any:
+def json_cell(v: Any) -> Any:
+    """A table cell or metric as JSON: numpy scalars as Python ones, NaN and inf as null."""
     if isinstance(v, (np.floating, float)):
         return None if not np.isfinite(v) else float(v)
     if isinstance(v, (np.integer,)):
@@ -174,7 +175,7 @@ class FeatureDetection(Action):
                 "best_site": best,
                 "best_score": float(table.loc[best, "score"]),
                 "sites": {
-                    s: {k: _cell(v) for k, v in row.items()}
+                    s: {k: json_cell(v) for k, v in row.items()}
                     for s, row in table[keep].to_dict(orient="index").items()
                 },
             },

@@ -39,7 +39,7 @@ from hookscope.experiments.actions.feature_comparison import (
 )
 from hookscope.experiments.actions.feature_detection import (
     EXPLAIN,
-    _cell,
+    json_cell,
     sweep_controls,
     table_json,
 )
@@ -246,11 +246,14 @@ class Polysemanticity(Action):
                 "width": m["width"],
                 "metric": m["metric"],
                 "probes": {
-                    f: {k: _cell(r[k]) for k in ("score", "ci_low", "ci_high", "p_holm")}
+                    f: {k: json_cell(r[k]) for k in ("score", "ci_low", "ci_high", "p_holm")}
                     for f, r in result.tables["probes"].iterrows()
                 },
                 "alignment": {
-                    d: {k: _cell(r[k]) for k in ("top_neuron", "max_cos", "max_cos_z", "aligned")}
+                    d: {
+                        k: json_cell(r[k])
+                        for k in ("top_neuron", "max_cos", "max_cos_z", "aligned")
+                    }
                     for d, r in alignment.iterrows()
                 },
                 "n_aligned": int(report.alignment.aligned.sum()),

@@ -50,7 +50,7 @@ from hookscope.experiments.actions.feature_comparison import (
 )
 from hookscope.experiments.actions.feature_detection import (
     EXPLAIN,
-    _cell,
+    json_cell,
     sweep_controls,
     table_json,
 )
@@ -268,7 +268,7 @@ class ReprCollapse(Action):
             "label": m["label"],
             "metric": p.metric,
             "sites": m["order"],
-            "curve": {s: _cell(v) for s, v in table["score"].items()},
+            "curve": {s: json_cell(v) for s, v in table["score"].items()},
             "collapse_index": curve.collapse_index,
             "peak_site": curve.peak_layer,
             "peak_score": float(curve.curve.max()),
@@ -464,7 +464,7 @@ def _recover(prepared: _Prepared, common: dict, clean: pd.DataFrame) -> dict:
     return {
         "recover_from": patch["from"],
         "recover_into": patch["into"],
-        "sites": {s: {k: _cell(v) for k, v in out.loc[s].items()} for s in out.index},
+        "sites": {s: {k: json_cell(v) for k, v in out.loc[s].items()} for s in out.index},
         "recovered_score": recovered,
         "clean_final_score": clean_final,
         "peak_score": peak,
