@@ -53,9 +53,14 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from hookscope.actions import Action, ActionResult, Params, register
+from hookscope.actions import Action, ActionResult, register
 from hookscope.errors import ExperimentError, HookscopeError, format_choices
-from hookscope.experiments.actions.feature_detection import EXPLAIN, sweep_controls, table_json
+from hookscope.experiments.actions.feature_detection import (
+    EXPLAIN,
+    ProbeParams,
+    sweep_controls,
+    table_json,
+)
 
 __all__ = ["CircuitLocalization", "CIRCUIT_EXPLAIN"]
 
@@ -83,24 +88,8 @@ class CircuitLocalization(Action):
     measure the probe and behaviour drops (a causal impact matrix); localize a minimal
     circuit with :func:`~hookscope.interventions.localize_circuit` on IOI / induction."""
 
-    class Params(Params):
-        probe: Literal["logistic", "ridge"] = Field(
-            "logistic", description="logistic: classification; ridge: regression"
-        )
-        metric: Literal["accuracy", "f1", "auroc", "r2"] | None = Field(
-            None, description="probe metric; default accuracy (logistic) or r2 (ridge)"
-        )
-        label: str | None = Field(
-            None, description="the label column (default dataset.label_column)"
-        )
-        C: float = Field(1.0, gt=0, description="inverse L2 strength of the logistic probe")
-        alpha: float = Field(1.0, gt=0, description="L2 strength of the ridge probe")
+    class Params(ProbeParams):
         seeds: int = Field(3, ge=1, description="splits and control draws of the probe sweep")
-        bootstrap: int = Field(1000, ge=1, description="bootstrap resamples of the held-out rows")
-        permutations: int = Field(1000, ge=1, description="permutations for the p-value")
-        standardize: bool = Field(
-            False, description="standardise features before fitting (folded back)"
-        )
         candidates: list[str] | None = Field(
             None,
             description="probed sites (or glob patterns) to rank and intervene on; default every probed site",

@@ -12,7 +12,14 @@ from pydantic import Field
 from hookscope.actions import Action, ActionResult, Params, register
 from hookscope.errors import ExperimentError
 
-__all__ = ["FeatureDetection", "sweep_controls", "table_json", "json_cell", "EXPLAIN"]
+__all__ = [
+    "FeatureDetection",
+    "ProbeParams",
+    "sweep_controls",
+    "table_json",
+    "json_cell",
+    "EXPLAIN",
+]
 
 EXPLAIN = {
     "score": "the probe's metric on held-out rows, mean over seeds, with its 95% bootstrap interval",
@@ -90,32 +97,35 @@ class _Prepared:
     progress: bool
 
 
+class ProbeParams(Params):
+    """The probe sweep's parameters, shared by the actions that run one."""
+
+    probe: Literal["logistic", "ridge"] = Field(
+        "logistic", description="logistic: classification; ridge: regression"
+    )
+    metric: Literal["accuracy", "f1", "auroc", "r2"] | None = Field(
+        None, description="probe metric; default accuracy (logistic) or r2 (ridge)"
+    )
+    label: str | None = Field(None, description="the label column (default dataset.label_column)")
+    C: float = Field(1.0, gt=0, description="inverse L2 strength of the logistic probe")
+    alpha: float = Field(1.0, gt=0, description="L2 strength of the ridge probe")
+    seeds: int = Field(5, ge=1, description="splits and control draws")
+    bootstrap: int = Field(1000, ge=1, description="bootstrap resamples of the held-out rows")
+    permutations: int = Field(1000, ge=1, description="permutations for the p-value")
+    standardize: bool = Field(
+        False, description="standardise features before fitting (folded back)"
+    )
+
+
 @register("feature_detection")
 class FeatureDetection(Action):
     """A probe per site (``extraction.sites``) for the dataset's label, with the run's
     controls, seeds, bootstrap intervals, permutation p-values (Holm across sites) and
     selectivity."""
 
-    class Params(Params):
-        probe: Literal["logistic", "ridge"] = Field(
-            "logistic", description="logistic: classification; ridge: regression"
-        )
-        metric: Literal["accuracy", "f1", "auroc", "r2"] | None = Field(
-            None, description="default accuracy (logistic) or r2 (ridge)"
-        )
-        label: str | None = Field(
-            None, description="the label column (default dataset.label_column)"
-        )
-        C: float = Field(1.0, gt=0, description="inverse L2 strength of the logistic probe")
-        alpha: float = Field(1.0, gt=0, description="L2 strength of the ridge probe")
-        seeds: int = Field(5, ge=1, description="splits and control draws")
-        bootstrap: int = Field(1000, ge=1, description="bootstrap resamples of the held-out rows")
-        permutations: int = Field(1000, ge=1, description="permutations for the p-value")
+    class Params(ProbeParams):
         cv: int | None = Field(
             None, ge=2, description="k-fold cross-validation instead of the dataset's split"
-        )
-        standardize: bool = Field(
-            False, description="standardise features before fitting (folded back)"
         )
 
     def prepare(self, context: Any) -> _Prepared:
