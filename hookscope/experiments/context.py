@@ -198,6 +198,17 @@ class Context:
                 f"{format_choices(self.dataset.column_names)}"
             )
 
+    def extract_options(self) -> dict[str, Any]:
+        """The ``ActivationStore.extract`` keywords every extraction of this run shares: the
+        config's batch size and dtype, the progress setting and the input column."""
+        ex = self.spec.extraction
+        column = (
+            {"text_column": self.text_column}
+            if self.text_column
+            else {"input_column": self.input_column}
+        )
+        return {"batch_size": ex.batch_size, "dtype": ex.dtype, "progress": self.progress, **column}
+
     def activations(
         self,
         sites: Any = None,
@@ -213,20 +224,12 @@ class Context:
         model = model if model is not None else self.model
         data = dataset if dataset is not None else self.dataset
         before = {e["key"] for e in self.store.list() if e["state"] == "complete"}
-        kw = (
-            {"text_column": self.text_column}
-            if self.text_column
-            else {"input_column": self.input_column}
-        )
         acts = self.store.extract(
             model,
             data,
             sites if sites is not None else ex.sites,
             positions if positions is not None else ex.positions,
-            batch_size=ex.batch_size,
-            dtype=ex.dtype,
-            progress=self.progress,
-            **kw,
+            **self.extract_options(),
         )
         self.index.append(
             {

@@ -416,12 +416,6 @@ def _patched_activations(context: Any, source: str, target: str, sites: list[str
     def replace(activation: torch.Tensor, address: Any) -> torch.Tensor:
         return held["x"].to(activation.dtype)
 
-    ex = context.spec.extraction
-    kw = (
-        {"text_column": context.text_column}
-        if context.text_column
-        else {"input_column": context.input_column}
-    )
     with tempfile.TemporaryDirectory(prefix="hookscope-patched-") as folder:
         store = ActivationStore(folder)
         with context.model.hooks([(source, keep), (target, replace)]):
@@ -429,11 +423,8 @@ def _patched_activations(context: Any, source: str, target: str, sites: list[str
                 context.model,
                 context.dataset,
                 sites,
-                ex.positions,
-                batch_size=ex.batch_size,
-                dtype=ex.dtype,
-                progress=context.progress,
-                **kw,
+                context.spec.extraction.positions,
+                **context.extract_options(),
             )
         return {s: acts[s].clone() for s in sites}
 
