@@ -157,8 +157,12 @@ def test_rerun_does_no_forward_and_keeps_the_store(comparison, monkeypatch):
         return model
 
     monkeypatch.setattr(context, "load_model", counting)
-    again = run(cfg, [*FAST, f"extraction.store={store}"], out=outcome.run_dir, progress=False)
-    assert again.ran == ("report",) and forwards == []
+    overrides = [*FAST, f"extraction.store={store}"]
+    again = run(cfg, overrides, out=outcome.run_dir, progress=False)
+    assert again.ran == () and forwards == []  # complete and unchanged: nothing to do
+    # forced: the action runs again, reading the store, with the same metrics
+    forced = run(cfg, overrides, out=outcome.run_dir, progress=False, force=True)
+    assert forced.ran == ("action", "report") and forwards == []
     assert {p: p.stat().st_mtime_ns for p in store.rglob("*")} == before
     assert (outcome.run_dir / "metrics.json").read_bytes() == metrics
 
