@@ -3,6 +3,11 @@
 Typed component addresses (:class:`Residual`, :class:`AttentionHead`, :class:`MLPNeuron`,
 ...) name the same internals on every architecture; :class:`HookedModel` caches and hooks
 them. See README.md for a tour.
+
+``import hookscope`` loads the addresses and the errors only (no torch, transformers,
+matplotlib or datasets), so that the command line starts fast; every other public name
+(``hs.HookedModel``, ``from hookscope import ActivationCache``, ``hs.data``, ...) imports
+its module on first use (PEP 562).
 """
 
 import importlib
@@ -22,7 +27,6 @@ from hookscope.addresses import (
     Selection,
     parse,
 )
-from hookscope.cache import ActivationCache
 from hookscope.errors import (
     AdapterError,
     AddressError,
@@ -37,30 +41,60 @@ from hookscope.errors import (
     SiteUnavailableError,
     StoreError,
 )
-from hookscope.model import HookedModel
-from hookscope.models import ViT
 
 __version__ = "0.1.0"
 
-# Subpackages with heavy dependencies (matplotlib, scipy, datasets) load on first use, so
-# that ``import hookscope`` and the command line start fast; ``hs.data`` works as before.
-_LAZY = ("analysis", "data", "dispatch", "plot", "probes", "store", "zoo")
+#: subpackages and modules that load on first use (``hs.data``, ``hs.model``, ...); the
+#: public ones are in ``__all__``, the others stay reachable as before the imports were lazy
+_LAZY = (
+    "actions",
+    "adapters",
+    "analysis",
+    "cache",
+    "data",
+    "dispatch",
+    "experiments",
+    "hooks",
+    "interventions",
+    "model",
+    "models",
+    "plot",
+    "probes",
+    "store",
+    "zoo",
+)
 
-if TYPE_CHECKING:
-    from hookscope import analysis, data, dispatch, plot, probes, store, zoo
-    from hookscope.generation import GenerationContext
-    from hookscope.lens import LogitLens, logit_lens
-    from hookscope.store import ActivationStore, StoredActivations
-
-
-#: public names defined in modules that load on first use
+#: public names defined in modules that load on first use (torch, transformers, ...)
 _LAZY_NAMES = {
+    "HookedModel": "hookscope.model",
+    "ActivationCache": "hookscope.cache",
+    "ViT": "hookscope.models",
     "logit_lens": "hookscope.lens",
     "LogitLens": "hookscope.lens",
     "GenerationContext": "hookscope.generation",
     "ActivationStore": "hookscope.store",
     "StoredActivations": "hookscope.store",
 }
+
+if TYPE_CHECKING:
+    from hookscope import (
+        actions,
+        analysis,
+        data,
+        dispatch,
+        experiments,
+        interventions,
+        plot,
+        probes,
+        store,
+        zoo,
+    )
+    from hookscope.cache import ActivationCache
+    from hookscope.generation import GenerationContext
+    from hookscope.lens import LogitLens, logit_lens
+    from hookscope.model import HookedModel
+    from hookscope.models import ViT
+    from hookscope.store import ActivationStore, StoredActivations
 
 
 def __getattr__(name: str) -> Any:
@@ -80,9 +114,12 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "actions",
     "analysis",
     "data",
     "dispatch",
+    "experiments",
+    "interventions",
     "plot",
     "probes",
     "store",

@@ -4,6 +4,9 @@
     hookscope report runs/x           # rebuild report.md / report.html from the artifacts
     hookscope actions                 # the registered actions and their parameters
 
+A rerun of a complete run whose files are unchanged prints where it is and returns at once
+(no model or torch import); a missing or edited report is rebuilt.
+
 Mistakes (malformed YAML, a missing file, an unknown action, dataset or key, sites the model
 lacks, a missing label column, an output folder holding another run) print one line and exit
 with status 2; Ctrl-C exits with 130 and leaves the run resumable.
@@ -24,7 +27,8 @@ def add_run_parsers(sub: Any) -> None:
         help="run an experiment config (YAML): extraction, action, artifacts, report",
         description="Run CONFIG: load the data and model, extract through the activation store, "
         "run the action, write the artifacts and report.html into the output folder. A rerun "
-        "of the same config reuses the store and finished stages.",
+        "of the same config reuses the store and finished stages; a rerun of a complete, "
+        "unchanged run does nothing.",
     )
     run.add_argument("config", metavar="CONFIG", help="a YAML run config (see configs/)")
     run.add_argument(
@@ -42,7 +46,10 @@ def add_run_parsers(sub: Any) -> None:
         help="output folder (default: the config's output_dir, else runs/RUN_NAME)",
     )
     run.add_argument(
-        "--force", action="store_true", help="replace a folder holding a different run"
+        "--force",
+        action="store_true",
+        help="start over: replace the folder's run (a different one, or a finished one of "
+        "this config), keeping its activation store",
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     run.set_defaults(run=_run)

@@ -163,13 +163,20 @@ def test_run_writes_every_artifact_with_hashes(first_run):
     assert metrics["metrics"]["best_score"] > 0.8
 
 
-def test_rerun_does_no_forward_and_same_seed_gives_identical_metrics(first_run, tmp_path):
-    out, _ = first_run
+def _contents(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_rerun_does_no_forward_and_same_seed_gives_identical_metrics(first_run, tmp_path, capsys):
+    out, first = first_run
+    before = _contents(out)
     calls = []
     handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: calls.append(m))
     try:
         again = run(CONFIG, SMALL, out=out, progress=False)
-        assert again.ran == ("report",) and calls == []
+        assert again.ran == () and calls == []  # complete and unchanged: nothing to do
+        assert again.summary == first.summary
+        assert _contents(out) == before  # not a byte written
         # a second folder, same config, the same store: extraction is read, not recomputed
         twin = run(
             CONFIG,
@@ -177,13 +184,94 @@ def test_rerun_does_no_forward_and_same_seed_gives_identical_metrics(first_run, 
             out=tmp_path / "twin",
             progress=False,
         )
+        assert twin.ran == ("action", "report")
+        # --force starts the run over (the action again, reading the store), same metrics
+        forced = run(
+            CONFIG,
+            [*SMALL, f"extraction.store={out / 'store'}"],
+            out=tmp_path / "twin",
+            force=True,
+            progress=False,
+        )
+        assert forced.ran == ("action", "report")
     finally:
         handle.remove()
     assert calls == []  # (the untrained control is off here)
+    assert capsys.readouterr().err == ""  # progress=False: no bar, no stage line
     assert (tmp_path / "twin" / "metrics.json").read_bytes() == (out / "metrics.json").read_bytes()
     index = json.loads((tmp_path / "twin" / "activations_index.json").read_text())
     assert [e["action"] for e in index["entries"]] == ["read"]
     assert twin.summary == json.loads((out / "metrics.json").read_text())
+
+
+def test_rerun_of_a_complete_run_imports_no_torch(first_run):
+    """The command line on a finished, unchanged run folder: one line on stderr, the usual
+    lines on stdout, and torch (so any model, any forward) never imported."""
+    out, _ = first_run
+    code = textwrap.dedent(f"""
+        import sys
+        from hookscope.cli import main
+        args = ["run", {str(CONFIG)!r}, "--out", {str(out)!r}]
+        for s in {SMALL!r}:
+            args += ["--set", s]
+        status = main(args)
+        heavy = [m for m in ("torch", "transformers", "pandas", "matplotlib") if m in sys.modules]
+        print("heavy:", heavy)
+        sys.exit(status)
+    """)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0] == f"{out}/report.html"
+    assert "heavy: []" in done.stdout
+    assert done.stderr.count("\n") == 1 and "complete and unchanged; nothing to do" in done.stderr
+    assert str(out / "report.html") in done.stderr
+
+
+def test_a_missing_or_edited_report_is_rebuilt_on_rerun(first_run):
+    out, _ = first_run
+
+    def recorded(name: str) -> bool:
+        art = json.loads((out / "artifacts.json").read_text())
+        return art["files"][name] == hashlib.sha256((out / name).read_bytes()).hexdigest()
+
+    (out / "report.html").unlink()
+    assert run(CONFIG, SMALL, out=out, progress=False).ran == ("report",)
+    assert (out / "report.html").is_file() and recorded("report.html")
+    with open(out / "report.md", "a") as f:
+        f.write("\nedited by hand\n")
+    assert run(CONFIG, SMALL, out=out, progress=False).ran == ("report",)
+    assert "edited by hand" not in (out / "report.md").read_text() and recorded("report.md")
+    assert run(CONFIG, SMALL, out=out, progress=False).ran == ()  # whole again
+    # a changed config file (same values, a new comment): the artifacts record its new hash
+    edited = write(out.parent, CONFIG.read_text() + "# a comment\n", "edited.yaml")
+    assert run(edited, SMALL, out=out, progress=False).ran == ("report",)
+    art = json.loads((out / "artifacts.json").read_text())
+    assert art["inputs"] == {str(edited): hashlib.sha256(edited.read_bytes()).hexdigest()}
+    assert run(edited, SMALL, out=out, progress=False).ran == ()
+    assert run(CONFIG, SMALL, out=out, progress=False).ran == ("report",)  # back to CONFIG
+
+
+def test_one_progress_bar_over_the_stages_on_stderr(first_run, tmp_path, capsys):
+    out, _ = first_run
+    small = [*SMALL, f"extraction.store={out / 'store'}"]
+    run(CONFIG, small, out=tmp_path / "bar", progress=True)
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    err = captured.err
+    for stage in ("load", "extract", "run", "figures", "report"):
+        assert f"hookscope run: {stage} (" in err or f"hookscope run: {stage} |" in err, stage
+    assert "stage 5/5" in err
+    assert "probing sites" in err  # the action's own bar beneath the stages' bar
+    run(CONFIG, small, out=tmp_path / "bar", progress=True)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "complete and unchanged" in err and "stage" not in err
+    (tmp_path / "bar" / "report.html").unlink()
+    run(CONFIG, small, out=tmp_path / "bar", progress=True)
+    err = capsys.readouterr().err
+    assert "report (rebuilt" in err and "stage 1/1" in err and "load" not in err
 
 
 def test_a_folder_of_another_run_is_refused_unless_forced(first_run, tmp_path):
@@ -209,7 +297,8 @@ def test_a_folder_of_another_run_is_refused_unless_forced(first_run, tmp_path):
     assert (stranger / "notes.txt").read_text() == "mine"
 
 
-def test_interrupt_then_rerun_continues_from_the_store(tmp_path, monkeypatch):
+@pytest.mark.parametrize("progress", [False, True])
+def test_interrupt_then_rerun_continues_from_the_store(tmp_path, monkeypatch, progress, capsys):
     from hookscope.experiments.actions import feature_detection
 
     out = tmp_path / "int"
@@ -219,14 +308,18 @@ def test_interrupt_then_rerun_continues_from_the_store(tmp_path, monkeypatch):
 
     monkeypatch.setattr(feature_detection.FeatureDetection, "run", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        run(CONFIG, SMALL, out=out, progress=False)
+        run(CONFIG, SMALL, out=out, progress=progress)
     assert not (out / "metrics.json").exists()
     assert json.loads((out / "run.json").read_text())["stages"] == {}
+    if progress:  # the stages' bar stopped at the interrupted stage
+        err = capsys.readouterr().err
+        assert "hookscope run: run (feature_detection)" in err and "stage 2/5" in err
+        assert "stage 3/5" not in err
     monkeypatch.undo()
     calls = []
     handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: calls.append(m))
     try:
-        outcome = run(CONFIG, SMALL, out=out, progress=False)
+        outcome = run(CONFIG, SMALL, out=out, progress=progress)
     finally:
         handle.remove()
     assert outcome.ran == ("action", "report") and calls == []  # extraction came from the store
