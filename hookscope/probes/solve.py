@@ -15,8 +15,8 @@ Objectives (scikit-learn's, so the optima are the same):
   from a curvature-scaled Gram-matrix preconditioner (``_Preconditioner``), in float64. The
   line search moves the margins ``X w + c`` it carries, so an iteration costs one product
   with ``X`` each way. Float32 activations (the store's) are multiplied in float32 when
-  ``tol >= 1e-8``; everything else stays float64, and a problem's margins are recomputed
-  exactly before it counts as converged. Several matrices can be stacked (``design``): e.g.
+  ``tol >= 1e-8``; everything else stays float64, and a problem's margins and gradient are
+  recomputed in float64 before it counts as converged. Several matrices can be stacked (``design``): e.g.
   a fresh draw of random features per seed, one solve for all of them.
 * ridge: ``sum_i w_i (y_i - x_i.w - c)^2 + alpha ||w||^2``, in closed form (weighted
   centring, then a Cholesky solve of ``X'WX + alpha I``, one factorisation per distinct
@@ -100,27 +100,32 @@ class _Designs:
         des = self.design[rows]
         return [(g, torch.nonzero(des == g).flatten()) for g in torch.unique(des).tolist()]
 
-    def forward(self, w: Tensor, rows: Tensor) -> Tensor:
-        """``X[design[b]] @ w[b].T`` for ``w [b, K', d]``: ``[b, n, K']`` (float64)."""
+    def forward(self, w: Tensor, rows: Tensor, exact: bool = False) -> Tensor:
+        """``X[design[b]] @ w[b].T`` for ``w [b, K', d]``: ``[b, n, K']`` (float64; with
+        ``exact``, multiplied in float64 too)."""
         b, k, d = w.shape
-        w = w.to(self.X.dtype)
+        work = torch.float64 if exact else self.X.dtype
+        w = w.to(work)
         out = torch.empty(b, self.n, k, dtype=torch.float64, device=w.device)
         for g, sel in self.groups(rows):
             if self.XT is not None:
-                z = _mm(w[sel].reshape(-1, d), self.XT[g])  # [m*K', n]
+                z = _mm(w[sel].reshape(-1, d), self.XT[g].to(work))  # [m*K', n]
             else:
-                z = _mm(self.X[g], w[sel].reshape(-1, d).T).T
+                z = _mm(self.X[g].to(work), w[sel].reshape(-1, d).T).T
             out[sel] = z.reshape(sel.numel(), k, self.n).transpose(1, 2).to(torch.float64)
         return out
 
-    def backward(self, dz: Tensor, rows: Tensor) -> Tensor:
-        """``dz[b].T @ X[design[b]]`` for ``dz [b, n, K']``: ``[b, K', d]`` (float64)."""
+    def backward(self, dz: Tensor, rows: Tensor, exact: bool = False) -> Tensor:
+        """``dz[b].T @ X[design[b]]`` for ``dz [b, n, K']``: ``[b, K', d]`` (float64; with
+        ``exact``, multiplied in float64 too)."""
         b, n, k = dz.shape
+        work = torch.float64 if exact else self.X.dtype
         out = dz.new_empty(b, k, self.d)
-        dz = dz.to(self.X.dtype)
+        dz = dz.to(work)
         for g, sel in self.groups(rows):
             flat = dz[sel].transpose(1, 2).reshape(-1, n)  # [m*K', n]
-            out[sel] = _mm(flat, self.X[g]).reshape(sel.numel(), k, self.d).to(out.dtype)
+            x = self.X[g].to(work)
+            out[sel] = _mm(flat, x).reshape(sel.numel(), k, self.d).to(out.dtype)
         return out
 
 
@@ -146,11 +151,11 @@ class _Logistic:
         c = theta[:, self.k * self.d :] if self.bias else theta.new_zeros(b, self.k)
         return w, c
 
-    def margins(self, theta: Tensor, rows: Tensor) -> Tensor:
+    def margins(self, theta: Tensor, rows: Tensor, exact: bool = False) -> Tensor:
         """``X w + c`` ``[b, n, K']`` (linear in ``theta``: also the margins' change along a
-        direction)."""
+        direction); ``exact``: multiplied in float64 whatever ``X``'s precision."""
         w, c = self.split(theta)
-        return self.X.forward(w, rows) + c[:, None, :]
+        return self.X.forward(w, rows, exact) + c[:, None, :]
 
     def at(self, z: Tensor, theta: Tensor, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """At margins ``z``: the objective ``[b]``, its derivative in the margins ``[b, n, K']``
@@ -173,11 +178,11 @@ class _Logistic:
         w = theta[:, : self.k * self.d]
         return f + 0.5 * w.square().sum(1), dz, curv / self.total[rows]
 
-    def gradient(self, dz: Tensor, theta: Tensor, rows: Tensor) -> Tensor:
+    def gradient(self, dz: Tensor, theta: Tensor, rows: Tensor, exact: bool = False) -> Tensor:
         """The gradient ``[b, P]`` from the margins' derivative ``dz``."""
         b = theta.shape[0]
         w, _ = self.split(theta)
-        parts = [(self.X.backward(dz, rows) + w).reshape(b, -1)]
+        parts = [(self.X.backward(dz, rows, exact) + w).reshape(b, -1)]
         if self.bias:
             parts.append(dz.sum(1))
         return torch.cat(parts, dim=1)
@@ -387,7 +392,7 @@ def _fit_logistic(
 ) -> LinearSolution:
     # products in the activations' own precision when they are float32 (the store's): the
     # margins, objective, line search and history stay float64, and the margins are
-    # recomputed exactly before a problem is called converged
+    # recomputed in float64 before a problem is called converged
     low = X.dtype in (torch.float32, torch.float16, torch.bfloat16) and tol >= _LOW_TOL
     work = torch.float32 if low else torch.float64
     X = (X[None] if X.ndim == 2 else X).to(work)
@@ -494,11 +499,11 @@ def _fit_logistic(
             yk = yv[keep]
             gamma[kept] = sy[keep] / (yk * h0.apply(yk, kept)).sum(1)
         small = (g_new.abs().amax(1) / scale[active]) <= tol
-        if low and bool(small.any()):  # confirm on exact margins before stopping
+        if low and bool(small.any()):  # confirm in float64 before stopping
             sm = torch.nonzero(small).flatten()
-            z_new[sm] = problem.margins(th_new[sm], active[sm])
+            z_new[sm] = problem.margins(th_new[sm], active[sm], exact=True)
             f_new[sm], dz_new[sm], k_new[sm] = problem.at(z_new[sm], th_new[sm], active[sm])
-            g_new[sm] = problem.gradient(dz_new[sm], th_new[sm], active[sm])
+            g_new[sm] = problem.gradient(dz_new[sm], th_new[sm], active[sm], exact=True)
             small = (g_new.abs().amax(1) / scale[active]) <= tol
         theta[active], z[active] = th_new, z_new
         f[active], g[active] = f_new, g_new
