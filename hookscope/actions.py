@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import abc
 import importlib
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -41,6 +42,7 @@ __all__ = [
     "available",
     "describe",
     "get",
+    "names",
     "register",
 ]
 
@@ -53,7 +55,6 @@ BUILTIN = {
     "repr_collapse": "hookscope.experiments.actions.repr_collapse",
 }
 _REGISTRY: dict[str, type] = {}
-_LOADED = {"builtin": False, "plugins": False}
 
 
 class Params(Strict):
@@ -124,40 +125,58 @@ def register(name: str) -> Callable[[type], type]:
     return decorate
 
 
-def _load() -> None:
-    if not _LOADED["builtin"]:
-        _LOADED["builtin"] = True
-        for module in BUILTIN.values():
-            importlib.import_module(module)
-    if not _LOADED["plugins"]:
-        _LOADED["plugins"] = True
-        for ep in entry_points(group=ENTRY_POINT_GROUP):
-            if ep.name in _REGISTRY:
-                continue
-            try:
-                obj = ep.load()
-            except ImportError as err:
-                raise ExperimentError(
-                    f"the action plug-in {ep.name!r} ({ep.value}) cannot be imported: {err}"
-                ) from None
-            if ep.name not in _REGISTRY:
-                register(ep.name)(obj)
+def _plugin_points() -> dict[str, Any]:
+    """The installed plug-ins' entry points, by action name (nothing imported)."""
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def names() -> list[str]:
+    """Every action name: registered, built-in and installed plug-ins (nothing imported)."""
+    return sorted(set(_REGISTRY) | set(BUILTIN) | set(_plugin_points()))
+
+
+def _load(name: str) -> None:
+    """Import what registers ``name``: its built-in module or its plug-in's entry point. A
+    plug-in that fails to import raises an ExperimentError naming it and its error."""
+    if name in _REGISTRY:
+        return
+    if name in BUILTIN:
+        importlib.import_module(BUILTIN[name])
+        return
+    ep = _plugin_points().get(name)
+    if ep is None:
+        return
+    try:
+        obj = ep.load()
+    except Exception as err:  # a third party's import failure, reported with its name
+        raise ExperimentError(
+            f"the action plug-in {name!r} ({ep.value}) cannot be imported: "
+            f"{type(err).__name__}: {err}"
+        ) from err
+    if name not in _REGISTRY:
+        register(name)(obj)
 
 
 def available() -> dict[str, type]:
-    """Every registered action (built-in and plug-ins), by name."""
-    _load()
+    """Every action that loads, by name (built-in and plug-ins). A plug-in that cannot be
+    imported is left out with a warning naming it, so one broken package does not stop the
+    others; asking for it by name (:func:`get`) raises its error."""
+    for name in names():
+        try:
+            _load(name)
+        except ExperimentError as err:
+            warnings.warn(f"{err}; it is left out", stacklevel=2)
     return dict(sorted(_REGISTRY.items()))
 
 
 def get(name: str, where: str = "action.name") -> Action:
-    """A fresh instance of the action ``name``."""
-    actions = available()
-    if name not in actions:
+    """A fresh instance of the action ``name`` (only its own module is imported)."""
+    if name not in names():
         from hookscope.experiments.spec import _not_one_of
 
-        raise ExperimentError(f"{where}: {_not_one_of(name, list(actions))}")
-    return actions[name]()
+        raise ExperimentError(f"{where}: {_not_one_of(name, names())}")
+    _load(name)
+    return _REGISTRY[name]()
 
 
 def describe(name: str) -> list[dict[str, Any]]:
