@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from experiment_refs import linear_cka, table, without_pc1
 from sklearn.linear_model import LogisticRegression
 from statsmodels.stats.multitest import multipletests
 
@@ -53,23 +54,6 @@ def forward(model: str, sites: list[str]) -> dict[str, np.ndarray]:
 def ink_label() -> np.ndarray:
     ink = images().reshape(450, -1).astype(np.float64).sum(1)
     return (ink > np.median(ink)).astype(np.int64)
-
-
-def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
-    """Kornblith et al.'s linear CKA, feature-space form, on centred columns."""
-    x, y = x - x.mean(0), y - y.mean(0)
-    return np.linalg.norm(y.T @ x) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y))
-
-
-def without_pc1(x: np.ndarray) -> np.ndarray:
-    x = x - x.mean(0)
-    v = np.linalg.svd(x, full_matrices=False)[2][0]
-    return x - np.outer(x @ v, v)
-
-
-def table(summary: dict, name: str) -> pd.DataFrame:
-    t = next(t for t in summary["tables"] if t["name"] == name)
-    return pd.DataFrame(t["rows"], columns=t["columns"])
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from experiment_refs import linear_cka, table, without_pc1
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -110,23 +111,6 @@ def fit_predict(x: np.ndarray, y: np.ndarray, held: np.ndarray, standardize: boo
         clf = make_pipeline(StandardScaler(), clf)
     clf.fit(x[train], y[train])
     return clf.predict(x[held]), clf
-
-
-def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
-    """Kornblith et al.'s linear CKA, feature-space form, on centred columns."""
-    x, y = x - x.mean(0), y - y.mean(0)
-    return np.linalg.norm(y.T @ x) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y))
-
-
-def without_pc1(x: np.ndarray) -> np.ndarray:
-    x = x - x.mean(0)
-    v = np.linalg.svd(x, full_matrices=False)[2][0]
-    return x - np.outer(x @ v, v)
-
-
-def table(summary: dict, name: str) -> pd.DataFrame:
-    t = next(t for t in summary["tables"] if t["name"] == name)
-    return pd.DataFrame(t["rows"], columns=t["columns"])
 
 
 # ---------------------------------------------------------------------------- feature_comparison
