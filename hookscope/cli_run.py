@@ -8,8 +8,11 @@ A rerun of a complete run whose files are unchanged prints where it is and retur
 (no model or torch import); a missing or edited report is rebuilt.
 
 Mistakes (malformed YAML, a missing file, an unknown action, dataset or key, sites the model
-lacks, a missing label column, an output folder holding another run) print one line and exit
-with status 2; Ctrl-C exits with 130 and leaves the run resumable.
+lacks, a missing label column, a seed out of 0..2**32-1, an output folder holding another run
+or a damaged run.json, an --out that is a file or cannot be written) print one line and exit
+with status 2, and write nothing: the folder is claimed (and, with --force, the previous run's
+outputs removed) only once every check has passed. Ctrl-C exits with 130 and leaves the run
+resumable.
 """
 
 from __future__ import annotations

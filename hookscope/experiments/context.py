@@ -14,7 +14,14 @@ from typing import Any
 from hookscope.errors import ExperimentError, HookscopeError, format_choices
 from hookscope.experiments.spec import TASKS, DatasetSpec, RunSpec
 
-__all__ = ["Context", "load_dataset", "load_model", "check_sites"]
+__all__ = [
+    "Context",
+    "check_sites",
+    "dataset_files",
+    "load_dataset",
+    "load_model",
+    "model_files",
+]
 
 DATA_FILES = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
@@ -78,7 +85,10 @@ def load_dataset(spec: DatasetSpec, model: Any, seed: int) -> tuple[Any, str | N
         if "image" in ds.column_names and text is None:
             image = "image"
     elif spec.name == "digits":
-        ds = hs_data.digits(spec.source_split)
+        try:
+            ds = hs_data.digits(spec.source_split)
+        except HookscopeError as err:
+            raise ExperimentError(f"dataset.source_split: {' '.join(str(err).split())}") from None
         image, text = "image", None
     elif spec.name == "induction":  # token ids: no tokenizer needed
         vocab = getattr(getattr(model.model, "config", None), "vocab_size", None)
@@ -116,6 +126,34 @@ def load_dataset(spec: DatasetSpec, model: Any, seed: int) -> tuple[Any, str | N
             f"dataset.text_column: {column!r} is not a column; columns: {format_choices(ds.column_names)}"
         )
     return ds, text, image
+
+
+def dataset_files(spec: DatasetSpec) -> list[Path]:
+    """The files a ``files`` dataset is read from: its data file, or every file of its saved
+    folder (sorted); none for the generated tasks and digits (their rows follow from the
+    config) or for a path that does not exist (:func:`load_dataset` reports that)."""
+    if spec.name != "files" or spec.path is None:
+        return []
+    path = Path(spec.path)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file())
+    return []
+
+
+def model_files(name: str) -> list[Path]:
+    """The files of ``extraction.model`` when it is a local model folder (sorted); none for a
+    zoo name or a hub name (a zoo model ships with hookscope's version; a hub snapshot is
+    named by its commit)."""
+    path = Path(name)
+    if not path.is_dir():  # checked first: the zoo's names import nothing heavy then
+        return []
+    from hookscope import zoo
+
+    if name in zoo.names():
+        return []
+    return sorted(p for p in path.rglob("*") if p.is_file())
 
 
 def _generate(task: Any, spec: DatasetSpec, *args: Any, **kwargs: Any) -> Any:

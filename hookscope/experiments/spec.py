@@ -37,6 +37,7 @@ __all__ = [
 TASKS = ("agreement", "ioi", "induction", "factual", "digits")
 DTYPES = ("float32", "float16", "bfloat16")
 CONTROL_NAMES = ("shuffle", "random_features", "control_task", "random_init")
+SEED_MAX = 2**32 - 1  # numpy's RandomState takes seeds in 0 .. 2**32 - 1
 
 
 class Strict(BaseModel):
@@ -122,7 +123,7 @@ class RunSpec(Strict):
 
     run_name: str = Field(min_length=1)
     question: str | None = None
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     dataset: DatasetSpec
     extraction: ExtractionSpec
     action: ActionSpec
@@ -134,6 +135,10 @@ class RunSpec(Strict):
     def _name(cls, v: str) -> str:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", v):
             raise ValueError("use letters, digits, '_', '-' and '.' only (it names a folder)")
+        if v in (".", ".."):  # runs/. and runs/.. are not folders of their own
+            raise ValueError(
+                f"{v!r} names no folder of its own; use letters, digits, '_', '-' and '.'"
+            )
         return v
 
     @field_validator("controls", mode="before")
