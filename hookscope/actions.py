@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import abc
 import importlib
+import types
+import typing
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -179,6 +181,20 @@ def get(name: str, where: str = "action.name") -> Action:
     return _REGISTRY[name]()
 
 
+def _type_text(annotation: Any) -> str:
+    """A parameter's type as a user reads it: a Literal's choices, ``X | None``."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_text(a) for a in args)
+    if annotation is type(None):
+        return "None"
+    if origin is not None:  # list[str], dict[str, float]
+        return str(annotation).replace("typing.", "")
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
 def describe(name: str) -> list[dict[str, Any]]:
     """The parameters of an action: name, type, default and description."""
     cls = available()[name]
@@ -187,8 +203,7 @@ def describe(name: str) -> list[dict[str, Any]]:
         out.append(
             {
                 "name": key,
-                "type": getattr(f.annotation, "__name__", None)
-                or str(f.annotation).replace("typing.", ""),
+                "type": _type_text(f.annotation),
                 "default": None if f.is_required() else f.get_default(call_default_factory=True),
                 "required": f.is_required(),
                 "description": f.description or "",

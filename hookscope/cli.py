@@ -39,7 +39,7 @@ import os
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -247,23 +247,6 @@ def _output_folder(text: str) -> Path:
     return out
 
 
-@contextlib.contextmanager
-def _hf_progress_bars(enabled: bool) -> Iterator[None]:
-    """Silence transformers' own progress bars ("Loading weights") under --no-progress."""
-    if enabled:
-        yield
-        return
-    from transformers.utils import logging as hf_logging
-
-    was = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            hf_logging.enable_progress_bar()
-
-
 def _json_default(obj: Any) -> Any:
     if hasattr(obj, "tolist"):  # numpy / torch arrays and scalars
         return obj.tolist()
@@ -289,7 +272,9 @@ def _localize(args: argparse.Namespace) -> int:
     from hookscope.interventions import localize_circuit
 
     start = time.perf_counter()
-    with _hf_progress_bars(progress):
+    from hookscope.hf_compat import progress_bars
+
+    with progress_bars(progress):
         model = zoo.load(args.model)
     loaded = time.perf_counter()
     task = build_task(args.task, model, n=args.n, seed=args.seed)

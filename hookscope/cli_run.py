@@ -18,6 +18,7 @@ resumable.
 from __future__ import annotations
 
 import argparse
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -102,11 +103,12 @@ def _actions(args: argparse.Namespace) -> int:
     from hookscope import actions
 
     for name, cls in actions.available().items():
-        doc = (cls.__doc__ or "").strip().splitlines()
+        # the docstring's first paragraph, re-wrapped (its first line alone may stop mid-sentence)
+        summary = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
         origin = "" if cls.__module__.startswith("hookscope.") else f"  [plug-in: {cls.__module__}]"
         print(f"{name}{origin}")
-        if doc:
-            print(f"    {doc[0]}")
+        if summary:
+            print(textwrap.fill(summary, 92, initial_indent="    ", subsequent_indent="    "))
         for p in actions.describe(name):
             default = "required" if p["required"] else f"default {p['default']!r}"
             print(f"    {p['name']}: {p['type']} ({default}) {p['description']}".rstrip())

@@ -16,7 +16,6 @@ from hookscope.cli import (
     PROG,
     CLIError,
     _choice,
-    _hf_progress_bars,
     _output_folder,
     _positive_int,
 )
@@ -282,7 +281,9 @@ def _store_extract(args: argparse.Namespace) -> int:
             import torch
 
             device = args.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-            with _hf_progress_bars(not args.no_progress):
+            from hookscope.hf_compat import progress_bars
+
+            with progress_bars(not args.no_progress):
                 model = _load_store_model(args.model, device)
             data, text_column = _load_store_data(args.data, model, args.split)
             if rank == 0:  # one process creates the store; the others open it after

@@ -16,6 +16,8 @@ signature alone (a renamed keyword must not silently turn a feature off):
   onto the names the model in hand uses.
 * **Device maps.** :func:`auto_device_map` resolves ``device_map="auto"`` (and the other
   strategies) to the module -> device dict transformers would compute, before loading.
+* **Progress bars.** :func:`progress_bars` turns transformers' own bars ("Loading weights")
+  off for a block, as ``--no-progress`` asks.
 * **Attention functions.** :func:`register_attention` adds an attention function and its
   mask function under a name that ``config._attn_implementation`` can select;
   :func:`attention_function` / :func:`mask_function` look up what a name stands for.
@@ -25,7 +27,8 @@ Tested range: see the README (``make test-oldest`` and ``make test-latest``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from torch import Tensor, nn
@@ -45,6 +48,7 @@ __all__ = [
     "set_attention",
     "renamed_state",
     "auto_device_map",
+    "progress_bars",
 ]
 
 #: parameter names that differ between transformers versions (each pair: either name)
@@ -223,3 +227,21 @@ def auto_device_map(model: nn.Module, strategy: str, max_memory: dict | None) ->
             infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split)
         )
     return dict(_get_device_map(model, strategy, max_memory, None))
+
+
+@contextlib.contextmanager
+def progress_bars(enabled: bool) -> Iterator[None]:
+    """Silence transformers' own progress bars ("Loading weights") inside the block unless
+    ``enabled``; the previous setting is restored."""
+    if enabled:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()

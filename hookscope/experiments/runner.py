@@ -470,7 +470,10 @@ def _prepare_action(
 
     ex = spec.extraction
     with bar.stage("load", f"{ex.model}, {spec.dataset.name}"):
-        model = load_model(ex.model, ex.device)
+        from hookscope.hf_compat import progress_bars
+
+        with progress_bars(progress):
+            model = load_model(ex.model, ex.device)
         check_sites(model, ex.sites)
         dataset, text, image = load_dataset(spec.dataset, model, spec.seed)
     store_dir = Path(ex.store) if ex.store else out_dir / "store"
@@ -524,13 +527,18 @@ def _run_action(
         outputs[rel] = hashlib.sha256(data).hexdigest()
 
     with bar.stage("figures", f"{len(result.figures)} figure(s) as PNG and SVG, metrics"):
+        import matplotlib.pyplot as plt
+
         for name, fig in result.figures.items():
             for ext in ("png", "svg"):
                 buf = io.BytesIO()
-                fig.savefig(buf, format=ext, dpi=120 if ext == "png" else None, bbox_inches="tight")
+                # no date and fixed element ids: the same run gives the same SVG bytes
+                with plt.rc_context({"svg.hashsalt": "hookscope"}):
+                    fig.savefig(
+                        buf, format=ext, dpi=120 if ext == "png" else None, bbox_inches="tight",
+                        metadata={"Date": None} if ext == "svg" else None,
+                    )  # fmt: skip
                 put(f"figures/{name}.{ext}", buf.getvalue())
-            import matplotlib.pyplot as plt
-
             plt.close(fig)
         if result.predictions is not None:
             buf = io.BytesIO()

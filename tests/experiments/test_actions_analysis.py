@@ -130,6 +130,7 @@ def test_rerun_does_no_forward_and_keeps_the_store(comparison, monkeypatch):
     store = Path(json.loads((outcome.run_dir / "activations_index.json").read_text())["store"])
     before = {p: p.stat().st_mtime_ns for p in store.rglob("*")}
     metrics = (outcome.run_dir / "metrics.json").read_bytes()
+    figures = {f.name: f.read_bytes() for f in (outcome.run_dir / "figures").iterdir()}
     forwards = []
     import hookscope.experiments.context as context
 
@@ -149,6 +150,8 @@ def test_rerun_does_no_forward_and_keeps_the_store(comparison, monkeypatch):
     assert forced.ran == ("action", "report") and forwards == []
     assert {p: p.stat().st_mtime_ns for p in store.rglob("*")} == before
     assert (outcome.run_dir / "metrics.json").read_bytes() == metrics
+    # figures too, SVGs included (no date, fixed element ids)
+    assert {f.name: f.read_bytes() for f in (outcome.run_dir / "figures").iterdir()} == figures
 
 
 # ---------------------------------------------------------------------------- polysemanticity

@@ -42,8 +42,9 @@ def plugins(tmp_path, monkeypatch):
         "echo_plugin": EntryPoint("echo_plugin", "good_plugin:Echo", "hookscope.actions"),
     }
     monkeypatch.setattr(actions, "_plugin_points", lambda: dict(points))
-    monkeypatch.setattr(actions, "_REGISTRY", dict(actions._REGISTRY))
     yield points
+    for name in points:  # the plug-ins leave the registry (built-ins loaded meanwhile stay)
+        actions._REGISTRY.pop(name, None)
     for name in ("raising_plugin", "good_plugin"):
         sys.modules.pop(name, None)
 
@@ -75,3 +76,12 @@ def test_asking_for_a_broken_plugin_raises_its_error(plugins):
     with pytest.raises(ExperimentError, match="action.name: 'echo_plugn' is not one of") as err:
         actions.get("echo_plugn")
     assert "echo_plugin" in str(err.value) and "raising" in str(err.value)
+
+
+def test_parameter_types_read_as_choices():
+    """`hookscope actions` shows a Literal's choices and an optional type as ``X | None``."""
+    types = {p["name"]: p["type"] for p in actions.describe("feature_detection")}
+    assert types["probe"] == "'logistic' | 'ridge'"
+    assert types["metric"] == "'accuracy' | 'f1' | 'auroc' | 'r2' | None"
+    assert types["label"] == "str | None"
+    assert types["seeds"] == "int"

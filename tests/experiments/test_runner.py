@@ -459,6 +459,7 @@ def test_the_pythia70m_config_through_the_hub_cache_path(tmp_path):
         timeout=600,
     )
     assert done.returncode == 0, done.stderr
+    assert "Loading weights" not in done.stderr  # --no-progress silences transformers too
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     sites = metrics["metrics"]["sites"]
     assert list(sites) == ["resid_post.0", "resid_post.5"]
