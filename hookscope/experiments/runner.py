@@ -58,6 +58,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -526,6 +527,12 @@ def _run_action(
         _write(out_dir / rel, data)
         outputs[rel] = hashlib.sha256(data).hexdigest()
 
+    bad = [n for n in result.figures if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", str(n))]
+    if bad:  # a figure's name becomes a file name inside figures/: nothing may escape it
+        raise ExperimentError(
+            f"action {action.name!r} returned figures named {bad}; a figure's name must be "
+            "letters, digits, '_', '-' and '.' (not starting with '.')"
+        )
     with bar.stage("figures", f"{len(result.figures)} figure(s) as PNG and SVG, metrics"):
         import matplotlib.pyplot as plt
 

@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from hookscope.errors import ExperimentError, closest_match, format_choices
 
@@ -41,9 +48,10 @@ SEED_MAX = 2**32 - 1  # numpy's RandomState takes seeds in 0 .. 2**32 - 1
 
 
 class Strict(BaseModel):
-    """Unknown keys are errors; values are not coerced across types."""
+    """Unknown keys are errors; values are not coerced across types; inf and NaN are not
+    numbers a config may hold."""
 
-    model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=False, frozen=True, allow_inf_nan=False)
 
 
 class DatasetSpec(Strict):
@@ -69,6 +77,17 @@ class DatasetSpec(Strict):
         if v not in (*TASKS, "files"):
             raise ValueError(_not_one_of(v, (*TASKS, "files")))
         return v
+
+    @model_validator(mode="after")
+    def _read(self) -> DatasetSpec:
+        """A field the named dataset does not read is a mistake, not a silent no-op."""
+        if self.path is not None and self.name != "files":
+            raise ValueError(f"path is read by name: files only, not by {self.name!r}")
+        if self.name == "digits" and self.options:
+            raise ValueError(f"digits takes no options; got {sorted(self.options)}")
+        if self.name == "digits" and self.text_column is not None:
+            raise ValueError("digits are images: text_column does not apply")
+        return self
 
     @field_validator("split")
     @classmethod
@@ -129,6 +148,15 @@ class RunSpec(Strict):
     action: ActionSpec
     controls: list[ControlSpec] = Field(default_factory=list)
     output_dir: str | None = None
+
+    @field_validator("controls")
+    @classmethod
+    def _once(cls, v: list[ControlSpec]) -> list[ControlSpec]:
+        seen = [c.name for c in v]
+        twice = sorted({n for n in seen if seen.count(n) > 1})
+        if twice:
+            raise ValueError(f"{twice[0]!r} is listed twice; each control runs once")
+        return v
 
     @field_validator("run_name")
     @classmethod
@@ -225,9 +253,25 @@ def validate(model: type[BaseModel], data: Any, prefix: str = "") -> Any:
 
 
 # ---------------------------------------------------------------------------- loading
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the
+    last one silently)."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _parse_yaml(text: str, where: str) -> Any:
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeys)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]

@@ -351,3 +351,57 @@ def test_a_damaged_run_json_is_one_line_and_force_replaces_it(copy, state):
             "action": True,
             "report": True,
         }
+
+
+# ------------------------------------------------------------ config strictness (review)
+def test_a_key_given_twice_is_malformed_yaml(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("run_name: a\nrun_name: b\n" + CONFIG.read_text())
+    with pytest.raises(ExperimentError, match="line 2, column 1: key 'run_name' is given twice"):
+        load_spec(config)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("controls=[shuffle, shuffle]", "controls: 'shuffle' is listed twice"),
+        ("action.params.C=.inf", "action.params.C"),
+        ("dataset.options={x: 1}", "digits takes no options"),
+        ("dataset.path=t.csv", "path is read by name: files only"),
+        ("dataset.text_column=foo", "text_column does not apply"),
+    ],
+)
+def test_config_mistakes_that_used_to_pass_silently(override, message):
+    """Controls listed twice, an infinite C, and fields the named dataset does not read are
+    each a one-line error naming them (they used to be ignored)."""
+    from hookscope.experiments.spec import validate
+
+    with pytest.raises(ExperimentError, match=message):
+        spec, _ = load_spec(CONFIG, [override])
+        # action parameters are checked by the action's own schema
+        validate(actions.get(spec.action.name).Params, spec.action.params, "action.params")
+
+
+class _Escape(_Rows):
+    """Returns a figure whose name would leave the run folder."""
+
+    def run(self, prepared):
+        import matplotlib.pyplot as plt
+
+        return actions.ActionResult(
+            metrics={"rows": len(prepared)}, figures={"../../x": plt.figure()}
+        )
+
+
+def test_a_figure_name_cannot_leave_the_run_folder(tmp_path):
+    actions.register("test_escape")(_Escape)
+    try:
+        data = tmp_path / "t.csv"
+        data.write_text("label\n1\n2\n")
+        config = _files_config(tmp_path, data)
+        config.write_text(config.read_text().replace("test_rows", "test_escape"))
+        with pytest.raises(ExperimentError, match=r"figures named \['\.\./\.\./x'\]"):
+            run(config, out=tmp_path / "deep" / "o", progress=False)
+        assert not list(tmp_path.rglob("x.png")) and not list(tmp_path.rglob("x.svg"))
+    finally:
+        actions._REGISTRY.pop("test_escape")
