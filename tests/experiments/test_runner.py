@@ -477,3 +477,12 @@ def test_an_action_missing_a_method_is_refused_at_registration():
                 return None
 
     assert "half_done" not in actions.available()
+
+
+def test_every_column_of_the_sites_table_has_its_sentence(first_run):
+    """The report explains every number: each column of the sweep's table, the controls' sd
+    and interval columns included (derived from their base column's sentence)."""
+    _, outcome = first_run
+    table = next(t for t in outcome.summary["tables"] if t["name"] == "sites")
+    assert set(table["columns"]) == set(table["explain"])
+    assert table["explain"]["shuffle_sd"] == "shuffle: its standard deviation over seeds"

@@ -22,6 +22,11 @@ __all__ = [
 ]
 
 EXPLAIN = {
+    "site": "the activation site (address) the probes read",
+    "ci_low": "the lower end of the score's 95% bootstrap interval",
+    "ci_high": "the upper end of the score's 95% bootstrap interval",
+    "n_train": "training rows per seed",
+    "C": "the inverse L2 strength of the logistic probe (picked on validation rows from a grid)",
     "score": "the probe's metric on held-out rows, mean over seeds, with its 95% bootstrap interval",
     "sd": "the standard deviation of the score over seeds (splits and control draws)",
     "shuffle": "the same probe trained on shuffled labels: what chance looks like",
@@ -48,8 +53,27 @@ def table_json(name: str, title: str, df: pd.DataFrame, explain: dict[str, str])
         "title": title,
         "columns": cols,
         "rows": rows,
-        "explain": {k: v for k, v in explain.items() if k in cols},
+        "explain": {c: _explained(c, explain) for c in cols if _explained(c, explain)},
     }
+
+
+_SUFFIXES = (
+    ("_sd", "its standard deviation over seeds"),
+    ("_ci_low", "the lower end of its 95% bootstrap interval"),
+    ("_ci_high", "the upper end of its 95% bootstrap interval"),
+)
+
+
+def _explained(column: str, explain: dict[str, str]) -> str:
+    """The sentence for ``column``: its own, or one derived from its base column's
+    (``shuffle_sd``: the shuffled-label score's sd)."""
+    if column in explain:
+        return explain[column]
+    for suffix, text in _SUFFIXES:
+        base = column[: -len(suffix)]
+        if column.endswith(suffix) and base in explain:
+            return f"{base}: {text}"
+    return ""
 
 
 def json_cell(v: Any) -> Any:
