@@ -59,6 +59,7 @@ from hookscope.experiments.actions.feature_detection import (
     EXPLAIN,
     ProbeParams,
     sweep_controls,
+    sweep_options,
     table_json,
 )
 
@@ -788,16 +789,7 @@ def _run_probing(prep: _Prepared) -> ActionResult:
     sweep = probes.probe_sweep(
         prep.acts,
         prep.label,
-        task="classification" if p.probe == "logistic" else "regression",
-        split=prep.split,
-        metric=p.metric,
-        C=p.C,
-        alpha=p.alpha,
-        seeds=p.seeds,
-        bootstrap=p.bootstrap,
-        permutations=p.permutations,
-        standardize=p.standardize,
-        seed=prep.seed,
+        **sweep_options(p, prep.split, prep.seed),
         progress=prep.progress,
         **prep.sweep_kw,
     )

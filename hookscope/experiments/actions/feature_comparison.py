@@ -46,6 +46,7 @@ from hookscope.experiments.actions.feature_detection import (
     EXPLAIN,
     json_cell,
     sweep_controls,
+    sweep_options,
     table_json,
 )
 
@@ -245,15 +246,7 @@ class FeatureComparison(Action):
             sweep = probes.probe_sweep(
                 prepared.acts,
                 y,
-                task="classification",
-                split=prepared.split,
-                metric=p.metric,
-                C=p.C,
-                seeds=p.seeds,
-                bootstrap=p.bootstrap,
-                permutations=p.permutations,
-                standardize=p.standardize,
-                seed=prepared.seed,
+                **sweep_options(p, prepared.split, prepared.seed),
                 progress=prepared.progress,
                 **prepared.kw,
             )

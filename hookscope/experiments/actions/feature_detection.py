@@ -16,6 +16,7 @@ __all__ = [
     "FeatureDetection",
     "ProbeParams",
     "sweep_controls",
+    "sweep_options",
     "table_json",
     "json_cell",
     "EXPLAIN",
@@ -85,6 +86,19 @@ def json_cell(v: Any) -> Any:
     if isinstance(v, (np.bool_, bool)):
         return bool(v)
     return v if isinstance(v, (int, str)) or v is None else str(v)
+
+
+_SWEEP_PARAMS = ("metric", "C", "alpha", "seeds", "bootstrap", "permutations", "standardize", "cv")
+
+
+def sweep_options(params: Any, split: Any, seed: int) -> dict[str, Any]:
+    """:func:`~hookscope.probes.probe_sweep` keywords from an action's parameters (those of
+    metric, C, alpha, seeds, bootstrap, permutations, standardize and cv it has; ``probe``
+    picks the task, logistic when absent) and the run's split and seed."""
+    out = {k: getattr(params, k) for k in _SWEEP_PARAMS if hasattr(params, k)}
+    probe = getattr(params, "probe", "logistic")
+    out["task"] = "classification" if probe == "logistic" else "regression"
+    return {**out, "split": split, "seed": seed}
 
 
 def sweep_controls(context: Any, acts: Any) -> dict[str, Any]:
@@ -176,17 +190,7 @@ class FeatureDetection(Action):
         sweep = probes.probe_sweep(
             prepared.acts,
             prepared.label,
-            task="classification" if p.probe == "logistic" else "regression",
-            split=prepared.split,
-            cv=p.cv,
-            metric=p.metric,
-            C=p.C,
-            alpha=p.alpha,
-            seeds=p.seeds,
-            bootstrap=p.bootstrap,
-            permutations=p.permutations,
-            standardize=p.standardize,
-            seed=prepared.seed,
+            **sweep_options(p, prepared.split, prepared.seed),
             progress=prepared.progress,
             **prepared.kw,
         )

@@ -41,6 +41,7 @@ from hookscope.experiments.actions.feature_detection import (
     EXPLAIN,
     json_cell,
     sweep_controls,
+    sweep_options,
     table_json,
 )
 
@@ -149,15 +150,7 @@ class Polysemanticity(Action):
                 prepared.acts,
                 y,
                 sites=[site],
-                task="classification",
-                split=prepared.split,
-                metric=p.metric,
-                C=p.C,
-                seeds=p.seeds,
-                bootstrap=p.bootstrap,
-                permutations=p.permutations,
-                standardize=p.standardize,
-                seed=prepared.seed,
+                **sweep_options(p, prepared.split, prepared.seed),
                 progress=False,
                 **prepared.kw,
             )

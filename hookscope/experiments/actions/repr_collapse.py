@@ -52,6 +52,7 @@ from hookscope.experiments.actions.feature_detection import (
     EXPLAIN,
     json_cell,
     sweep_controls,
+    sweep_options,
     table_json,
 )
 
@@ -168,18 +169,10 @@ class ReprCollapse(Action):
         from hookscope import analysis, probes
 
         p, order = prepared.params, prepared.order
-        common = dict(
-            task="classification",
-            split=prepared.split,
-            metric=p.metric,
-            C=p.C,
-            seeds=p.seeds,
-            bootstrap=p.bootstrap,
-            permutations=p.permutations,
-            standardize=p.standardize,
-            seed=prepared.seed,
-            progress=prepared.progress,
-        )
+        common = {
+            **sweep_options(p, prepared.split, prepared.seed),
+            "progress": prepared.progress,
+        }
         sweep = probes.probe_sweep(prepared.acts, prepared.y, **common, **prepared.kw)
         table = sweep_table(sweep, order)
         curve = analysis.CollapseReport.from_curve(
