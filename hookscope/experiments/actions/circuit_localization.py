@@ -154,16 +154,7 @@ class CircuitLocalization(Action):
         )
         if not probing:
             return _prepare_behaviour_only(context, prep)
-        label = p.label or context.label_column
-        context.require_column(label, "action.params.label" if p.label else "dataset.label_column")
-        if p.probe == "ridge" and p.metric in ("accuracy", "f1", "auroc"):
-            raise ExperimentError(
-                f"action.params.metric: {p.metric!r} is for logistic probes; ridge takes r2"
-            )
-        if p.probe == "logistic" and p.metric == "r2":
-            raise ExperimentError(
-                "action.params.metric: 'r2' is for ridge probes; logistic takes accuracy, f1, auroc"
-            )
+        label = p.checked_label(context)
         needs = {"effect": "shuffle", "selectivity": "control_task"}.get(p.rank_by)
         if needs is not None and needs not in context.controls:
             raise ExperimentError(

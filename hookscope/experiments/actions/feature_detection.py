@@ -154,6 +154,22 @@ class ProbeParams(Params):
         False, description="standardise features before fitting (folded back)"
     )
 
+    def checked_label(self, context: Any) -> str:
+        """The label column the probes read (``label``, else the dataset's), checked to exist,
+        and the metric checked against the probe."""
+        label = self.label or context.label_column
+        where = "action.params.label" if self.label else "dataset.label_column"
+        context.require_column(label, where)
+        if self.probe == "ridge" and self.metric in ("accuracy", "f1", "auroc"):
+            raise ExperimentError(
+                f"action.params.metric: {self.metric!r} is for logistic probes; ridge takes r2"
+            )
+        if self.probe == "logistic" and self.metric == "r2":
+            raise ExperimentError(
+                "action.params.metric: 'r2' is for ridge probes; logistic takes accuracy, f1, auroc"
+            )
+        return label
+
 
 @register("feature_detection")
 class FeatureDetection(Action):
@@ -168,16 +184,7 @@ class FeatureDetection(Action):
 
     def prepare(self, context: Any) -> _Prepared:
         p = context.params
-        label = p.label or context.label_column
-        context.require_column(label, "action.params.label" if p.label else "dataset.label_column")
-        if p.probe == "ridge" and p.metric in ("accuracy", "f1", "auroc"):
-            raise ExperimentError(
-                f"action.params.metric: {p.metric!r} is for logistic probes; ridge takes r2"
-            )
-        if p.probe == "logistic" and p.metric == "r2":
-            raise ExperimentError(
-                "action.params.metric: 'r2' is for ridge probes; logistic takes accuracy, f1, auroc"
-            )
+        label = p.checked_label(context)
         acts = context.activations()
         kw = sweep_controls(context, acts)
         split = None if p.cv else dict(context.spec.dataset.split)
