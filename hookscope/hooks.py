@@ -56,6 +56,9 @@ class Run:
     acts: dict[Slot, Tensor] = field(default_factory=dict)
     stash: dict[Slot, Tensor] = field(default_factory=dict)
     detach: bool = True
+    #: hooks of a paused run return at once (a tracker arms its hooks only for the forwards
+    #: it measures)
+    paused: bool = False
     #: (plan, tensor the forward used) pairs whose gradients :meth:`gradients` computes
     grad_targets: list[tuple[SlotPlan, Tensor]] = field(default_factory=list)
 
@@ -247,12 +250,16 @@ def _replace_output(output: object, new: Tensor) -> object:
 
 
 def _forward_hook(plans: list[SlotPlan], run: Run, module: nn.Module, args: tuple, output: object):
+    if run.paused:
+        return None
     ev = _Event(output_tensor(output))
     _process_group(plans, ev, run, args)
     return _replace_output(output, ev.tensor) if ev.changed else None
 
 
 def _pre_hook(plans: list[SlotPlan], run: Run, module: nn.Module, args: tuple, kwargs: dict):
+    if run.paused:
+        return None
     tap = plans[0].tap
     if len(args) > tap.arg:
         ev = _Event(args[tap.arg])

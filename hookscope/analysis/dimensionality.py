@@ -61,6 +61,7 @@ __all__ = [
     "energy_rank",
     "nuclear_norm_ratio",
     "top_singular_value",
+    "layer_metrics",
     "dimensionality_report",
     "DimensionalityReport",
     "DimensionalityTracker",
@@ -232,6 +233,41 @@ def _power_top(
     return math.sqrt(max(rho, 0.0)), v / v.norm()
 
 
+def layer_metrics(
+    A: Float[Tensor, "n p"],
+    metrics: tuple[str, ...] | list[str] = METRICS,
+    center: bool = True,
+    energy: float = 0.9,
+    v0: Float[Tensor, " p"] | None = None,
+) -> tuple[dict[str, float], Float[Tensor, " p"] | None]:
+    """The chosen ``metrics`` of ``A`` on the cheapest path, and the top direction for next time.
+
+    When only the stable rank and participation ratio are asked for, no spectrum is computed:
+    the participation ratio comes from the traces of the smaller Gram matrix and the top
+    singular value from a power iteration warm-started at ``v0`` (pass the vector this
+    function returned for the previous step of the same layer; ``None`` when the layer's
+    width changed or at the first step). Otherwise one Gram eigendecomposition serves all
+    metrics and the returned direction is ``None``. Values equal :func:`dimensionality_report`'s.
+    """
+    for name in metrics:
+        if name not in METRICS:
+            choice(name, "metric", METRICS)
+    m = _prepared(A, center)
+    out: dict[str, float] = {}
+    if set(metrics) <= _TRACE_METRICS:
+        total, g = m.square().sum(), smaller_gram(m)
+        if "participation_ratio" in metrics:
+            out["participation_ratio"] = float(total**2 / g.square().sum())
+        v = None
+        if "stable_rank" in metrics:
+            warm = v0 if v0 is not None and v0.shape[0] == m.shape[1] else None
+            s1, v = _power_top(m, g, warm)
+            out["stable_rank"] = float(total) / s1**2
+        return {k: out[k] for k in metrics}, v
+    ev = _spectrum_of(m)
+    return {k: _from_spectrum(ev, k, energy) for k in metrics}, None
+
+
 # --------------------------------------------------------------------------- result objects
 
 
@@ -352,19 +388,8 @@ class DimensionalityTracker:
             raise AnalysisError(
                 f"steps must increase; got step {step} after step {self.history[-1]['step']}"
             )
-        m = _prepared(A, self.center)
-        row: dict[str, float] = {"step": step}
-        if set(self.metrics) <= _TRACE_METRICS:
-            total, g = m.square().sum(), smaller_gram(m)
-            if "participation_ratio" in self.metrics:
-                row["participation_ratio"] = float(total**2 / g.square().sum())
-            if "stable_rank" in self.metrics:
-                v0 = self._v if self._v is not None and self._v.shape[0] == m.shape[1] else None
-                s1, self._v = _power_top(m, g, v0)
-                row["stable_rank"] = float(total) / s1**2
-        else:
-            ev = _spectrum_of(m)
-            row.update({k: _from_spectrum(ev, k, self.energy) for k in self.metrics})
+        values, self._v = layer_metrics(A, self.metrics, self.center, self.energy, self._v)
+        row: dict[str, float] = {"step": step, **values}
         self.history.append(row)
         return {k: v for k, v in row.items() if k != "step"}
 
