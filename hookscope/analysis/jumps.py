@@ -119,7 +119,7 @@ def _block_stat(v: np.ndarray, h: int) -> np.ndarray:
 
 
 def _level_change(
-    v: np.ndarray, a: int, b: int, lo: int, hi: int, k: int, floor: float
+    v: np.ndarray, a: int, b: int, lo: int, hi: int, k: int, floor: float, noise: float = 0.0
 ) -> tuple[float, float]:
     """Level change across an event spanning differences a..b, and its t-statistic.
 
@@ -143,7 +143,11 @@ def _level_change(
         return float(coef[1]), np.inf
     resid = v[idx] - design @ coef
     cov = np.linalg.pinv(design.T @ design)
-    se = max(float(np.sqrt(resid @ resid / dof * cov[1, 1])), floor)
+    se = max(
+        float(np.sqrt(resid @ resid / dof * cov[1, 1])),
+        floor,
+        noise * float(np.sqrt(1.0 / len(pre) + 1.0 / len(post))) if len(pre) and len(post) else 0.0,
+    )
     return float(coef[1]), abs(float(coef[1])) / se
 
 
@@ -232,6 +236,7 @@ def jump_report(
     min_magnitude: float = 0.0,
     causal: bool = False,
     method: str = "diff_zscore",
+    noise_floor: float = 0.0,
 ) -> JumpReport:
     """Detect jumps in ``values`` ([T]) logged at ``steps`` ([T], increasing; default 0..T-1).
 
@@ -240,7 +245,10 @@ def jump_report(
     before/after mean difference (1 = first differences; 4 = 4-point means, for smaller jumps).
     ``min_separation``: flags this close (in positions) are one event. ``level_window``: values
     on each side used to measure the level change. ``min_magnitude``: smaller level changes are
-    ignored. Raises an AnalysisError for fewer than 10 values or NaN/Inf.
+    ignored. ``noise_floor``: the least noise standard deviation the values can have; for an
+    integer-valued series (``energy_rank``) the rounding noise ``1 / sqrt(12)``, so that a
+    change of one unit against a flat stretch (median absolute deviation 0) is not infinitely
+    significant. Raises an AnalysisError for fewer than 10 values or NaN/Inf.
     """
     choice(method, "method", METHODS)
     v = as_vector(values, "values", min_len=10).cpu().numpy()
@@ -250,6 +258,7 @@ def jump_report(
     min_separation = positive_int(min_separation, "min_separation", minimum=0)
     level_window = positive_int(level_window, "level_window")
     min_magnitude = in_range(min_magnitude, "min_magnitude", 0.0, np.inf)
+    noise_floor = in_range(noise_floor, "noise_floor", 0.0, np.inf)
     if isinstance(scales, int) or not scales:
         raise AnalysisError(f"scales must be a non-empty tuple of ints >= 1; got {scales!r}")
     # a block longer than a quarter of the series has no reference to compare with: skipped
@@ -260,13 +269,14 @@ def jump_report(
     scale_of_series = max(float(np.ptp(v)), 1e3 * np.finfo(float).eps * float(np.abs(v).max()))
     floor = 1e-9 * scale_of_series if scale_of_series > 0 else 1e-300
     d = np.diff(v)
-    z1 = _robust_z(d, window, 1, causal, floor)
+    z1 = _robust_z(d, window, 1, causal, max(floor, noise_floor * np.sqrt(2.0)))
     zmax = z1.copy()
     for h in scales:
         if h == 1:
             continue
         stat = _block_stat(v, h)
-        zh = np.nan_to_num(_robust_z(stat, window, h, causal, floor * np.sqrt(1.0 / h)))
+        floor_h = max(floor * np.sqrt(1.0 / h), noise_floor * np.sqrt(2.0 / h))
+        zh = np.nan_to_num(_robust_z(stat, window, h, causal, floor_h))
         zmax = np.where(np.abs(zh) > np.abs(zmax), zh, zmax)
     flagged = np.flatnonzero(np.abs(zmax) >= threshold)
     groups: list[list[int]] = []
@@ -280,7 +290,7 @@ def jump_report(
         a, b = members[0], members[-1]
         lo = groups[g - 1][-1] + 1 if g > 0 else 0
         hi = groups[g + 1][0] + 1 if g + 1 < len(groups) else v.shape[0]
-        change, t_change = _level_change(v, a, b, lo, hi, level_window, floor)
+        change, t_change = _level_change(v, a, b, lo, hi, level_window, floor, noise_floor)
         # local drift per step, so that the steepest difference is found on a trend too
         near = np.concatenate([d[max(0, a - window) : a], d[b + 1 : b + 1 + window]])
         drift = float(np.median(near)) if near.size else 0.0
