@@ -61,6 +61,7 @@ _LAZY = (
     "plot",
     "probes",
     "store",
+    "tracking",
     "zoo",
 )
 
@@ -74,6 +75,7 @@ _LAZY_NAMES = {
     "GenerationContext": "hookscope.generation",
     "ActivationStore": "hookscope.store",
     "StoredActivations": "hookscope.store",
+    "Tracker": "hookscope.tracking.tracker",
 }
 
 if TYPE_CHECKING:
@@ -87,6 +89,7 @@ if TYPE_CHECKING:
         plot,
         probes,
         store,
+        tracking,
         zoo,
     )
     from hookscope.cache import ActivationCache
@@ -95,6 +98,7 @@ if TYPE_CHECKING:
     from hookscope.model import HookedModel
     from hookscope.models import ViT
     from hookscope.store import ActivationStore, StoredActivations
+    from hookscope.tracking.tracker import Tracker
 
 
 def __getattr__(name: str) -> Any:
@@ -123,6 +127,7 @@ __all__ = [
     "plot",
     "probes",
     "store",
+    "tracking",
     "zoo",
     "Address",
     "ActivationCache",
@@ -154,6 +159,7 @@ __all__ = [
     "Residual",
     "Selection",
     "SiteUnavailableError",
+    "Tracker",
     "ViT",
     "parse",
 ]
