@@ -63,6 +63,7 @@ class RingBuffer:
         if where not in ("memory", "disk"):
             raise InputError(f"buffer must be 'memory' or 'disk'; got {where!r}")
         self.tensors = _state_tensors(module)
+        self.signature = [(k, t.shape, t.dtype) for k, t in self.tensors]
         self.size, self.where = int(size), where
         self.state_bytes = sum(t.numel() * t.element_size() for _, t in self.tensors)
         self.steps: OrderedDict[int, int] = OrderedDict()  # step -> slot
@@ -82,8 +83,16 @@ class RingBuffer:
         """Memory (or scratch disk) the buffer holds when full."""
         return self.size * self.state_bytes
 
-    def push(self, step: int) -> None:
+    def push(self, step: int, module: nn.Module) -> None:
         """Copy the module's current state in, replacing the oldest."""
+        now = _state_tensors(module)  # .to()/.double() replace tensors: read them every time
+        if [(k, t.shape, t.dtype) for k, t in now] != self.signature:
+            raise InputError(
+                "the model's state changed its names, shapes or dtypes after the Tracker was "
+                "built (model.to(dtype) / .double() / a new layer?); build the Tracker after "
+                "moving the model"
+            )
+        self.tensors = now
         if len(self.steps) == self.size:
             self.steps.popitem(last=False)
         slot = self._next
@@ -118,22 +127,37 @@ class CheckpointFolder:
 
     def __init__(self, folder: str | os.PathLike[str], module: nn.Module, settings: dict):
         self.folder = Path(folder)
+        if self.folder.exists() and not self.folder.is_dir():
+            raise InputError(f"checkpoints={str(folder)!r} is a file; give a folder")
         self.folder.mkdir(parents=True, exist_ok=True)
         self.model = type(module).__name__
         self.settings = settings
         self.saved: dict[int, dict[str, Any]] = {}
         self.jumps: list[dict[str, Any]] = []
         self.wanted: dict[int, set[int]] = {}  # future step -> jump ids waiting for it
+        self._written: set[int] = set()  # steps this run wrote
         index = self.folder / "index.json"
         if index.exists():  # a resumed run keeps what an earlier run saved here
-            old = json.loads(index.read_text())
-            if old.get("format") != FORMAT:
+            try:
+                old = json.loads(index.read_text())
+            except json.JSONDecodeError as err:
+                raise InputError(
+                    f"{index} is not valid JSON ({err}); choose another folder"
+                ) from None
+            if not isinstance(old, dict) or old.get("format") != FORMAT:
                 raise InputError(
                     f"{self.folder} holds an index.json that is not a hookscope checkpoint "
-                    f"index (format {old.get('format')!r}); choose an empty folder"
+                    f"index; choose an empty folder"
+                )
+            if old.get("model") != self.model:
+                raise InputError(
+                    f"{self.folder} holds checkpoints of a {old.get('model')}, not of this "
+                    f"{self.model}; choose another folder"
                 )
             self.saved = {int(e["step"]): e for e in old["steps"]}
             self.jumps = list(old["jumps"])
+        else:
+            self._write_index()  # an empty folder is a valid (empty) checkpoint folder
 
     def add_jump(self, jump: TrackedJump, window: range, buffer: RingBuffer) -> None:
         """Save the buffered states in ``window`` now; remember the later ones."""
@@ -163,7 +187,7 @@ class CheckpointFolder:
 
     def _save(self, step: int, state: dict[str, Tensor], jid: int | None) -> None:
         entry = self.saved.get(step)
-        if entry is None:
+        if entry is None or step not in self._written:  # a resumed run's state replaces the old
             from safetensors.torch import save
 
             name = f"step_{step:09d}.safetensors"
@@ -171,9 +195,16 @@ class CheckpointFolder:
             data = save(tensors, metadata={"step": str(step)})
             atomic_write(self.folder / name, lambda f: f.write(data))
             digest = hashlib.sha256(data).hexdigest()
-            entry = {"step": step, "file": name, "sha256": digest, "bytes": len(data)}
-            entry["jumps"] = []
+            jumps = [] if entry is None else entry["jumps"]
+            entry = {
+                "step": step,
+                "file": name,
+                "sha256": digest,
+                "bytes": len(data),
+                "jumps": jumps,
+            }
             self.saved[step] = entry
+            self._written.add(step)
         if jid is not None and jid not in entry["jumps"]:
             entry["jumps"].append(jid)
 

@@ -217,7 +217,9 @@ class OnlineJumps:
         gap = int(self.options["min_separation"]) + max(self.scales)
         for j in rep.jumps:
             index = lo + j.index
-            if not self.decided[s] <= index < stop or index - self.last_jump[s] <= gap:
+            # only the flagged event: an older change that never flagged is not an online find
+            near = index >= cand + 1 - gap
+            if not near or not self.decided[s] <= index < stop or index - self.last_jump[s] <= gap:
                 continue
             self.last_jump[s] = index
             site, metric = self.names[s]

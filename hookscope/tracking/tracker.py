@@ -6,8 +6,10 @@ Two ways to get the activations it measures at a logged step ``s`` (``s % every 
 * ``inputs=None``: the training forward itself. While the tracker is entered, one hook per
   tracked layer records the layer's tensor (detached: no autograd graph is kept) on the
   forwards before a due ``log``; the hooks are paused on every other forward (they return at
-  once). The activations of step ``s`` come from the forward of step ``s``, i.e. from the
-  weights before that step's update.
+  once), and forwards under ``torch.no_grad`` (an evaluation pass) are never recorded. The
+  activations of step ``s`` come from the forward of step ``s``, i.e. from the weights
+  before that step's update, while the checkpoint of step ``s`` is the state after it: the
+  state that produced a jump's first new value is the checkpoint one step earlier.
 * ``inputs=probe_batch``: a fixed batch, run at every due ``log`` under ``torch.no_grad`` in
   eval mode (the model's mode is restored after), so steps are comparable; no hook is on the
   model in between. The activations of step ``s`` come from the weights after its update.
@@ -30,6 +32,7 @@ import math
 import queue
 import threading
 import warnings
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -163,11 +166,20 @@ class Tracker:
         if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 1:
             raise InputError(f"checkpoint_every must be a positive int; got {checkpoint_every!r}")
         try:
-            self.save_steps = {int(s) for s in save_steps}
-        except (TypeError, ValueError):
+            steps = list(save_steps)
+        except TypeError:
+            steps = [save_steps]
+        if not all(
+            isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s >= 0 for s in steps
+        ):
+            raise InputError(f"save_steps must be training steps (ints >= 0); got {save_steps!r}")
+        self.save_steps = {int(s) for s in steps}
+        if len(set(metrics)) != len(metrics):
+            raise InputError(f"metrics names a metric twice: {list(metrics)}")
+        if jump_options is not None and not isinstance(jump_options, Mapping):
             raise InputError(
-                f"save_steps must be training steps (ints); got {save_steps!r}"
-            ) from None
+                f"jump_options must be a dict of detector settings; got {jump_options!r}"
+            )
         series = [(site, m) for site in self.names for m in self.metrics]
         self.detector = (
             OnlineJumps(series, confirm=confirm, **(jump_options or {})) if jumps else None
@@ -191,16 +203,23 @@ class Tracker:
                 raise InputError("save_steps= needs checkpoints= (the folder to save them in)")
             lag = (confirm + queue_size + 2) * every if jumps else 0
             size = (self.before + lag) // self.checkpoint_every + 1
-            self.ring = RingBuffer(self.module, size, buffer)
             self.folder = CheckpointFolder(
                 checkpoints,
                 self.module,
                 {
                     "window": [self.before, self.after],
                     "checkpoint_every": self.checkpoint_every,
-                    "buffer": {"states": self.ring.size, "bytes": self.ring.bytes, "where": buffer},
+                    "buffer": {
+                        "states": size,
+                        "bytes": size
+                        * sum(
+                            t.numel() * t.element_size() for t in self.module.state_dict().values()
+                        ),
+                        "where": buffer,
+                    },
                 },
             )
+            self.ring = RingBuffer(self.module, size, buffer)  # after the folder is checked
         # results
         self._steps: list[float] = []
         self._loss: list[float] = []
@@ -213,7 +232,7 @@ class Tracker:
         self._error: BaseException | None = None
         self._warm: dict[str, Tensor | None] = {}
         self._last_step: float | None = None
-        self._stride = 1
+        self._stride: int | None = None  # the hooks stay armed until two logs show it
         self._installed = None
         self._run = None
         self._thread: threading.Thread | None = None
@@ -241,7 +260,7 @@ class Tracker:
             from hookscope.hooks import Run, installed, wire
 
             slots = [a.slot for a in self.sites]
-            self._run = Run()  # not paused: the first forward may be step 0's
+            self._run = Run(grad_only=True)  # not paused: the first forward may be step 0's
             hooks = installed(self.module, wire(self.model._plans((), record=slots)), self._run)
             hooks.__enter__()  # removes what it registered itself if interrupted
             self._installed = hooks
@@ -285,6 +304,12 @@ class Tracker:
         self._handle_new_jumps()
 
     # ------------------------------------------------------------------ logging
+    def arm(self) -> None:
+        """Record the next training forward even if its step is not due (before a
+        ``log(step, force=True)`` with ``inputs=None``)."""
+        if self._run is not None:
+            self._run.paused = False
+
     def due(self, step: int) -> bool:
         """Whether ``log(step)`` measures (``step`` a multiple of ``every``)."""
         return step % self.every == 0
@@ -306,24 +331,25 @@ class Tracker:
             )
         if self._closed:
             raise HookError("this tracker is closed; make a new Tracker for another run")
+        loss_value = _number(loss, "loss") if force or self.due(step) else math.nan
         if self._last_step is not None:
             self._stride = step - int(self._last_step)
         self._last_step = step
         if self.ring is not None and step % self.checkpoint_every == 0:
-            self.ring.push(step)
+            self.ring.push(step, self.module)
             self.folder.offer(step, self.ring)
-            if step in self.save_steps:
-                self.folder.save_now(step, self.ring.state(step))
+        if step in self.save_steps:
+            self.folder.save_now(step, self.module.state_dict())
         if force or self.due(step):
             acts = self._activations(step)
             if acts is not None:
-                job = (step, acts, _number(loss, "loss"), self._grad_norm(grad_norm, step))
+                job = (step, acts, loss_value, self._grad_norm(grad_norm, step))
                 if self._queue is not None:
                     self._queue.put(job)
                 else:
                     self._measure(*job)
         if self._run is not None:  # arm the hooks for the next forward when its step is due
-            self._run.paused = not any(
+            self._run.paused = self._stride is not None and not any(
                 self.due(s) for s in range(step + 1, step + self._stride + 1)
             )
             self._run.acts.clear()
@@ -350,7 +376,8 @@ class Tracker:
         self._stride = 10**9
         warnings.warn(
             f"step {step} was not measured: no training forward ran with the tracker's hooks "
-            "armed since the previous log() (log() is not called once per training step?); "
+            "armed since the previous log() (force=True without tracker.arm() before the "
+            "forward, or log() skipping steps irregularly?); "
             "from now on every forward is recorded and each due log() measures the latest one",
             stacklevel=3,
         )

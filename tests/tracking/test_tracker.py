@@ -430,17 +430,74 @@ def test_log_without_the_with_block_and_bad_arguments_are_named(digits):
     assert _hooks_left(model) == 0
 
 
-def test_logging_every_few_steps_warns_once_then_measures(digits):
+def test_logging_only_due_steps_measures_them_and_eval_passes_are_ignored(digits):
     X, y, _ = digits
     model = _model("mlp")
-    tracker = hs.Tracker(model, every=5, jumps=False, background=False)
+    tracker = hs.Tracker(model, every=5, jumps=False, background=False, sites="neuron.0")
+    seen = {}
     with tracker:
-        with pytest.warns(UserWarning, match="step 5 was not measured"):
-            for step in range(21):
-                model(X[_batch(step)])
-                if step % 5 == 0:
-                    tracker.log(step)
-    assert sorted(tracker.results()["step"].unique()) == [0, 10, 15, 20]
+        for step in range(21):
+            with torch.no_grad():  # the reference (not recorded: no graph)
+                seen[step] = model[2](model[1](model[0](X[_batch(step)])))
+            model(X[_batch(step)])
+            with torch.no_grad():
+                model(X[:16] * 0.01)  # an evaluation pass before log() is not measured
+            if step % 5 == 0:
+                tracker.log(step)
+    frame = tracker.results()
+    assert sorted(frame["step"].unique()) == [0, 5, 10, 15, 20]
+    got = frame.query("step == 15").set_index("metric")["value"]
+    ref = dimensionality_report(seen[15]).metrics()
+    assert got["stable_rank"] == pytest.approx(ref["stable_rank"], rel=1e-9)
+
+
+def test_force_with_the_training_forward_needs_arm(digits):
+    X, y, _ = digits
+    model = _model("mlp")
+    tracker = hs.Tracker(model, every=10, jumps=False, background=False)
+    with tracker:
+        for step in range(12):
+            if step == 3:
+                tracker.arm()
+            model(X[_batch(step)])
+            tracker.log(step, force=step == 3)
+        model(X[:64])
+        with pytest.warns(UserWarning, match="tracker.arm"):
+            tracker.log(12, force=True)
+    assert sorted(tracker.results()["step"].unique()) == [0, 3, 10]
+
+
+def test_checkpoint_folders_resume_refuse_and_start_empty(digits, tmp_path):
+    X, y, _ = digits
+    folder = tmp_path / "ck"
+    for seed in (0, 1):  # a rerun into the same folder replaces the states it saves
+        model = _model("mlp", seed=seed)
+        tracker = hs.Tracker(model, every=2, jumps=False, checkpoints=folder, save_steps=[3])
+        assert tracker.checkpoints().steps == ([] if seed == 0 else [3])
+        at3 = {}
+        _train(
+            model,
+            tracker,
+            X,
+            y,
+            5,
+            after_step=lambda s: at3.update(w=model[1].weight.clone()) if s == 3 else None,
+        )
+        assert torch.equal(tracker.checkpoints().state(3)["1.weight"], at3["w"])
+    from hookscope.tracking.checkpoints import CheckpointFolder
+
+    with pytest.raises(InputError, match="checkpoints of a Sequential"):
+        CheckpointFolder(folder, nn.Linear(3, 3), {})
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="is a file"):
+        hs.Tracker(_model("mlp"), checkpoints=tmp_path / "file")
+    model = _model("mlp")
+    tracker = hs.Tracker(model, checkpoints=tmp_path / "moved", jumps=False)
+    model.double()
+    with pytest.raises(InputError, match="dtypes after the Tracker was built"):
+        with tracker:
+            model(X[:8].double())
+            tracker.log(0)
 
 
 # ------------------------------------------------------------------------- outputs
