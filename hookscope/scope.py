@@ -345,3 +345,18 @@ class Scope:
         self._undo.append(partial(_detach, module, attr, entry))
         with _ATTACH_LOCK:
             module.__dict__.setdefault(attr, []).append(entry)
+
+
+def strip_copied_hooks(root: nn.Module) -> None:
+    """Remove hookscope's hooks from ``root``, a ``copy.deepcopy`` of a hooked model (the copy
+    carries copies of them that no scope will ever remove). A user's own hooks stay."""
+    for module in root.modules():
+        for hooks in (module._forward_hooks, module._forward_pre_hooks):
+            for key in [k for k, h in hooks.items() if isinstance(h, _ThreadHook)]:
+                del hooks[key]
+        if isinstance(module.__dict__.get("forward"), _Forward):
+            original = module.__dict__["forward"].original
+            if original is None:
+                del module.__dict__["forward"]
+            else:
+                module.__dict__["forward"] = original

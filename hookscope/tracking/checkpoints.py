@@ -290,7 +290,10 @@ class Checkpoints:
                 f"load() needs the model the states belong to (an nn.Module or HookedModel); "
                 f"got {type(model).__name__}"
             )
+        from hookscope.scope import strip_copied_hooks
+
         twin = copy.deepcopy(model)
+        strip_copied_hooks(getattr(twin, "model", twin))  # a tracker's hooks may be on model
         getattr(twin, "model", twin).load_state_dict(self.state(step))
         return twin
 

@@ -109,6 +109,8 @@ class OnlineJumps:
                 f"{', '.join(DETECTOR_DEFAULTS)}"
             )
         self.options = {**DETECTOR_DEFAULTS, **detector}
+        # the offline detector checks every setting and names the bad one
+        jump_report(np.arange(4.0 * MIN_REFERENCE), causal=True, **self.options)
         self.window = int(self.options["window"])
         if self.window < MIN_REFERENCE:
             raise AnalysisError(f"window must be >= {MIN_REFERENCE}; got {self.window}")

@@ -143,11 +143,11 @@ class Tracker:
                 )
         if conv not in CONV:
             raise InputError(f"conv must be one of {', '.join(CONV)}; got {conv!r}")
-        if not (isinstance(energy, (int, float)) and 0 < energy <= 1):
+        if isinstance(energy, bool) or not (isinstance(energy, (int, float)) and 0 < energy <= 1):
             raise InputError(f"energy must be in (0, 1]; got {energy!r}")
         if buffer not in ("memory", "disk"):
             raise InputError(f"buffer must be 'memory' or 'disk'; got {buffer!r}")
-        if not isinstance(queue_size, int) or queue_size < 1:
+        if not isinstance(queue_size, int) or isinstance(queue_size, bool) or queue_size < 1:
             raise InputError(f"queue_size must be a positive int; got {queue_size!r}")
         self.sites = resolve_sites(self.model, sites)
         self._tokens = is_token_model(self.model)

@@ -541,3 +541,20 @@ def test_views_exports_plots_and_tensorboard(digits, tmp_path):
     assert jump_tags == {f"jumps/{j.metric}/{j.site}" for j in tracker.jumps()}
     assert "Tracker(2 sites" in repr(tracker)
     assert not math.isnan(tracker.results()["loss"].iloc[0])
+
+
+def test_detector_settings_and_a_loaded_copy_are_checked(digits, tmp_path):
+    X, y, _ = digits
+    model = _model("mlp")
+    with pytest.raises(HookscopeError, match="threshold"):
+        hs.Tracker(model, jump_options={"threshold": -1})
+    with pytest.raises(HookscopeError, match="scales"):
+        hs.Tracker(model, jump_options={"scales": 4})
+    with pytest.raises(HookscopeError, match="unknown jump detector option"):
+        hs.Tracker(model, jump_options={"treshold": 4})
+    tracker = hs.Tracker(model, checkpoints=tmp_path / "ck", save_steps=[0], jumps=False)
+    with tracker:
+        model(X[:8])
+        tracker.log(0)
+        twin = tracker.checkpoints().load(0, model)  # copied while the hooks are on
+    assert _hooks_left(model) == 0 and _hooks_left(twin) == 0
