@@ -56,9 +56,6 @@ class Run:
     acts: dict[Slot, Tensor] = field(default_factory=dict)
     stash: dict[Slot, Tensor] = field(default_factory=dict)
     detach: bool = True
-    #: hooks of a paused run return at once (a tracker arms its hooks only for the forwards
-    #: it measures)
-    paused: bool = False
     #: record only forwards run with gradients enabled (a training forward, not an eval pass)
     grad_only: bool = False
     #: (plan, tensor the forward used) pairs whose gradients :meth:`gradients` computes
@@ -252,7 +249,7 @@ def _replace_output(output: object, new: Tensor) -> object:
 
 
 def _forward_hook(plans: list[SlotPlan], run: Run, module: nn.Module, args: tuple, output: object):
-    if run.paused or (run.grad_only and not torch.is_grad_enabled()):
+    if run.grad_only and not torch.is_grad_enabled():
         return None
     ev = _Event(output_tensor(output))
     _process_group(plans, ev, run, args)
@@ -260,7 +257,7 @@ def _forward_hook(plans: list[SlotPlan], run: Run, module: nn.Module, args: tupl
 
 
 def _pre_hook(plans: list[SlotPlan], run: Run, module: nn.Module, args: tuple, kwargs: dict):
-    if run.paused or (run.grad_only and not torch.is_grad_enabled()):
+    if run.grad_only and not torch.is_grad_enabled():
         return None
     tap = plans[0].tap
     if len(args) > tap.arg:

@@ -17,7 +17,7 @@ difference) and works in two stages:
 
 So a jump is reported ``confirm`` logged values after it happened (the ``confirmed_at`` step),
 and a level shift is one jump, not a run of flags (the original tracker's defect). The first
-``MIN_REFERENCE + 1`` logged values cannot hold a detected jump: there is no reference yet.
+``MIN_REFERENCE + 2`` (10) logged values cannot hold a detected jump: there is no reference yet.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ Two ways to get the activations it measures at a logged step ``s`` (``s % every 
 
 * ``inputs=None``: the training forward itself. While the tracker is entered, one hook per
   tracked layer records the layer's tensor (detached: no autograd graph is kept) on the
-  forwards before a due ``log``; the hooks are paused on every other forward (they return at
-  once), and forwards under ``torch.no_grad`` (an evaluation pass) are never recorded. The
+  forwards before a due ``log``; on every other forward no hook is on the model (they are
+  installed after the log before a due step and removed after it), and forwards under ``torch.no_grad`` (an evaluation pass) are never recorded. The
   activations of step ``s`` come from the forward of step ``s``, i.e. from the weights
   before that step's update, while the checkpoint of step ``s`` is the state after it: the
   state that produced a jump's first new value is the checkpoint one step earlier.
@@ -257,13 +257,12 @@ class Tracker:
         if self._entered:
             raise HookError("this tracker is already started (a with-block or start() is active)")
         if self.inputs is None:
-            from hookscope.hooks import Run, installed, wire
+            from hookscope.hooks import Run, wire
 
             slots = [a.slot for a in self.sites]
-            self._run = Run(grad_only=True)  # not paused: the first forward may be step 0's
-            hooks = installed(self.module, wire(self.model._plans((), record=slots)), self._run)
-            hooks.__enter__()  # removes what it registered itself if interrupted
-            self._installed = hooks
+            self._run = Run(grad_only=True)
+            self._wiring = wire(self.model._plans((), record=slots))
+            self._set_armed(True)  # the first forward may be step 0's
         if self.background:
             self._queue = queue.Queue(maxsize=self.queue_size)
             self._thread = threading.Thread(
@@ -307,8 +306,20 @@ class Tracker:
     def arm(self) -> None:
         """Record the next training forward even if its step is not due (before a
         ``log(step, force=True)`` with ``inputs=None``)."""
-        if self._run is not None:
-            self._run.paused = False
+        if self._run is not None and self._entered and not self._closed:
+            self._set_armed(True)
+
+    def _set_armed(self, armed: bool) -> None:
+        """Install the recording hooks (or remove them: a paused forward costs nothing)."""
+        from hookscope.hooks import installed
+
+        if armed and self._installed is None:
+            hooks = installed(self.module, self._wiring, self._run)
+            hooks.__enter__()  # removes what it registered itself if interrupted
+            self._installed = hooks
+        elif not armed and self._installed is not None:
+            hooks, self._installed = self._installed, None
+            hooks.__exit__(None, None, None)
 
     def due(self, step: int) -> bool:
         """Whether ``log(step)`` measures (``step`` a multiple of ``every``)."""
@@ -348,11 +359,12 @@ class Tracker:
                     self._queue.put(job)
                 else:
                     self._measure(*job)
-        if self._run is not None:  # arm the hooks for the next forward when its step is due
-            self._run.paused = self._stride is not None and not any(
-                self.due(s) for s in range(step + 1, step + self._stride + 1)
-            )
+        if self._run is not None:  # hooks on the model only for the forwards before a due log
             self._run.acts.clear()
+            stride = self._stride
+            self._set_armed(
+                stride is None or (step + stride) // self.every > step // self.every
+            )
         self._handle_new_jumps()
 
     def _activations(self, step: int) -> dict[str, Tensor] | None:
