@@ -102,6 +102,23 @@ def _spectrum_of(m: Tensor) -> Tensor:
     return torch.where(ev > noise, ev, torch.zeros_like(ev))
 
 
+def _numpy_spectrum(a: np.ndarray, center: bool) -> np.ndarray:
+    """:func:`spectrum` of a numpy matrix without torch: the same checks, centring and
+    round-off rule (an error is raised through the torch path, for the same message)."""
+    m = np.asarray(a, dtype=np.float64)
+    if m.ndim != 2 or m.shape[0] < 2 or m.shape[1] < 1 or not np.isfinite(m.sum()):
+        _prepared(m, center)  # raises the standard AnalysisError
+    scale = float(np.abs(m).max())
+    if center:
+        m = m - m.mean(axis=0, keepdims=True)
+    if scale == 0.0 or float(np.abs(m).max()) <= 64 * np.finfo(np.float64).eps * scale:
+        _prepared(np.asarray(a, dtype=np.float64), center)  # raises "no variance"
+    g = m.T @ m if m.shape[1] <= m.shape[0] else m @ m.T
+    ev = np.linalg.eigvalsh(g)[::-1]
+    noise = max(m.shape) * np.finfo(np.float64).eps * ev[0]
+    return np.where(ev > noise, ev, 0.0)
+
+
 def spectrum(A: Float[Tensor, "n p"], center: bool = True) -> Float[Tensor, " k"]:  # k = min(n, p)
     """Squared singular values ``s_i**2`` of ``A`` (centred by default), descending, float64.
 
@@ -258,6 +275,9 @@ def layer_metrics(
     for name in metrics:
         if name not in METRICS:
             choice(name, "metric", METRICS)
+    if isinstance(A, np.ndarray):  # numpy in, numpy throughout (a tracker's worker process)
+        ev = _numpy_spectrum(A, center)
+        return {k: _from_spectrum(ev, k, energy) for k in metrics}, None
     m = _prepared(A, center)
     out: dict[str, float] = {}
     if set(metrics) <= _TRACE_METRICS:

@@ -14,13 +14,13 @@ Two ways to get the activations it measures at a logged step ``s`` (``s % every 
   eval mode (the model's mode is restored after), so steps are comparable; no hook is on the
   model in between. The activations of step ``s`` come from the weights after its update.
 
-The metrics (:func:`hookscope.analysis.dimensionality.layer_metrics`: traces and a
-warm-started power iteration when only the stable rank and participation ratio are asked
-for, one Gram-matrix eigendecomposition on the smaller side otherwise) and the online jump
-detector (:mod:`hookscope.tracking.online`) run on a background thread, so that the training
-step does not wait for them (``background=False``: in the calling thread). The queue between
-them is bounded (``queue`` logged steps), which also bounds memory. Errors on that thread
-(NaN activations, say) are raised by the next ``log`` or ``results`` call.
+The metrics (:func:`hookscope.analysis.dimensionality.layer_metrics`: one eigendecomposition
+of the Gram matrix on the smaller side per layer, all metrics from it) and the online jump
+detector (:mod:`hookscope.tracking.online`) run in a forked worker process by default, so that
+the training step does not wait for them (:mod:`hookscope.tracking.worker`; ``background=
+"thread"``, or ``False`` for the calling thread). At most ``queue_size`` logged steps are in
+flight, which also bounds memory. Errors there (NaN activations, say) are raised by the next
+``log`` or ``results`` call.
 
 States for checkpoints are copied in the calling thread at logged steps on the
 ``checkpoint_every`` grid into a ring buffer (:mod:`hookscope.tracking.checkpoints`).
@@ -29,7 +29,6 @@ States for checkpoints are copied in the calling thread at logged steps on the
 from __future__ import annotations
 
 import math
-import queue
 import threading
 import warnings
 from collections.abc import Mapping
@@ -40,11 +39,12 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from hookscope.analysis.dimensionality import METRICS, layer_metrics
-from hookscope.errors import HookError, HookscopeError, InputError
+from hookscope.analysis.dimensionality import METRICS
+from hookscope.errors import HookError, InputError
 from hookscope.tracking.checkpoints import CheckpointFolder, Checkpoints, RingBuffer, _window
 from hookscope.tracking.online import OnlineJumps, TrackedJump, jumps_frame
 from hookscope.tracking.sites import CONV, as_rows, attention_mask, is_token_model, resolve_sites
+from hookscope.tracking.worker import BACKENDS, make_worker
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -52,7 +52,6 @@ if TYPE_CHECKING:
 __all__ = ["Tracker", "DEFAULT_METRICS"]
 
 DEFAULT_METRICS = ("stable_rank", "participation_ratio", "energy_rank", "nuclear_norm_ratio")
-_STOP = object()
 
 
 def _number(value: Any, name: str) -> float:
@@ -69,6 +68,15 @@ def _number(value: Any, name: str) -> float:
     raise InputError(
         f"{name} must be a number, a one-element tensor or None; got {type(value).__name__}"
     )
+
+
+def _matrix(t: Tensor) -> np.ndarray:
+    """A layer's [rows, features] tensor as a CPU numpy array for the worker (float16 and
+    bfloat16, which numpy lacks or computes poorly, become float32)."""
+    t = t.detach()
+    if t.dtype not in (torch.float32, torch.float64):
+        t = t.float()
+    return t.cpu().numpy()
 
 
 class Tracker:
@@ -185,6 +193,26 @@ class Tracker:
             OnlineJumps(series, confirm=confirm, **(jump_options or {})) if jumps else None
         )
         self.queue_size = queue_size
+        if background is True:
+            background = "process"
+        elif background is False:
+            background = "inline"
+        if background not in BACKENDS:
+            raise InputError(
+                f"background must be True, False or one of {', '.join(BACKENDS)}; got {background!r}"
+            )
+        self.backend = background
+        self._spec = {
+            "names": self.names,
+            "metrics": list(self.metrics),
+            "center": self.center,
+            "energy": self.energy,
+            "detector": None
+            if self.detector is None
+            else {"confirm": self.detector.confirm, "options": dict(self.detector.options)},
+        }
+        self._worker = None
+        self._raised = False
         self._writer = None
         if tensorboard is not None:
             try:
@@ -229,14 +257,10 @@ class Tracker:
         self._jumps: list[TrackedJump] = []
         self._handled = 0  # jumps handed to the checkpoint folder
         self._lock = threading.Lock()
-        self._error: BaseException | None = None
-        self._warm: dict[str, Tensor | None] = {}
         self._last_step: float | None = None
         self._stride: int | None = None  # the hooks stay armed until two logs show it
         self._installed = None
         self._run = None
-        self._thread: threading.Thread | None = None
-        self._queue: queue.Queue | None = None
         self._entered = False
         self._closed = False
         self.torch_seed = torch.initial_seed()
@@ -263,12 +287,7 @@ class Tracker:
             self._run = Run(grad_only=True)
             self._wiring = wire(self.model._plans((), record=slots))
             self._set_armed(True)  # the first forward may be step 0's
-        if self.background:
-            self._queue = queue.Queue(maxsize=self.queue_size)
-            self._thread = threading.Thread(
-                target=self._work, name="hookscope-tracker", daemon=True
-            )
-            self._thread.start()
+        self._worker = make_worker(self.backend, self._spec, self._record, self.queue_size)
         self._entered = True
         return self
 
@@ -294,12 +313,8 @@ class Tracker:
             self._raise_pending()
 
     def _finish_worker(self) -> None:
-        if self._thread is not None:
-            self._queue.put(_STOP)
-            self._thread.join()
-            self._thread = None
-        if self.detector is not None:
-            self._accept(self.detector.finish())
+        if self._worker is not None:
+            self._accept(self._worker.close())
         self._handle_new_jumps()
 
     # ------------------------------------------------------------------ logging
@@ -342,6 +357,11 @@ class Tracker:
             )
         if self._closed:
             raise HookError("this tracker is closed; make a new Tracker for another run")
+        if self._raised:
+            raise HookError(
+                "this tracker stopped measuring after the error it raised earlier; the steps "
+                "measured before it are in results()"
+            )
         loss_value = _number(loss, "loss") if force or self.due(step) else math.nan
         if self._last_step is not None:
             self._stride = step - int(self._last_step)
@@ -354,17 +374,15 @@ class Tracker:
         if force or self.due(step):
             acts = self._activations(step)
             if acts is not None:
-                job = (step, acts, loss_value, self._grad_norm(grad_norm, step))
-                if self._queue is not None:
-                    self._queue.put(job)
-                else:
-                    self._measure(*job)
+                mats = [
+                    _matrix(as_rows(acts[name], self.conv, self._tokens, self._mask))
+                    for name in self.names
+                ]
+                self._worker.submit(step, mats, (loss_value, self._grad_norm(grad_norm, step)))
         if self._run is not None:  # hooks on the model only for the forwards before a due log
             self._run.acts.clear()
             stride = self._stride
-            self._set_armed(
-                stride is None or (step + stride) // self.every > step // self.every
-            )
+            self._set_armed(stride is None or (step + stride) // self.every > step // self.every)
         self._handle_new_jumps()
 
     def _activations(self, step: int) -> dict[str, Tensor] | None:
@@ -413,46 +431,22 @@ class Tracker:
         return math.sqrt(sum(squares.values()))
 
     # ------------------------------------------------------------------ the worker
-    def _work(self) -> None:
-        while True:
-            job = self._queue.get()
-            try:
-                if job is _STOP:
-                    return
-                if self._error is None:  # after an error the queue is drained unmeasured
-                    self._measure(*job)
-            except BaseException as err:  # handed to the training thread, raised there
-                self._error = err
-            finally:
-                self._queue.task_done()
-
-    def _measure(self, step: int, acts: dict[str, Tensor], loss: float, grad: float) -> None:
-        row = np.empty((len(self.names), len(self.metrics)))
-        for i, name in enumerate(self.names):
-            try:
-                values, self._warm[name] = layer_metrics(
-                    as_rows(acts[name], self.conv, self._tokens, self._mask),
-                    self.metrics,
-                    self.center,
-                    self.energy,
-                    self._warm.get(name),
-                )
-            except HookscopeError as err:
-                raise type(err)(f"step {step}, {name}: {err}") from None
-            row[i] = [values[m] for m in self.metrics]
+    def _record(self, step: int, row: list[float], jumps: list[TrackedJump], extra: tuple) -> None:
+        """A measured step from the worker (any thread): keep it, log it, take its jumps."""
+        loss, grad = extra
+        values = np.asarray(row, dtype=float).reshape(len(self.names), len(self.metrics))
         with self._lock:
             self._steps.append(step)
             self._loss.append(loss)
             self._grad.append(grad)
-            self._values.append(row)
+            self._values.append(values)
         if self._writer is not None:
             for i, name in enumerate(self.names):
                 for j, metric in enumerate(self.metrics):
-                    self._writer.add_scalar(f"{metric}/{name}", row[i, j], step)
+                    self._writer.add_scalar(f"{metric}/{name}", values[i, j], step)
             if not math.isnan(loss):
                 self._writer.add_scalar("loss", loss, step)
-        if self.detector is not None:
-            self._accept(self.detector.push(step, row.reshape(-1)))
+        self._accept(jumps)
 
     def _accept(self, found: list[TrackedJump]) -> None:
         if not found:
@@ -483,14 +477,16 @@ class Tracker:
             self.folder.add_jump(j, window, self.ring)
 
     def _raise_pending(self) -> None:
-        if self._error is not None:
-            err, self._error = self._error, None
-            raise err
+        """Raise the worker's error once (later calls to log() say the tracker stopped)."""
+        worker = self._worker
+        if worker is not None and worker.error is not None and not self._raised:
+            self._raised = True
+            raise worker.error
 
     def flush(self) -> None:
         """Wait until every logged step is measured (results() and close() call it)."""
-        if self._queue is not None and self._thread is not None:
-            self._queue.join()
+        if self._worker is not None and not self._closed:
+            self._worker.flush()
         self._raise_pending()
 
     # ------------------------------------------------------------------ results

@@ -68,7 +68,7 @@ def _hooks_left(module: nn.Module) -> int:
 # ------------------------------------------------------------------------- values
 
 
-@pytest.mark.parametrize("background", [True, False])
+@pytest.mark.parametrize("background", ["process", "thread", False])
 def test_metrics_equal_dimensionality_on_the_training_forward(digits, background):
     X, y, _ = digits
     model = _model("mlp")
@@ -558,3 +558,31 @@ def test_detector_settings_and_a_loaded_copy_are_checked(digits, tmp_path):
         tracker.log(0)
         twin = tracker.checkpoints().load(0, model)  # copied while the hooks are on
     assert _hooks_left(model) == 0 and _hooks_left(twin) == 0
+
+
+def test_a_killed_worker_process_is_an_error_not_a_hang(digits):
+    import os
+    import signal
+
+    X, y, _ = digits
+    model = _model("mlp")
+    tracker = hs.Tracker(model, jumps=False, background="process")
+    with pytest.raises(HookError, match="worker process ended unexpectedly"):
+        with tracker:
+            for step in range(3):
+                model(X[:64])
+                tracker.log(step)
+            tracker.flush()
+            os.kill(tracker._worker.proc.pid, signal.SIGKILL)
+            tracker._worker.proc.join()
+            for step in range(3, 6):
+                model(X[:64])
+                tracker.log(step)
+    assert sorted(tracker.results()["step"]) == [0] * 8 + [1] * 8 + [2] * 8
+    assert _hooks_left(model) == 0
+    assert not tracker._worker.proc.is_alive()
+
+
+def test_an_unknown_background_is_named(digits):
+    with pytest.raises(InputError, match="process, thread, inline"):
+        hs.Tracker(_model("mlp"), background="gpu")
