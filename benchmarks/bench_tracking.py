@@ -65,13 +65,12 @@ import tracemalloc
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 import hookscope as hs
 from hookscope.data.digits import digits_tensors
 from hookscope.zoo.shipped import build_module
-from hookscope.zoo.train_digits import RECIPES
+from hookscope.zoo.train_digits import RECIPES, training_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("stable_rank", "participation_ratio", "energy_rank", "nuclear_norm_ratio")
@@ -139,13 +138,7 @@ class OriginalTracker:
 
 def train(model: str, steps: int, variant: dict, probe: Tensor) -> tuple[float, object]:
     """One seeded run; returns (seconds of the loop incl. the tracker's close, the tracker)."""
-    recipe = RECIPES[model]
-    torch.manual_seed(SEED)
-    module = build_module(recipe.build)
-    X, y = digits_tensors("train")
-    order = torch.Generator().manual_seed(SEED)
-    opt = torch.optim.AdamW(module.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    module, steps, updates = training_steps(model, seed=SEED, steps=steps)
     kind = variant["kind"]
     if kind == "tracker":
         tracker = hs.Tracker(
@@ -162,22 +155,11 @@ def train(model: str, steps: int, variant: dict, probe: Tensor) -> tuple[float, 
         tracker = OriginalTracker(module, variant["every"])
     else:
         tracker = None
-    perm, cursor = torch.randperm(len(y), generator=order), 0
-    module.train()
     start = time.perf_counter()
     if tracker is not None:
         tracker.__enter__()
     try:
-        for step in range(steps):
-            if cursor + recipe.batch_size > len(y):
-                perm, cursor = torch.randperm(len(y), generator=order), 0
-            rows = perm[cursor : cursor + recipe.batch_size]
-            cursor += recipe.batch_size
-            loss = F.cross_entropy(module(X[rows]), y[rows])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            schedule.step()
+        for step, loss in updates:
             if tracker is not None:
                 tracker.log(step, loss=loss)
     finally:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import platform
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,34 +139,53 @@ def _state(module: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().clone().contiguous() for k, v in module.state_dict().items()}
 
 
-def train(model: str, progress: bool = True) -> tuple[nn.Module, dict[int, dict[str, Tensor]]]:
-    """Train ``model`` ("mlp", "cnn" or "vit"); returns the module and {step: state_dict}."""
+def training_steps(
+    model: str, seed: int | None = None, steps: int | None = None
+) -> tuple[nn.Module, int, Iterator[tuple[int, Tensor]]]:
+    """``model``'s recipe, ready to train: ``(module, steps, updates)``.
+
+    ``updates`` yields ``(step, loss)`` after each optimiser update (``step`` from 0; the
+    loss of that step's batch, detached): the loop of :func:`train`, for callers that
+    measure during training (``hs.Tracker``). ``seed`` and ``steps`` default to the recipe's;
+    the cosine schedule spans ``steps``.
+    """
     recipe = RECIPES[model]
-    torch.manual_seed(recipe.seed)
+    seed = recipe.seed if seed is None else seed
+    steps = recipe.steps if steps is None else steps
+    torch.manual_seed(seed)
     module = build_module(recipe.build)
     X, y = digits_tensors("train")
-    order = torch.Generator().manual_seed(recipe.seed)
+    order = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(module.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=recipe.steps)
-    saves = set(checkpoint_steps(recipe.steps))
-    states: dict[int, dict[str, Tensor]] = {}
-    perm, cursor = torch.randperm(len(y), generator=order), 0
-    module.train()
-    bar = tqdm(range(recipe.steps + 1), desc=f"train digits-{model}", disable=not progress)
-    for step in bar:
-        if step in saves:
-            states[step] = _state(module)
-        if step == recipe.steps:
-            break
-        if cursor + recipe.batch_size > len(y):
-            perm, cursor = torch.randperm(len(y), generator=order), 0
-        rows = perm[cursor : cursor + recipe.batch_size]
-        cursor += recipe.batch_size
-        loss = F.cross_entropy(module(X[rows]), y[rows])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        schedule.step()
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+
+    def updates() -> Iterator[tuple[int, Tensor]]:
+        perm, cursor = torch.randperm(len(y), generator=order), 0
+        module.train()
+        for step in range(steps):
+            if cursor + recipe.batch_size > len(y):
+                perm, cursor = torch.randperm(len(y), generator=order), 0
+            rows = perm[cursor : cursor + recipe.batch_size]
+            cursor += recipe.batch_size
+            loss = F.cross_entropy(module(X[rows]), y[rows])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            schedule.step()
+            yield step, loss.detach()
+
+    return module, steps, updates()
+
+
+def train(model: str, progress: bool = True) -> tuple[nn.Module, dict[int, dict[str, Tensor]]]:
+    """Train ``model`` ("mlp", "cnn" or "vit"); returns the module and {step: state_dict}."""
+    module, steps, updates = training_steps(model)
+    saves = set(checkpoint_steps(steps))
+    states: dict[int, dict[str, Tensor]] = {0: _state(module)}
+    bar = tqdm(updates, total=steps, desc=f"train digits-{model}", disable=not progress)
+    for step, loss in bar:  # after update `step`, the state of step + 1
+        if step + 1 in saves:
+            states[step + 1] = _state(module)
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     return module.eval(), states
