@@ -30,6 +30,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor, nn
@@ -279,6 +280,42 @@ class Checkpoints:
         from safetensors.torch import load
 
         return load(data)
+
+    def states(self) -> dict[int, dict[str, Tensor]]:
+        """Every saved state, by step (for ``hs.tracking.analysis.gradient_flow``)."""
+        return {step: self.state(step) for step in self.steps}
+
+    def activations(
+        self, model: Any, inputs: Any, site: Any, conv: str = "flatten"
+    ) -> dict[int, np.ndarray]:
+        """``site``'s ``[rows, features]`` activations on ``inputs`` at every saved step (a
+        copy of ``model`` holds each state in turn; eval mode, no grad), for
+        ``subspace_evolution`` and ``disentanglement``. Rows follow the tracker's
+        conventions (:mod:`hookscope.tracking.sites`)."""
+        from hookscope.model import HookedModel
+        from hookscope.tracking.sites import CONV, as_rows, attention_mask, is_token_model
+
+        if conv not in CONV:
+            raise InputError(f"conv must be one of {', '.join(CONV)}; got {conv!r}")
+        if not self.steps:
+            raise InputError(f"{self.folder} holds no saved states")
+        twin = self.load(self.steps[0], model)
+        hooked = twin if isinstance(twin, HookedModel) else HookedModel.wrap(twin)
+        found = hooked.resolve(site)
+        if len(found) != 1:
+            raise InputError(
+                f"activations() takes one layer; {site!r} selects {len(found)}: "
+                f"{', '.join(map(str, found))}"
+            )
+        address = found[0]
+        tokens, mask = is_token_model(hooked), attention_mask(inputs)
+        out: dict[int, np.ndarray] = {}
+        hooked.model.eval()
+        for step in self.steps:
+            hooked.model.load_state_dict(self.state(step))
+            _, cache = hooked.run_with_cache(inputs, names=[address])
+            out[step] = as_rows(cache[address], conv, tokens, mask).float().cpu().numpy()
+        return out
 
     def load(self, step: int, model: Any) -> Any:
         """A copy of ``model`` (nn.Module or HookedModel) holding the state of ``step``."""

@@ -586,3 +586,31 @@ def test_a_killed_worker_process_is_an_error_not_a_hang(digits):
 def test_an_unknown_background_is_named(digits):
     with pytest.raises(InputError, match="process, thread, inline"):
         hs.Tracker(_model("mlp"), background="gpu")
+
+
+def test_saved_states_feed_the_checkpoint_analyses(digits, tmp_path):
+    from hookscope.tracking.analysis import gradient_flow, subspace_evolution
+
+    X, y, _ = digits
+    model = _model("mlp")
+    tracker = hs.Tracker(
+        model, every=5, jumps=False, checkpoints=tmp_path / "ck", save_steps=[0, 10, 20]
+    )
+    _train(model, tracker, X, y, 21)
+    ck = tracker.checkpoints()
+    acts = ck.activations(model, X[:100], "neuron.1")
+    assert sorted(acts) == [0, 10, 20]
+    twin = _model("mlp")
+    twin.load_state_dict(ck.state(10))
+    twin.eval()
+    with torch.no_grad():
+        ref = twin[4](twin[3](twin[2](twin[1](twin[0](X[:100])))))
+    np.testing.assert_array_equal(acts[10], ref.numpy())
+    evo = subspace_evolution(acts, k=3)
+    assert len(evo.to_pandas())
+    flow = gradient_flow(
+        _model("mlp"), ck.states(), (X[:64], y[:64]), lambda m, b: F.cross_entropy(m(b[0]), b[1])
+    )
+    assert set(flow.to_pandas()["step"]) == {0, 10, 20}
+    with pytest.raises(InputError, match="takes one layer"):
+        ck.activations(model, X[:10], "neuron.*")
