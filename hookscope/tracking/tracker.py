@@ -401,14 +401,14 @@ class Tracker:
                 acts[name] = value
         if len(acts) == len(self.names):
             return acts
-        # no armed forward since the last log: log() is not called every step. From now on
-        # every forward is recorded (a detached reference per layer) and this step is skipped
+        # no armed forward since the last log: this step is skipped, said so, and the hooks
+        # stay on for the forwards up to the next log
         self._stride = 10**9
         warnings.warn(
             f"step {step} was not measured: no training forward ran with the tracker's hooks "
             "armed since the previous log() (force=True without tracker.arm() before the "
-            "forward, or log() skipping steps irregularly?); "
-            "from now on every forward is recorded and each due log() measures the latest one",
+            "forward, or log() skipping steps irregularly?); the hooks stay on until the next "
+            "log()",
             stacklevel=3,
         )
         return None
