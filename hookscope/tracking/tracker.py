@@ -168,7 +168,7 @@ class Tracker:
             float(energy),
             conv,
         )
-        self.grad_norms, self.background = bool(grad_norms), bool(background)
+        self.grad_norms = bool(grad_norms)
         self.before, self.after = _window(keep_around_jumps)
         self.checkpoint_every = every if checkpoint_every is None else checkpoint_every
         if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 1:

@@ -8,8 +8,9 @@ path) and one push to the online jump detector. Three places to run it:
   when the tracker starts. The training thread only copies each layer's matrix into a pipe
   (raw bytes with a JSON header; nothing is pickled); the child measures with one BLAS thread
   and sends back one JSON line per step. Python threads would share the interpreter lock
-  with the training loop, whose many small torch calls then wait on it: on the digits MLP a
-  thread worker made training 2.4x slower at every step, a process 1.1x.
+  with the training loop, whose many small torch calls then wait on it: measuring every step
+  of the digits MLP's training made it 2.2x slower with a thread worker, 1.44x with the
+  process (``benchmarks/bench_tracking.py --steps 1000``).
 * ``"thread"``: a background thread (where there is no fork).
 * ``"inline"`` (``background=False``): in the training thread, at ``log``.
 
