@@ -121,7 +121,7 @@ class Tracker:
         save_steps: Any = (),
         grad_norms: bool = False,
         tensorboard: Any = None,
-        background: bool = True,
+        background: bool | str = True,
         queue_size: int = 8,
     ) -> None:
         from hookscope.model import HookedModel
