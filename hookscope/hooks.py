@@ -338,3 +338,12 @@ class installed:
     def __exit__(self, *exc: object) -> bool:
         self.scope.close()
         return False
+
+    def suspend(self) -> None:
+        """Take the block's torch hooks off the modules until :meth:`resume` (hookscope's
+        attention routing, where wired, stays); the block's end removes them either way."""
+        self.scope.suspend_hooks()
+
+    def resume(self) -> None:
+        """Put the hooks that :meth:`suspend` took off back on."""
+        self.scope.resume_hooks()

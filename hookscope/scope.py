@@ -227,6 +227,10 @@ def _remove_hook(module: nn.Module, hook: _ThreadHook) -> None:
                 getattr(module, flag, {}).pop(key, None)
 
 
+def _is_registered(module: nn.Module, hook: _ThreadHook) -> bool:
+    return any(v is hook for name in _HOOK_DICTS for v in getattr(module, name, {}).values())
+
+
 def _restore_forward(module: nn.Module, wrapper: _Forward) -> None:
     wrapper.active = False
     current = module.__dict__.get("forward")
@@ -272,6 +276,7 @@ class Scope:
     def __init__(self) -> None:
         self.owner = threading.get_ident()
         self._undo: list[Callable[[], None]] = []
+        self._hooks: list[tuple[nn.Module, _ThreadHook, Callable, dict]] = []  # to resume
         self._finalizer: weakref.finalize | None = None
 
     # ------------------------------------------------------------------ lifetime
@@ -323,6 +328,7 @@ class Scope:
         """``module.register_forward_hook(fn)``, acting in this thread only."""
         hook = _ThreadHook(self.owner, fn)
         self._undo.append(partial(_remove_hook, module, hook))
+        self._hooks.append((module, hook, module.register_forward_hook, {"prepend": prepend}))
         module.register_forward_hook(hook, prepend=prepend)
 
     def pre_hook(
@@ -331,7 +337,24 @@ class Scope:
         """``module.register_forward_pre_hook(fn)``, acting in this thread only."""
         hook = _ThreadHook(self.owner, fn)
         self._undo.append(partial(_remove_hook, module, hook))
-        module.register_forward_pre_hook(hook, with_kwargs=with_kwargs, prepend=prepend)
+        options = {"with_kwargs": with_kwargs, "prepend": prepend}
+        self._hooks.append((module, hook, module.register_forward_pre_hook, options))
+        module.register_forward_pre_hook(hook, **options)
+
+    def suspend_hooks(self) -> None:
+        """Take this scope's torch hooks off their modules for now (a module without hooks
+        runs on torch's fast path: for a scope kept open across many forwards of which few
+        need the hooks). Nothing else of the scope changes; closing removes the hooks
+        whether suspended or not."""
+        for module, hook, _, _ in self._hooks:
+            _remove_hook(module, hook)
+
+    def resume_hooks(self) -> None:
+        """Put the suspended hooks back (after the module's other hooks, or before them for
+        ``prepend=True``, as when they were first registered)."""
+        for module, hook, register, options in self._hooks:
+            if not _is_registered(module, hook):
+                register(hook, **options)
 
     def replace_forward(self, module: nn.Module, fn: Callable) -> None:
         """Give ``module`` the instance ``forward`` ``fn`` in this thread (hooks still run)."""

@@ -243,3 +243,37 @@ def test_every_signal_deferred_in_a_section_is_delivered():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "raised ['TERM']"
+
+
+def test_suspended_hooks_are_off_the_module_and_resume_in_their_place():
+    from hookscope.scope import Scope
+
+    lin = nn.Linear(3, 3)
+    calls: list[str] = []
+    user = lin.register_forward_hook(lambda *a: calls.append("user"))
+    x = torch.randn(2, 3)
+    with Scope() as scope:
+        scope.forward_hook(lin, lambda *a: calls.append("late"))
+        scope.forward_hook(lin, lambda *a: calls.append("early"), prepend=True)
+        scope.pre_hook(lin, lambda m, a, k: calls.append("pre"), with_kwargs=True)
+        lin(x)
+        assert calls == ["pre", "early", "user", "late"]
+        scope.suspend_hooks()
+        assert len(lin._forward_hooks) == 1 and not lin._forward_pre_hooks  # the user's stays
+        calls.clear()
+        lin(x)
+        assert calls == ["user"]
+        scope.resume_hooks()
+        scope.resume_hooks()  # idempotent: each hook once
+        calls.clear()
+        lin(x)
+        assert calls == ["pre", "early", "user", "late"]
+        scope.suspend_hooks()
+        scope.resume_hooks()
+    assert list(lin._forward_hooks.values()) == [lin._forward_hooks[user.id]]
+    assert not lin._forward_pre_hooks and not lin._forward_pre_hooks_with_kwargs
+    with Scope() as scope:  # closed while suspended: nothing comes back
+        scope.forward_hook(lin, lambda *a: calls.append("late"))
+        scope.suspend_hooks()
+    assert len(lin._forward_hooks) == 1
+    user.remove()
