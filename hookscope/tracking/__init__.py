@@ -15,8 +15,9 @@ each confirmed jump from a ring buffer (:mod:`hookscope.tracking.checkpoints`).
 
 Also: :func:`load_ndt` (the dimensionality-tracking project's result files),
 :func:`export` / :func:`load_run` (Parquet, CSV, JSON, HDF5), :func:`over_checkpoints`
-(released training checkpoints such as pythia's), :func:`plan_checkpoints` and the
-training-dynamics analyses in :mod:`hookscope.tracking.analysis`.
+(released training checkpoints such as pythia's), :func:`plan_checkpoints`, the
+training-dynamics analyses in :mod:`hookscope.tracking.analysis`, and
+:func:`shutdown_workers` / :func:`worker_processes` (the reused worker process).
 
 The results frame every part shares is long: one row per (step, site, metric) with columns
 ``step`` (training step), ``site`` (address), ``metric``, ``value``, ``loss``, ``grad_norm``
@@ -39,6 +40,8 @@ _LAZY_NAMES = {
     "export": "hookscope.tracking.files",
     "load_run": "hookscope.tracking.files",
     "over_checkpoints": "hookscope.tracking.revisions",
+    "shutdown_workers": "hookscope.tracking.worker",
+    "worker_processes": "hookscope.tracking.worker",
 }
 _LAZY_MODULES = ("analysis",)
 

@@ -5,11 +5,12 @@ Two ways to get the activations it measures at a logged step ``s`` (``s % every 
 
 * ``inputs=None``: the training forward itself. While the tracker is entered, one hook per
   tracked layer records the layer's tensor (detached: no autograd graph is kept) on the
-  forwards before a due ``log``; on every other forward no hook is on the model (they are
-  installed after the log before a due step and removed after it), and forwards under ``torch.no_grad`` (an evaluation pass) are never recorded. The
-  activations of step ``s`` come from the forward of step ``s``, i.e. from the weights
-  before that step's update, while the checkpoint of step ``s`` is the state after it: the
-  state that produced a jump's first new value is the checkpoint one step earlier.
+  forwards before a due ``log``; for the other forwards the hooks are taken off the model
+  (a hooked module call takes torch's slower path) and put back before the next due step,
+  and forwards under ``torch.no_grad`` (an evaluation pass) are never recorded. The activations of step ``s`` come from the forward of step ``s``, i.e. from
+  the weights before that step's update, while the checkpoint of step ``s`` is the state
+  after it: the state that produced a jump's first new value is the checkpoint one step
+  earlier.
 * ``inputs=probe_batch``: a fixed batch, run at every due ``log`` under ``torch.no_grad`` in
   eval mode (the model's mode is restored after), so steps are comparable; no hook is on the
   model in between. The activations of step ``s`` come from the weights after its update.
@@ -17,7 +18,8 @@ Two ways to get the activations it measures at a logged step ``s`` (``s % every 
 The metrics (:func:`hookscope.analysis.dimensionality.layer_metrics`: one eigendecomposition
 of the Gram matrix on the smaller side per layer, all metrics from it) and the online jump
 detector (:mod:`hookscope.tracking.online`) run in a forked worker process by default, so that
-the training step does not wait for them (:mod:`hookscope.tracking.worker`; ``background=
+the training step does not wait for them (:mod:`hookscope.tracking.worker`: the activations
+go through shared memory, and the process is reused by the next tracker; ``background=
 "thread"``, or ``False`` for the calling thread). At most ``queue_size`` logged steps are in
 flight, which also bounds memory. Errors there (NaN activations, say) are raised by the next
 ``log`` or ``results`` call.
@@ -54,7 +56,9 @@ __all__ = ["Tracker", "DEFAULT_METRICS"]
 DEFAULT_METRICS = ("stable_rank", "participation_ratio", "energy_rank", "nuclear_norm_ratio")
 
 
-def _number(value: Any, name: str) -> float:
+def _number(value: Any, name: str, later: bool = False) -> Any:
+    """``value`` as a float (NaN for None); with ``later``, a one-element tensor is checked
+    and kept (detached) for the caller to convert when the step's result is recorded."""
     if value is None:
         return math.nan
     if isinstance(value, Tensor):
@@ -62,21 +66,13 @@ def _number(value: Any, name: str) -> float:
             raise InputError(
                 f"{name} must be a number or a one-element tensor; got shape {tuple(value.shape)}"
             )
-        return float(value.detach())
+        value = value.detach() if value.requires_grad else value
+        return value if later else float(value)
     if isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool):
         return float(value)
     raise InputError(
         f"{name} must be a number, a one-element tensor or None; got {type(value).__name__}"
     )
-
-
-def _matrix(t: Tensor) -> np.ndarray:
-    """A layer's [rows, features] tensor as a CPU numpy array for the worker (float16 and
-    bfloat16, which numpy lacks or computes poorly, become float32)."""
-    t = t.detach()
-    if t.dtype not in (torch.float32, torch.float64):
-        t = t.float()
-    return t.cpu().numpy()
 
 
 class Tracker:
@@ -248,6 +244,8 @@ class Tracker:
                 },
             )
             self.ring = RingBuffer(self.module, size, buffer)  # after the folder is checked
+        # no checkpoint work at any step: log() of a step that is not due has nothing to do
+        self._plain = self.ring is None and not self.save_steps
         # results
         self._steps: list[float] = []
         self._loss: list[float] = []
@@ -260,6 +258,7 @@ class Tracker:
         self._last_step: float | None = None
         self._stride: int | None = None  # the hooks stay armed until two logs show it
         self._installed = None
+        self._armed = False
         self._run = None
         self._entered = False
         self._closed = False
@@ -281,13 +280,20 @@ class Tracker:
         if self._entered:
             raise HookError("this tracker is already started (a with-block or start() is active)")
         if self.inputs is None:
-            from hookscope.hooks import Run, wire
+            from hookscope.hooks import Run, installed, wire
 
-            slots = [a.slot for a in self.sites]
+            self._slots = [a.slot for a in self.sites]
             self._run = Run(grad_only=True)
-            self._wiring = wire(self.model._plans((), record=slots))
-            self._set_armed(True)  # the first forward may be step 0's
-        self._worker = make_worker(self.backend, self._spec, self._record, self.queue_size)
+            plans = self.model._plans((), record=self._slots)
+            hooks = installed(self.module, wire(plans), self._run)
+            hooks.__enter__()  # removes what it registered itself if interrupted
+            self._installed = hooks
+            self._armed = True  # the first forward may be step 0's
+        try:
+            self._worker = make_worker(self.backend, self._spec, self._record, self.queue_size)
+        except BaseException:
+            self.close(raise_errors=False)
+            raise
         self._entered = True
         return self
 
@@ -325,16 +331,10 @@ class Tracker:
             self._set_armed(True)
 
     def _set_armed(self, armed: bool) -> None:
-        """Install the recording hooks (or remove them: a paused forward costs nothing)."""
-        from hookscope.hooks import installed
-
-        if armed and self._installed is None:
-            hooks = installed(self.module, self._wiring, self._run)
-            hooks.__enter__()  # removes what it registered itself if interrupted
-            self._installed = hooks
-        elif not armed and self._installed is not None:
-            hooks, self._installed = self._installed, None
-            hooks.__exit__(None, None, None)
+        """Put the recording hooks on for the next training forwards, or take them off."""
+        if armed != self._armed:
+            self._armed = armed
+            (self._installed.resume if armed else self._installed.suspend)()
 
     def due(self, step: int) -> bool:
         """Whether ``log(step)`` measures (``step`` a multiple of ``every``)."""
@@ -344,6 +344,23 @@ class Tracker:
         """Record training ``step`` (call it after the step's update). Measures when
         ``step % every == 0`` or ``force``; ``loss``/``grad_norm``: numbers or one-element
         tensors (read only at measured steps)."""
+        if (  # the common case first: a step that is not measured, in a regular stride
+            not force
+            and type(step) is int
+            and self._plain
+            and self._entered
+            and not self._closed
+            and not self._raised
+            and self._worker.error is None
+            and self._last_step is not None
+            and step - self._last_step == self._stride
+            and step % self.every
+        ):
+            self._last_step = step
+            if self._run is not None:
+                self._run.acts.clear()
+                self._set_armed((step + self._stride) // self.every > step // self.every)
+            return
         self._raise_pending()
         if not isinstance(step, (int, np.integer)) or isinstance(step, bool):
             raise InputError(f"step must be an int (the training step); got {step!r}")
@@ -362,7 +379,7 @@ class Tracker:
                 "this tracker stopped measuring after the error it raised earlier; the steps "
                 "measured before it are in results()"
             )
-        loss_value = _number(loss, "loss") if force or self.due(step) else math.nan
+        loss_value = _number(loss, "loss", later=True) if force or self.due(step) else math.nan
         if self._last_step is not None:
             self._stride = step - int(self._last_step)
         self._last_step = step
@@ -374,12 +391,11 @@ class Tracker:
         if force or self.due(step):
             acts = self._activations(step)
             if acts is not None:
-                mats = [
-                    _matrix(as_rows(acts[name], self.conv, self._tokens, self._mask))
-                    for name in self.names
+                rows = [
+                    as_rows(acts[name], self.conv, self._tokens, self._mask) for name in self.names
                 ]
-                self._worker.submit(step, mats, (loss_value, self._grad_norm(grad_norm, step)))
-        if self._run is not None:  # hooks on the model only for the forwards before a due log
+                self._worker.submit(step, rows, (loss_value, self._grad_norm(grad_norm, step)))
+        if self._run is not None:  # the hooks record only the forwards before a due log
             self._run.acts.clear()
             stride = self._stride
             self._set_armed(stride is None or (step + stride) // self.every > step // self.every)
@@ -395,8 +411,8 @@ class Tracker:
                 self.module.train(was)
             return {name: cache[a] for name, a in zip(self.names, self.sites, strict=True)}
         acts = {}
-        for name, address in zip(self.names, self.sites, strict=True):
-            value = self._run.acts.get(address.slot)
+        for name, slot in zip(self.names, self._slots, strict=True):
+            value = self._run.acts.get(slot)
             if value is not None:
                 acts[name] = value
         if len(acts) == len(self.names):
@@ -433,7 +449,7 @@ class Tracker:
     # ------------------------------------------------------------------ the worker
     def _record(self, step: int, row: list[float], jumps: list[TrackedJump], extra: tuple) -> None:
         """A measured step from the worker (any thread): keep it, log it, take its jumps."""
-        loss, grad = extra
+        loss, grad = float(extra[0]), extra[1]
         values = np.asarray(row, dtype=float).reshape(len(self.names), len(self.metrics))
         with self._lock:
             self._steps.append(step)
