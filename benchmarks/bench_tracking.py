@@ -2,19 +2,35 @@
 
 Run from the repository root:
 
-    .venv/bin/python benchmarks/bench_tracking.py                  # MLP + CNN, 300 steps, 5 repeats
-    .venv/bin/python benchmarks/bench_tracking.py --steps 1000     # the recipes' full length (~3x longer)
-    .venv/bin/python benchmarks/bench_tracking.py --quick          # 60 steps, 1 repeat (smoke run)
+    .venv/bin/python benchmarks/bench_tracking.py                  # MLP + CNN, 300 steps, 15 rounds
+    .venv/bin/python benchmarks/bench_tracking.py --steps 1000     # the recipes' full length
+    .venv/bin/python benchmarks/bench_tracking.py --quick          # 60 steps, 2 rounds (smoke run)
 
 Training (both models): ``hookscope.zoo.train_digits.RECIPES[model]`` built by
 ``build_module``, seed 0, the digits "train" split, batch 64, AdamW (the recipe's lr and weight
 decay), cosine schedule over ``--steps``, the recipe's seeded shuffle; ``torch.set_num_threads(1)``
 (the tracker's worker thread shares that one intra-op pool). Every run of one model does
-exactly the same arithmetic on the same batches. The recipes train 1000 steps; the default here
-is 300 per run so that the whole bench (2 models x 10 variants x 5 repeats) stays under ~8
-minutes on 2 shared cores: the per-step overhead ratios do not depend on the length.
+exactly the same arithmetic on the same batches.
 
-Rows (one per model and variant; each the median wall time of ``--repeats`` runs):
+Two measurements, because this 2-core virtual machine's speed drifts by +-30 % between
+identical runs seconds apart, more than the effects measured:
+
+* ``paired`` (the headline, compared with the targets): two copies of the same seeded run
+  train step by step in one loop, one tracked and one not, in alternating order (A B, B A,
+  ...), each step timed; a round's ratio = (the tracked copy's step times, its ``log``
+  calls, its tracker's start and close) / (the untracked copy's step times). The drift hits
+  both copies alike. The ratio is the median over ``--rounds`` rounds, with a bootstrap 95 %
+  interval over rounds (seeded). It cannot see a slowdown of the whole machine (the worker
+  process runs beside both copies), which the second measurement includes.
+* ``whole runs``: each round runs every variant once as a whole run, in a seeded random
+  order; a variant's ratio is the median over rounds of (its time / the untracked run's time
+  in the same round), with the same interval. Noisier, and everything included.
+
+The first tracker of the process forks the worker process that later trackers reuse
+(:mod:`hookscope.tracking.worker`); a warm-up run before the rounds pays that, and its start
+time is reported (``first start``) beside the later ones'.
+
+Rows (one per model and variant):
 
 * ``untracked``: the plain loop, no hooks;
 * ``every=K``: ``hs.Tracker(model, sites="auto", every=K, inputs=None, metrics=(stable_rank,
@@ -33,22 +49,18 @@ Rows (one per model and variant; each the median wall time of ``--repeats`` runs
   ``[batch, features]`` matrix and the four metrics from its singular values (no jump
   detection: the original detected jumps after training).
 
-Variants run interleaved: each repeat runs every variant once, in an order rotated by one
-per repeat, so that machine load drifts hit all variants alike. ``ratio`` = median variant
-time / median untracked time of the same model.
-
 Memory (measured in extra, untimed runs): ``tracemalloc peak`` = the peak of Python-heap
 allocations traced by ``tracemalloc`` during a whole tracked run (numpy arrays included:
 the results lists, the detector's arrays), minus the same for an untracked run. tracemalloc
 does not see torch's CPU tensor allocator, so the tensors the tracker holds are counted
-instead: ``activations held`` = bytes of one logged step's activations of all sites x
-(``queue_size`` + 2) (the bounded queue, the step being measured, the step being recorded),
-the bound on what waits for the worker; ``ring buffer`` = ``tracker.buffer_bytes`` of a
+instead: ``shared ring`` = the shared memory the activations travel through (``queue_size``
+slots of one logged step's activations of all sites, each rounded up to 64 bytes), read from the
+worker after a run, plus the one step the hooks hold until ``log``; ``ring buffer`` = ``tracker.buffer_bytes`` of a
 tracker built with ``checkpoints=`` (a temporary folder; default window (10, 10)), the CPU
 copies of model states it preallocates.
 
 Output: a table, and ``results/bench_tracking.json`` (command, versions, machine, load,
-every run's seconds, medians, ratios, memory).
+every run's seconds, the per-round ratios, medians, intervals, memory).
 """
 
 from __future__ import annotations
@@ -57,6 +69,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import tempfile
@@ -136,8 +149,9 @@ class OriginalTracker:
 # ---------------------------------------------------------------------- one training run
 
 
-def train(model: str, steps: int, variant: dict, probe: Tensor) -> tuple[float, object]:
-    """One seeded run; returns (seconds of the loop incl. the tracker's close, the tracker)."""
+def train(model: str, steps: int, variant: dict, probe: Tensor) -> tuple[float, object, dict]:
+    """One seeded run; returns (seconds of the loop incl. the tracker's start and close, the
+    tracker, {"start": s, "close": s})."""
     module, steps, updates = training_steps(model, seed=SEED, steps=steps)
     kind = variant["kind"]
     if kind == "tracker":
@@ -158,14 +172,69 @@ def train(model: str, steps: int, variant: dict, probe: Tensor) -> tuple[float, 
     start = time.perf_counter()
     if tracker is not None:
         tracker.__enter__()
+    started = time.perf_counter()
     try:
         for step, loss in updates:
             if tracker is not None:
                 tracker.log(step, loss=loss)
     finally:
+        closing = time.perf_counter()
         if tracker is not None:
             tracker.__exit__(None, None, None)
-    return time.perf_counter() - start, tracker
+    end = time.perf_counter()
+    return end - start, tracker, {"start": started - start, "close": end - closing}
+
+
+HEADLINE = ("untracked", "every=1", "every=5", "every=10")
+PAIRED = (
+    "every=1",
+    "every=5",
+    "every=10",
+    "original every=1",
+    "original every=5",
+    "original every=10",
+)
+
+
+def paired(model: str, steps: int, variant: dict) -> tuple[float, float]:
+    """One round of the step-interleaved measurement: (tracked copy's seconds incl. its
+    tracker's start, logs and close, untracked copy's seconds)."""
+    tracked_module, _, tracked = training_steps(model, seed=SEED, steps=steps)
+    _, _, plain = training_steps(model, seed=SEED, steps=steps)
+    if variant["kind"] == "tracker":
+        tracker = hs.Tracker(
+            tracked_module, sites="auto", every=variant["every"], metrics=METRICS, jumps=True
+        )
+    else:
+        tracker = OriginalTracker(tracked_module, variant["every"])
+    clock = time.perf_counter
+    t0 = clock()
+    tracker.__enter__()
+    a = clock() - t0
+    b = 0.0
+    try:
+        for i in range(steps):
+            if i % 2 == 0:
+                t0 = clock()
+                step, loss = next(tracked)
+                tracker.log(step, loss=loss)
+                t1 = clock()
+                next(plain)
+                t2 = clock()
+                a, b = a + (t1 - t0), b + (t2 - t1)
+            else:
+                t0 = clock()
+                next(plain)
+                t1 = clock()
+                step, loss = next(tracked)
+                tracker.log(step, loss=loss)
+                t2 = clock()
+                a, b = a + (t2 - t1), b + (t1 - t0)
+    finally:
+        t0 = clock()
+        tracker.__exit__(None, None, None)
+        a += clock() - t0
+    return a, b
 
 
 def variants() -> dict[str, dict]:
@@ -208,10 +277,12 @@ def memory(model: str, steps: int, probe: Tensor) -> dict:
         ("original every=1", {"kind": "original", "every": 1}),
     ):
         tracemalloc.start()
-        train(model, steps, variant, probe)
+        _, tracker, _ = train(model, steps, variant, probe)
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
         out[f"tracemalloc_peak_{name}"] = peak
+        if name == "every=1":
+            out["shared_ring_bytes"] = tracker._worker.slot_bytes * tracker._worker.queue_size
     out["tracemalloc_extra_every=1"] = (
         out["tracemalloc_peak_every=1"] - out["tracemalloc_peak_untracked"]
     )
@@ -227,7 +298,6 @@ def memory(model: str, steps: int, probe: Tensor) -> dict:
     out["state_bytes"] = sum(t.numel() * t.element_size() for t in module.state_dict().values())
     out["activation_bytes_per_step"] = step_bytes
     out["activation_shapes"] = shapes
-    out["activations_held_bound"] = step_bytes * (out["queue_size"] + 2)
     return out
 
 
@@ -238,6 +308,13 @@ def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else []
 
 
+def interval(ratios: list[float], seed: int = 0, n: int = 2000) -> list[float]:
+    """Bootstrap 95 % interval of the median over rounds."""
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(n))
+    return [medians[int(0.025 * n)], medians[int(0.975 * n) - 1]]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -246,12 +323,16 @@ def main() -> None:
     parser.add_argument(
         "--steps", type=int, default=None, help="training steps per run (default 300)"
     )
-    parser.add_argument("--repeats", type=int, default=None, help="runs per variant (default 5)")
-    parser.add_argument("--quick", action="store_true", help="60 steps, 1 repeat")
+    parser.add_argument("--rounds", type=int, default=None, help="paired rounds (default 10)")
+    parser.add_argument(
+        "--whole-rounds", type=int, default=None, help="whole-run rounds (default 5)"
+    )
+    parser.add_argument("--quick", action="store_true", help="60 steps, 2 rounds of each")
     parser.add_argument("--out", default=str(ROOT / "results" / "bench_tracking.json"))
     args = parser.parse_args()
     steps = args.steps or (60 if args.quick else 300)
-    repeats = args.repeats or (1 if args.quick else 5)
+    rounds = args.rounds or (2 if args.quick else 10)
+    whole_rounds = args.whole_rounds or (2 if args.quick else 5)
     torch.set_num_threads(1)
     from importlib.metadata import version
 
@@ -269,37 +350,71 @@ def main() -> None:
         "versions": versions,
         "machine": {"cores": os.cpu_count(), "torch_threads": 1, "load_before": loadavg()},
         "steps": steps,
-        "repeats": repeats,
+        "rounds": rounds,
+        "whole_rounds": whole_rounds,
+        "order_seed": SEED,
         "metrics": list(METRICS),
         "probe_images": PROBE_N,
         "targets": TARGETS,
         "models": {},
     }
+    order_rng = random.Random(SEED)
+    first_start = None
     for model in args.models:
-        train(model, 20, {"kind": "tracker", "every": 1}, probe)  # warm-up (imports, allocator)
-        times: dict[str, list[float]] = {n: [] for n in names}
-        jumps: dict[str, int] = {}
-        for r in range(repeats):
-            order = names[r % len(names) :] + names[: r % len(names)]
+        _, _, t = train(model, 20, {"kind": "tracker", "every": 1}, probe)  # warm-up
+        if first_start is None:
+            first_start = t["start"]  # the process's first tracker: it forks the worker
+        pair_ratios: dict[str, list[float]] = {n: [] for n in PAIRED}
+        for r in range(rounds):
+            order = list(PAIRED)
+            order_rng.shuffle(order)
             for name in order:
-                seconds, tracker = train(model, steps, variants()[name], probe)
+                a, b = paired(model, steps, variants()[name])
+                pair_ratios[name].append(a / b)
+            print(
+                f"{model} paired round {r + 1}/{rounds} done ({time.perf_counter() - wall0:.0f} s)",
+                flush=True,
+            )
+        times: dict[str, list[float]] = {n: [] for n in names}
+        ratios: dict[str, list[float]] = {n: [] for n in names}
+        starts, closes = [], []
+        jumps: dict[str, int] = {}
+        for r in range(whole_rounds):
+            chosen = list(names)
+            order_rng.shuffle(chosen)
+            this: dict[str, float] = {}
+            for name in chosen:
+                seconds, tracker, t = train(model, steps, variants()[name], probe)
+                this[name] = seconds
                 times[name].append(seconds)
                 if isinstance(tracker, hs.Tracker):
                     jumps[name] = len(tracker.jump_table())
+                    if name in HEADLINE:
+                        starts.append(t["start"])
+                        closes.append(t["close"])
+            for name, seconds in this.items():
+                ratios[name].append(seconds / this["untracked"])
             print(
-                f"{model} repeat {r + 1}/{repeats} done ({time.perf_counter() - wall0:.0f} s)",
+                f"{model} whole-run round {r + 1}/{whole_rounds} done "
+                f"({time.perf_counter() - wall0:.0f} s)",
                 flush=True,
             )
-        medians = {n: statistics.median(t) for n, t in times.items()}
-        base = medians["untracked"]
+        base = statistics.median(times["untracked"])
         results["models"][model] = {
+            "paired_ratios_per_round": pair_ratios,
+            "paired_ratio": {n: statistics.median(v) for n, v in pair_ratios.items()},
+            "paired_ratio_95": {n: interval(v) for n, v in pair_ratios.items()},
             "seconds": times,
-            "median_s": medians,
-            "ratio": {n: medians[n] / base for n in names},
-            "ms_per_step": {n: 1000 * medians[n] / steps for n in names},
+            "ratios_per_round": ratios,
+            "ratio": {n: statistics.median(ratios[n]) for n in names},
+            "ratio_95": {n: interval(ratios[n]) for n in names},
+            "ms_per_step_untracked": 1000 * base / steps,
+            "start_ms_median": 1000 * statistics.median(starts),
+            "close_ms_median": 1000 * statistics.median(closes),
             "jumps_found": jumps,
         }
         results["models"][model]["memory"] = memory(model, steps, probe)
+    results["first_start_ms"] = 1000 * first_start
     results["machine"]["load_after"] = loadavg()
     results["wall_s"] = time.perf_counter() - wall0
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -311,20 +426,41 @@ def main() -> None:
 def report(results: dict) -> None:
     print(f"\n{results['command']}")
     print(
-        f"{results['steps']} steps per run, median of {results['repeats']} interleaved runs, 1 torch thread"
+        f"{results['steps']} steps per run, 1 torch thread; ratio = median over rounds "
+        "[bootstrap 95 %] (rounds)"
     )
-    head = (
-        f"{'variant':<20}"
-        + "".join(f"{m + ' s':>10}{m + ' x':>9}{'ms/step':>9}" for m in results["models"])
-        + f"{'target':>8}"
+    print(f"\npaired (step-interleaved, tracked / untracked copy), {results['rounds']} rounds:")
+    head = f"{'variant':<20}" + "".join(f"{m + ' ratio':>24}" for m in results["models"])
+    print(head + f"{'target':>9}")
+    for name in PAIRED:
+        row = f"{name:<20}"
+        for m in results["models"].values():
+            lo, hi = m["paired_ratio_95"][name]
+            n = len(m["paired_ratios_per_round"][name])
+            row += f"{m['paired_ratio'][name]:>9.3f}x [{lo:.3f}, {hi:.3f}]{n:>3}"
+        target = TARGETS.get(name)
+        print(row + (f"{'<=' + format(target, '.2f'):>9}" if target else ""))
+    print(
+        f"\nwhole runs (each / the untracked run of its round), {results['whole_rounds']} rounds:"
     )
-    print(head)
+    head = f"{'variant':<20}" + "".join(f"{m + ' ratio':>24}" for m in results["models"])
+    print(head + f"{'target':>9}")
     for name in variants():
         row = f"{name:<20}"
         for m in results["models"].values():
-            row += f"{m['median_s'][name]:>10.2f}{m['ratio'][name]:>8.2f}x{m['ms_per_step'][name]:>9.2f}"
+            lo, hi = m["ratio_95"][name]
+            n = len(m["ratios_per_round"][name])
+            row += f"{m['ratio'][name]:>9.3f}x [{lo:.3f}, {hi:.3f}]{n:>3}"
         target = TARGETS.get(name)
-        print(row + (f"{'<=' + format(target, '.2f'):>8}" if target else ""))
+        print(row + (f"{'<=' + format(target, '.2f'):>9}" if target else ""))
+    for model, m in results["models"].items():
+        print(
+            f"{model}: untracked {m['ms_per_step_untracked']:.2f} ms/step; tracker start "
+            f"{m['start_ms_median']:.1f} ms, close {m['close_ms_median']:.1f} ms (medians)"
+        )
+    print(
+        f"first tracker of the process: start {results['first_start_ms']:.1f} ms (forks the worker)"
+    )
     print("\nmemory (extra, per model):")
     for model, m in results["models"].items():
         mem = m["memory"]
@@ -334,9 +470,9 @@ def report(results: dict) -> None:
             f"{mem['tracemalloc_peak_every=1'] / 2**10:.0f}, bg=False "
             f"{mem['tracemalloc_peak_every=1 bg=False'] / 2**10:.0f}, original "
             f"{mem['tracemalloc_peak_original every=1'] / 2**10:.0f}); activations "
-            f"{mem['activation_bytes_per_step'] / 2**10:.0f} KiB/step {mem['activation_shapes']}, held <= "
-            f"{mem['activations_held_bound'] / 2**10:.0f} KiB (queue {mem['queue_size']} + 2); ring buffer "
-            f"{mem['ring_buffer_states']} states x {mem['state_bytes'] / 2**10:.0f} KiB = "
+            f"{mem['activation_bytes_per_step'] / 2**10:.0f} KiB/step {mem['activation_shapes']}, "
+            f"shared ring {mem['queue_size']} slots = {mem['shared_ring_bytes'] / 2**10:.0f} KiB; "
+            f"ring buffer {mem['ring_buffer_states']} states x {mem['state_bytes'] / 2**10:.0f} KiB = "
             f"{mem['ring_buffer_bytes'] / 2**10:.0f} KiB"
         )
 
