@@ -24,6 +24,7 @@ far behind), so memory is bounded; results come back in step order. An error in 
 from __future__ import annotations
 
 import array
+import atexit
 import contextlib
 import json
 import math
@@ -31,6 +32,7 @@ import mmap
 import multiprocessing as mp
 import os
 import queue
+import select
 import signal
 import socket
 import struct
@@ -205,22 +207,29 @@ class _Frames:
             frame = self._take()
             if frame is not None:
                 return frame
-            try:  # (socket.recv_fds ignores its flags before Python 3.12: recvmsg directly)
-                data, ancillary, _, _ = self.sock.recvmsg(
-                    1 << 16, _FD_SPACE, 0 if wait else socket.MSG_DONTWAIT
-                )
-            except BlockingIOError:
+            if not self.fill(wait):
                 return None
-            except ConnectionError as err:
-                raise EOFError(str(err)) from None
-            if not data:
-                raise EOFError("the other side closed the socket")
-            self.data += data
-            for level, kind, payload in ancillary:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds = array.array("i")
-                    fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-                    self.fds += fds
+
+    def fill(self, wait: bool) -> bool:
+        """Read what has arrived into the buffer (waiting for something if ``wait``);
+        False if nothing had."""
+        try:  # (socket.recv_fds ignores its flags before Python 3.12: recvmsg directly)
+            data, ancillary, _, _ = self.sock.recvmsg(
+                1 << 16, _FD_SPACE, 0 if wait else socket.MSG_DONTWAIT
+            )
+        except BlockingIOError:
+            return False
+        except ConnectionError as err:
+            raise EOFError(str(err)) from None
+        if not data:
+            raise EOFError("the other side closed the socket")
+        self.data += data
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+                self.fds += fds
+        return True
 
 
 def _shared_file(size: int) -> int:
@@ -233,6 +242,8 @@ def _shared_file(size: int) -> int:
     os.ftruncate(fd, size)
     return fd
 
+
+_AFTER_INTERRUPT = 10.0  # seconds close() waits for a worker after an interrupted exchange
 
 #: seconds an idle worker process waits for its next tracker before it exits
 IDLE_TIMEOUT = 300.0
@@ -328,8 +339,17 @@ class _Child:
         child_sock.close()
         _LIVE.add(self)
 
-    def send(self, frame: bytes) -> None:
-        self.sock.sendall(frame)
+    def send(self, data: bytes) -> None:
+        """Send ``data``; while the socket is full, read the worker's results into the frame
+        buffer (the worker may be waiting to send them: a blocking send would deadlock)."""
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[self.sock.send(view, socket.MSG_DONTWAIT) :]
+            except BlockingIOError:
+                readable, _, _ = select.select([self.sock], [self.sock], [])
+                if readable:
+                    self.frames.fill(wait=False)
 
     def ensure_buffer(self, size: int) -> None:
         """A shared buffer of at least ``size`` bytes (call with no step in flight)."""
@@ -380,7 +400,7 @@ def _acquire(spec: dict) -> _Child:
                 try:
                     child.send(begin)
                     return child
-                except OSError:  # it died just now (killed from outside): replaced
+                except (OSError, EOFError):  # it died just now (killed from outside): replaced
                     pass
             child.discard()
         child = _Child()
@@ -406,6 +426,9 @@ def shutdown_workers() -> int:
     return len(idle)
 
 
+atexit.register(shutdown_workers)  # idle workers end with the interpreter, sockets closed
+
+
 def worker_processes() -> list[int]:
     """Process ids of the tracker worker processes alive now (idle or in use)."""
     with _POOL_LOCK:
@@ -429,17 +452,23 @@ class _ProcessWorker:
         self.interrupted = False
         self.slot_bytes = 0
         self.next_slot = 0
-        self.views: dict[tuple, list[Tensor]] = {}  # (slot, layout) -> tensors in the ring
+        self.views: dict[int, tuple[tuple, list[Tensor]]] = {}  # slot -> (layout, tensors)
         self.child = _acquire(spec)
         self.proc = self.child.proc
 
     def _lost(self) -> None:
-        self.error = errors.HookError(
-            "the tracker's worker process ended unexpectedly (killed?); the steps measured so "
-            "far are kept"
-        )
+        if self.error is None:  # an error the worker sent first explains its end better
+            self.error = errors.HookError(
+                "the tracker's worker process ended unexpectedly (killed?); the steps measured "
+                "so far are kept"
+            )
         self.pending.clear()
         self.unsent.clear()
+
+    def _send_failed(self) -> None:
+        """The worker is gone: read what it sent before it went (an error frame)."""
+        while self.error is None:
+            self._receive(wait=True)  # until its error, or the end of the stream (_lost)
 
     # -------------------------------------------------------------- results
     def _receive(self, wait: bool) -> bool:
@@ -487,8 +516,8 @@ class _ProcessWorker:
             frames, self.unsent = b"".join(self.unsent), []
             try:
                 self.child.send(frames)
-            except OSError:  # BrokenPipeError included
-                self._lost()
+            except (OSError, EOFError):  # BrokenPipeError included
+                self._send_failed()
 
     def _receive_until(self, limit: int) -> None:
         """Results until fewer than ``limit`` steps are in flight, then those waiting."""
@@ -500,15 +529,19 @@ class _ProcessWorker:
 
     # -------------------------------------------------------------- steps
     def _slot_views(self, slot: int, layout: tuple) -> list[Tensor]:
-        views = self.views.get((slot, layout))
-        if views is None:
-            views, offset = [], slot * self.slot_bytes
-            for dtype, shape in layout:
-                n = math.prod(shape)
-                flat = torch.frombuffer(self.child.buffer, dtype=dtype, count=n, offset=offset)
-                views.append(flat.view(shape))
-                offset += n * dtype.itemsize
-            self.views[(slot, layout)] = views
+        cached = self.views.get(slot)
+        if cached is not None and cached[0] == layout:
+            return cached[1]
+        views, offset = [], slot * self.slot_bytes
+        for dtype, shape in layout:
+            n = math.prod(shape)
+            if n == 0:  # nothing to copy (frombuffer refuses a count of 0); the worker says why
+                views.append(torch.empty(shape, dtype=dtype))
+                continue
+            flat = torch.frombuffer(self.child.buffer, dtype=dtype, count=n, offset=offset)
+            views.append(flat.view(shape))
+            offset += n * dtype.itemsize
+        self.views[slot] = (layout, views)  # the last layout only (lengths may vary per step)
         return views
 
     def submit(self, step: int, rows: list[Tensor], extra: tuple) -> None:
@@ -521,12 +554,12 @@ class _ProcessWorker:
             (r.dtype if r.dtype in _CODE else torch.float32, tuple(r.shape)) for r in rows
         )
         need = sum(math.prod(shape) * dtype.itemsize for dtype, shape in layout)
-        if need > self.slot_bytes:  # the first step, or a larger one: a new ring
+        if need > self.slot_bytes or self.child.buffer is None:  # first or larger: a new ring
             self._exchange(1)
             if self.error is not None:
                 return
             self.views.clear()
-            self.slot_bytes = need + (-need) % 64
+            self.slot_bytes = max(64, need + (-need) % 64)
             self.child.ensure_buffer(self.slot_bytes * self.queue_size)
             self.next_slot = 0
         # the slot's last step was queue_size steps ago; fewer are in flight: it is done
@@ -550,13 +583,15 @@ class _ProcessWorker:
     def close(self) -> list[TrackedJump]:
         reusable = False
         try:
+            if self.interrupted:  # a frame may be half sent: wait a bounded time, then end it
+                self.child.sock.settimeout(_AFTER_INTERRUPT)
             self._exchange(1)
             if self.error is None:
                 self.child.send(_frame(b"E"))
                 while self.final is None and self.error is None:
                     self._receive(wait=True)
                 reusable = self.final is not None and not self.interrupted
-        except OSError:
+        except (OSError, EOFError):
             self._lost()
         finally:  # after an error or an interrupt the worker's state is unknown: it ends
             self.views.clear()

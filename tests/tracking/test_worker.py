@@ -122,6 +122,7 @@ def test_a_larger_step_gets_a_larger_ring_and_half_precision_travels_as_float32(
     captured = _train(model, tracker, X, y, 7, sizes=(8, 32, 128))
     _check(tracker.results(), captured)
     assert tracker._worker.slot_bytes == 128 * (64 + 32) * 4  # grown twice, to the largest
+    assert len(tracker._worker.views) <= tracker.queue_size  # one layout kept per slot
     model = _model("mlp").to(torch.bfloat16)
     tracker = hs.Tracker(model, every=1, metrics=METRICS4, jumps=False)
     captured = _train(model, tracker, X, y, 3, dtype=torch.bfloat16)
@@ -239,3 +240,51 @@ def test_a_worker_killed_mid_run_is_an_error_at_the_next_log(digits):
                     os.kill(tracker._worker.proc.pid, signal.SIGKILL)
     assert _hooks_left(model) == 0
     assert tracker._worker.proc.pid not in worker.worker_processes()
+
+
+def test_sending_while_the_worker_waits_to_send_does_not_deadlock():
+    """The worker blocks sending results while the training thread sends steps: both socket
+    buffers full. The parent's send reads results into its buffer meanwhile (a plain
+    sendall would wait forever)."""
+    import socket
+
+    parent, child = socket.socketpair()
+    chunk = worker._frame(b"V", b"x" * (1 << 20))  # far more than a socket buffer holds
+    got = []
+
+    def other_side():  # like the worker: send everything first, then read
+        child.sendall(chunk)
+        got.append(len(child.recv(1 << 21, socket.MSG_WAITALL)))
+
+    side = threading.Thread(target=other_side, daemon=True)
+    side.start()
+    end = worker._Child.__new__(worker._Child)  # the transport only, no process
+    end.sock, end.frames = parent, worker._Frames(parent)
+    end.send(b"y" * (1 << 21))
+    side.join(timeout=30)
+    assert not side.is_alive() and got == [1 << 21]
+    assert end.frames.next(wait=True) == (b"V", b"x" * (1 << 20))
+    parent.close()
+    child.close()
+
+
+@pytest.mark.parametrize("bad", ["nan", "empty"])
+def test_the_workers_own_error_is_raised_not_a_lost_worker(digits, bad):
+    """The worker sends its error and exits; the steps handed over after it fail to send.
+    The error raised must be the worker's (which step, which site, what), for a NaN batch
+    and for an empty one."""
+    X, y = digits
+    model = _model("mlp")
+    tracker = hs.Tracker(model, every=1, jumps=False, queue_size=8)
+    with pytest.raises(hs.errors.HookscopeError) as raised:
+        with tracker:
+            for step in range(40):
+                x = X[step : step + 64]
+                if step == 5:
+                    x = torch.full_like(x, float("nan")) if bad == "nan" else x[:0]
+                model(x).sum().backward()
+                tracker.log(step)
+    assert "ended unexpectedly" not in str(raised.value)
+    assert "step 5, neuron.0" in str(raised.value)
+    assert sorted(tracker.results()["step"].unique()) == [0, 1, 2, 3, 4]
+    assert _hooks_left(model) == 0
