@@ -75,6 +75,7 @@ import sys
 import tempfile
 import time
 import tracemalloc
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -423,6 +424,19 @@ def main() -> None:
     print(f"\nwrote {args.out} ({results['wall_s']:.0f} s)")
 
 
+def table(results: dict, names: Sequence[str], key: str, per_round: str) -> None:
+    """One row per variant: each model's median ratio [95 % interval] and rounds; the target."""
+    head = f"{'variant':<20}" + "".join(f"{m + ' ratio':>24}" for m in results["models"])
+    print(head + f"{'target':>9}")
+    for name in names:
+        row = f"{name:<20}"
+        for m in results["models"].values():
+            lo, hi = m[key + "_95"][name]
+            row += f"{m[key][name]:>9.3f}x [{lo:.3f}, {hi:.3f}]{len(m[per_round][name]):>3}"
+        target = TARGETS.get(name)
+        print(row + (f"{'<=' + format(target, '.2f'):>9}" if target else ""))
+
+
 def report(results: dict) -> None:
     print(f"\n{results['command']}")
     print(
@@ -430,29 +444,11 @@ def report(results: dict) -> None:
         "[bootstrap 95 %] (rounds)"
     )
     print(f"\npaired (step-interleaved, tracked / untracked copy), {results['rounds']} rounds:")
-    head = f"{'variant':<20}" + "".join(f"{m + ' ratio':>24}" for m in results["models"])
-    print(head + f"{'target':>9}")
-    for name in PAIRED:
-        row = f"{name:<20}"
-        for m in results["models"].values():
-            lo, hi = m["paired_ratio_95"][name]
-            n = len(m["paired_ratios_per_round"][name])
-            row += f"{m['paired_ratio'][name]:>9.3f}x [{lo:.3f}, {hi:.3f}]{n:>3}"
-        target = TARGETS.get(name)
-        print(row + (f"{'<=' + format(target, '.2f'):>9}" if target else ""))
+    table(results, PAIRED, "paired_ratio", "paired_ratios_per_round")
     print(
         f"\nwhole runs (each / the untracked run of its round), {results['whole_rounds']} rounds:"
     )
-    head = f"{'variant':<20}" + "".join(f"{m + ' ratio':>24}" for m in results["models"])
-    print(head + f"{'target':>9}")
-    for name in variants():
-        row = f"{name:<20}"
-        for m in results["models"].values():
-            lo, hi = m["ratio_95"][name]
-            n = len(m["ratios_per_round"][name])
-            row += f"{m['ratio'][name]:>9.3f}x [{lo:.3f}, {hi:.3f}]{n:>3}"
-        target = TARGETS.get(name)
-        print(row + (f"{'<=' + format(target, '.2f'):>9}" if target else ""))
+    table(results, list(variants()), "ratio", "ratios_per_round")
     for model, m in results["models"].items():
         print(
             f"{model}: untracked {m['ms_per_step_untracked']:.2f} ms/step; tracker start "
