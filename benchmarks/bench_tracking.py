@@ -18,8 +18,8 @@ identical runs seconds apart, more than the effects measured:
 * ``paired`` (the headline, compared with the targets): two copies of the same seeded run
   train step by step in one loop, one tracked and one not, in alternating order (A B, B A,
   ...), each step timed; a round's ratio = (the tracked copy's step times, its ``log``
-  calls, its tracker's start and close) / (the untracked copy's step times). The drift hits
-  both copies alike. The ratio is the median over ``--rounds`` rounds, with a bootstrap 95 %
+  calls, its tracker's start and close) / (the untracked copy's step times), and the three
+  parts of the extra are reported apart. The drift hits both copies alike. The ratio is the median over ``--rounds`` rounds, with a bootstrap 95 %
   interval over rounds (seeded). It cannot see a slowdown of the whole machine (the worker
   process runs beside both copies), which the second measurement includes.
 * ``whole runs``: each round runs every variant once as a whole run, in a seeded random
@@ -197,9 +197,10 @@ PAIRED = (
 )
 
 
-def paired(model: str, steps: int, variant: dict) -> tuple[float, float]:
+def paired(model: str, steps: int, variant: dict) -> tuple[float, float, dict]:
     """One round of the step-interleaved measurement: (tracked copy's seconds incl. its
-    tracker's start, logs and close, untracked copy's seconds)."""
+    tracker's start, logs and close, untracked copy's seconds, {"log": s, "fixed": s} the
+    part of the first in log() calls and in start + close)."""
     tracked_module, _, tracked = training_steps(model, seed=SEED, steps=steps)
     _, _, plain = training_steps(model, seed=SEED, steps=steps)
     if variant["kind"] == "tracker":
@@ -211,31 +212,34 @@ def paired(model: str, steps: int, variant: dict) -> tuple[float, float]:
     clock = time.perf_counter
     t0 = clock()
     tracker.__enter__()
-    a = clock() - t0
-    b = 0.0
+    a = fixed = clock() - t0
+    b = logs = 0.0
     try:
         for i in range(steps):
             if i % 2 == 0:
                 t0 = clock()
                 step, loss = next(tracked)
+                tl = clock()
                 tracker.log(step, loss=loss)
                 t1 = clock()
                 next(plain)
                 t2 = clock()
-                a, b = a + (t1 - t0), b + (t2 - t1)
+                a, b, logs = a + (t1 - t0), b + (t2 - t1), logs + (t1 - tl)
             else:
                 t0 = clock()
                 next(plain)
                 t1 = clock()
                 step, loss = next(tracked)
+                tl = clock()
                 tracker.log(step, loss=loss)
                 t2 = clock()
-                a, b = a + (t2 - t1), b + (t1 - t0)
+                a, b, logs = a + (t2 - t1), b + (t1 - t0), logs + (t2 - tl)
     finally:
         t0 = clock()
         tracker.__exit__(None, None, None)
         a += clock() - t0
-    return a, b
+        fixed += clock() - t0
+    return a, b, {"log": logs, "fixed": fixed}
 
 
 def variants() -> dict[str, dict]:
@@ -366,12 +370,20 @@ def main() -> None:
         if first_start is None:
             first_start = t["start"]  # the process's first tracker: it forks the worker
         pair_ratios: dict[str, list[float]] = {n: [] for n in PAIRED}
+        parts: dict[str, list[dict]] = {n: [] for n in PAIRED}
         for r in range(rounds):
             order = list(PAIRED)
             order_rng.shuffle(order)
             for name in order:
-                a, b = paired(model, steps, variants()[name])
+                a, b, part = paired(model, steps, variants()[name])
                 pair_ratios[name].append(a / b)
+                parts[name].append(
+                    {
+                        "steps": (a - part["log"] - part["fixed"]) / b - 1,
+                        "log": part["log"] / b,
+                        "fixed": part["fixed"] / b,
+                    }
+                )
             print(
                 f"{model} paired round {r + 1}/{rounds} done ({time.perf_counter() - wall0:.0f} s)",
                 flush=True,
@@ -405,6 +417,12 @@ def main() -> None:
             "paired_ratios_per_round": pair_ratios,
             "paired_ratio": {n: statistics.median(v) for n, v in pair_ratios.items()},
             "paired_ratio_95": {n: interval(v) for n, v in pair_ratios.items()},
+            # the extra, as fractions of the untracked copy's time: the tracked copy's own
+            # steps (hooks), its log() calls, its tracker's start + close (medians)
+            "paired_parts": {
+                n: {k: statistics.median(p[k] for p in v) for k in ("steps", "log", "fixed")}
+                for n, v in parts.items()
+            },
             "seconds": times,
             "ratios_per_round": ratios,
             "ratio": {n: statistics.median(ratios[n]) for n in names},
@@ -445,6 +463,16 @@ def report(results: dict) -> None:
     )
     print(f"\npaired (step-interleaved, tracked / untracked copy), {results['rounds']} rounds:")
     table(results, PAIRED, "paired_ratio", "paired_ratios_per_round")
+    print(
+        "where the extra goes (fraction of the untracked copy's time: steps / log / start+close):"
+    )
+    for model, m in results["models"].items():
+        for name in ("every=1", "every=5", "every=10"):
+            p = m["paired_parts"][name]
+            print(
+                f"  {model} {name:<9} steps {p['steps']:+.3f}  log {p['log']:.3f}  "
+                f"start+close {p['fixed']:.3f}"
+            )
     print(
         f"\nwhole runs (each / the untracked run of its round), {results['whole_rounds']} rounds:"
     )
