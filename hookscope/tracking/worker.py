@@ -466,9 +466,11 @@ class _ProcessWorker:
         self.unsent.clear()
 
     def _send_failed(self) -> None:
-        """The worker is gone: read what it sent before it went (an error frame)."""
-        while self.error is None:
-            self._receive(wait=True)  # until its error, or the end of the stream (_lost)
+        """The worker is gone: read what it sent before it went (an error frame explains
+        it), then count it lost."""
+        while self.error is None and self.pending:
+            self._receive(wait=True)  # until its error, or the end of the stream
+        self._lost()
 
     # -------------------------------------------------------------- results
     def _receive(self, wait: bool) -> bool:
