@@ -80,12 +80,17 @@ def split_indices(split: str = "train") -> np.ndarray:
     return (train if split == "train" else test).copy()
 
 
-def digits(split: str = "train"):
+def digits(split: str = "train", *, tensors: bool = False):
     """The digits ``split`` ("train", "test" or "all") as a ``datasets.Dataset``.
 
     Columns ``image`` (8x8 floats in [0, 1]), ``label`` (0-9) and ``index`` (row in
-    ``load_digits()``); see the module docstring for the split.
+    ``load_digits()``); see the module docstring for the split. ``tensors=True`` returns
+    ``(X, y)`` as :func:`digits_tensors` does: ``X, y = hs.data.digits("test", tensors=True)``.
     """
+    if not isinstance(tensors, bool):
+        raise InputError(f"tensors must be True or False, got {tensors!r}")
+    if tensors:
+        return digits_tensors(split)
     from datasets import Array2D, Dataset, Features, Value
 
     rows = split_indices(split)

@@ -1,0 +1,54 @@
+"""Attribution: which inputs, pixels, patches or tokens a model's output depends on.
+
+* :func:`saliency`, :func:`integrated_gradients`, :func:`grad_cam` - gradient methods at the
+  input or any hookscope address, on any wrapped model (:mod:`.gradients` states every
+  convention; the tests compare each with captum).
+* :func:`attention_rollout`, :func:`attention_flow` - how attention mixes tokens across
+  layers (Abnar & Zuidema 2020) (:mod:`.attention`).
+* :func:`compare` - one method on two checkpoints and the difference, with a figure.
+* :func:`plot` - overlays on the images; token inputs render as coloured text
+  (``.text()``, ``.html()``).
+
+>>> from hookscope import attribution as at
+>>> cam = at.grad_cam(cnn, X[:16], target=y[:16], site="neuron.1")   # doctest: +SKIP
+>>> at.plot(cam, X[:16])                                              # doctest: +SKIP
+"""
+
+from hookscope.attribution.attention import (
+    HEAD_FUSIONS,
+    Rollout,
+    attention_flow,
+    attention_rollout,
+    flow_from_patterns,
+    rollout_from_patterns,
+)
+from hookscope.attribution.compare import COMPARABLE, Comparison, compare
+from hookscope.attribution.gradients import (
+    METHODS,
+    NORMALIZATIONS,
+    grad_cam,
+    integrated_gradients,
+    quadrature,
+    saliency,
+)
+from hookscope.attribution.result import Attributions, plot
+
+__all__ = [
+    "HEAD_FUSIONS",
+    "Rollout",
+    "attention_flow",
+    "attention_rollout",
+    "flow_from_patterns",
+    "rollout_from_patterns",
+    "Attributions",
+    "COMPARABLE",
+    "Comparison",
+    "compare",
+    "METHODS",
+    "NORMALIZATIONS",
+    "grad_cam",
+    "integrated_gradients",
+    "plot",
+    "quadrature",
+    "saliency",
+]

@@ -1,0 +1,246 @@
+"""Arguments shared by :mod:`hookscope.attribution` and :mod:`hookscope.units`, each checked
+before any forward: the model, the inputs, the targets and the sites.
+
+Targets (what an attribution explains), one per example:
+
+* a class index (``int``), or one per example (a sequence / LongTensor ``[batch]``): the
+  logit of that class; for a language model (logits ``[batch, pos, vocab]``) the logit of
+  that token at each row's last real position;
+* ``"all"`` (Grad-CAM): every class at once, ``[batch, n_classes, ...]``;
+* a callable ``output -> Tensor[batch]`` (a per-example scalar, e.g.
+  ``lambda logits: logits[:, 3] - logits[:, 5]``); it must be differentiable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from hookscope.addresses import Address, Selection
+from hookscope.errors import InputError, format_choices
+from hookscope.model import HookedModel
+
+__all__ = [
+    "as_model",
+    "Target",
+    "parse_target",
+    "layer_site",
+    "Inputs",
+    "prepare_inputs",
+]
+
+
+def as_model(model: Any, name: str = "model") -> HookedModel:
+    """``model`` as a HookedModel: a HookedModel as is, a torch module wrapped."""
+    if isinstance(model, HookedModel):
+        return model
+    if isinstance(model, nn.Module):
+        return HookedModel.wrap(model)
+    raise InputError(
+        f"{name} must be a hookscope HookedModel (hs.zoo.load(name), hs.HookedModel.wrap(module)) "
+        f"or a torch.nn.Module, got {type(model).__name__}"
+    )
+
+
+@dataclass(frozen=True)
+class Target:
+    """A parsed target: ``kind`` is "index" (``indices`` [batch]), "all" or "fn"."""
+
+    kind: str
+    indices: Tensor | None = None
+    fn: Callable[[Tensor], Tensor] | None = None
+
+    def describe(self) -> str:
+        if self.kind == "index":
+            idx = self.indices.tolist()
+            return f"class {idx[0]}" if len(set(idx)) == 1 else "class per example"
+        return "all classes" if self.kind == "all" else getattr(self.fn, "__name__", "metric")
+
+    def check_range(self, n_classes: int) -> None:
+        """Every class index must be below ``n_classes`` (the output's last dimension)."""
+        if self.kind != "index":
+            return
+        bad = self.indices[(self.indices < 0) | (self.indices >= n_classes)]
+        if bad.numel():
+            raise InputError(
+                f"target {int(bad[0])} is out of range: the model has {n_classes} outputs "
+                f"(valid class indices 0..{n_classes - 1})"
+            )
+
+    def select(
+        self, output: Tensor, examples: Tensor | None = None, last: Tensor | None = None
+    ) -> Tensor:
+        """The per-row scalar ``[rows]`` of ``output``. ``examples``: the example each row
+        belongs to (rows may repeat examples, e.g. the steps of integrated gradients; None:
+        row i is example i); ``last``: each example's last real position (3-D outputs)."""
+        rows = output.shape[0]
+        if self.kind == "fn":
+            value = self.fn(output)
+            if not isinstance(value, Tensor) or tuple(value.shape) not in ((rows,), ()):
+                got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise InputError(
+                    f"a target callable must return one value per row of the output, a tensor "
+                    f"[{rows}]; got {got}"
+                )
+            if value.ndim == 0:
+                if rows != 1:
+                    raise InputError(
+                        f"a target callable returned a scalar for {rows} rows; return one value "
+                        f"per row, a tensor [{rows}]"
+                    )
+                value = value.reshape(1)
+            if not value.requires_grad and torch.is_grad_enabled():
+                raise InputError(
+                    "the target callable's value does not depend differentiably on the model "
+                    "output (computed under no_grad, detached, or through .item()/argmax?)"
+                )
+            return value
+        if self.kind != "index":
+            raise InputError('target="all" is for grad_cam only; pass class indices or a callable')
+        if examples is None:
+            examples = torch.arange(rows)
+        examples = examples.to(output.device)
+        if output.ndim == 3:
+            pos = (
+                torch.full_like(examples, output.shape[1] - 1)
+                if last is None
+                else last.to(output.device)[examples]
+            )
+            output = output[torch.arange(rows, device=output.device), pos]
+        elif output.ndim != 2:
+            raise InputError(
+                f"class-index targets need logits [batch, classes] or [batch, pos, vocab]; the "
+                f"model returned {tuple(output.shape)}. Pass a callable target: output -> "
+                "Tensor[batch]"
+            )
+        idx = self.indices.to(output.device)[examples]
+        return output.gather(1, idx.view(-1, 1)).squeeze(1)
+
+
+def parse_target(target: Any, batch: int, *, allow_all: bool = False) -> Target:
+    """``target`` checked against the batch size (see the module docstring for the forms)."""
+    if isinstance(target, str):
+        if allow_all and target == "all":
+            return Target("all")
+        forms = "'all', " if allow_all else ""
+        raise InputError(
+            f"target {target!r} is not a valid target; pass {forms}a class index, one index per "
+            "example (a sequence or LongTensor [batch]) or a callable output -> Tensor[batch]"
+        )
+    if callable(target) and not isinstance(target, Tensor):
+        return Target("fn", fn=target)
+    if isinstance(target, bool) or target is None:
+        raise InputError(
+            f"target must be a class index, one index per example or a callable; got {target!r}"
+        )
+    if isinstance(target, int):
+        return Target("index", torch.full((batch,), int(target), dtype=torch.long))
+    if isinstance(target, Tensor):
+        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+            raise InputError(f"target indices must be integers, got a {target.dtype} tensor")
+        indices = target.reshape(-1).long().cpu() if target.ndim <= 1 else None
+    elif isinstance(target, Sequence) and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in target
+    ):
+        indices = torch.tensor(list(target), dtype=torch.long)
+    else:
+        raise InputError(
+            f"target must be a class index, one index per example (a sequence or LongTensor "
+            f"[batch]) or a callable output -> Tensor[batch]; got {type(target).__name__}"
+        )
+    if indices is None or indices.numel() not in (1, batch):
+        shape = tuple(target.shape) if isinstance(target, Tensor) else (len(target),)
+        raise InputError(
+            f"target has shape {shape} but the batch has {batch} examples; pass one class "
+            "index, or one per example"
+        )
+    if indices.numel() == 1:
+        indices = indices.expand(batch).clone()
+    return Target("index", indices)
+
+
+def layer_site(model: HookedModel, site: Any, what: str, kinds: Sequence[str] = ()) -> Address:
+    """One layer-level address (``neuron.1``, ``resid_post.0``): a single address that exists
+    on ``model``; ``kinds`` limits the grammar's first word. InputError names the choices."""
+    choices = [str(a) for a in model.addresses() if not kinds or str(a).split(".")[0] in kinds]
+    if not isinstance(site, (str, Address, Selection)):
+        raise InputError(f"{what} site must be one address; choose from {format_choices(choices)}")
+    found = model.resolve(site)
+    if len(found) != 1 or str(found[0]) not in choices:
+        raise InputError(
+            f"{what} needs one layer-level site; {site!r} selects "
+            f"{[str(a) for a in found][:4]}. Choose from {format_choices(choices)}"
+        )
+    return found[0]
+
+
+@dataclass
+class Inputs:
+    """The model's input as a tensor, with what the attribution methods need to know:
+    ``tokens`` (integer ids) or images/features (float), and each row's last real position
+    for token inputs (right padding)."""
+
+    tensor: Tensor
+    is_tokens: bool
+    last: Tensor | None = None
+    mask: Tensor | None = None
+
+    @property
+    def batch(self) -> int:
+        return self.tensor.shape[0]
+
+    def kwargs(self, examples: Tensor | None = None) -> dict[str, Tensor]:
+        """The keywords of the forward: the attention mask (of the rows ``examples``)."""
+        if self.mask is None:
+            return {}
+        return {"attention_mask": self.mask if examples is None else self.mask[examples]}
+
+
+def prepare_inputs(model: HookedModel, inputs: Any) -> Inputs:
+    """``inputs`` (a float tensor, token ids, texts, or a dict with input_ids and
+    attention_mask) as an :class:`Inputs`; InputError for anything else."""
+    mask = None
+    if isinstance(inputs, str) or (
+        isinstance(inputs, (list, tuple)) and inputs and all(isinstance(t, str) for t in inputs)
+    ):
+        texts = [inputs] if isinstance(inputs, str) else list(inputs)
+        ids = model.to_tokens(texts)
+        lengths = torch.tensor([model.to_tokens(t).shape[1] for t in texts])
+        mask = (torch.arange(ids.shape[1]) < lengths[:, None]).long().to(ids.device)
+        inputs = ids
+    elif isinstance(inputs, Mapping):
+        if "input_ids" not in inputs:
+            raise InputError(
+                f"a dict input needs 'input_ids' (and may hold attention_mask); got keys "
+                f"{sorted(inputs)}"
+            )
+        mask = inputs.get("attention_mask")
+        inputs = inputs["input_ids"]
+    if not isinstance(inputs, Tensor):
+        raise InputError(
+            "inputs must be a float tensor (images, features), token ids (a LongTensor "
+            f"[batch, pos]), texts or a dict with input_ids; got {type(inputs).__name__}"
+        )
+    if inputs.ndim == 0 or inputs.shape[0] == 0:
+        raise InputError(f"inputs hold no examples: shape {tuple(inputs.shape)}")
+    if inputs.is_floating_point():
+        if not torch.isfinite(inputs).all():
+            raise InputError("inputs hold NaN or Inf values")
+        return Inputs(inputs.to(model.device, model.dtype), False)
+    if inputs.ndim == 1:
+        inputs = inputs.unsqueeze(0)
+    last = None
+    if mask is not None:
+        mask = torch.as_tensor(mask)
+        if tuple(mask.shape) != tuple(inputs.shape):
+            raise InputError(
+                f"attention_mask has shape {tuple(mask.shape)} but input_ids has shape "
+                f"{tuple(inputs.shape)}"
+            )
+        mask = mask.to(model.device)
+        last = (mask.long().sum(1) - 1).clamp(min=0).cpu()
+    return Inputs(inputs.to(model.device), True, last, mask)
