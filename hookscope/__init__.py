@@ -50,6 +50,7 @@ _LAZY = (
     "actions",
     "adapters",
     "analysis",
+    "attribution",
     "cache",
     "data",
     "dispatch",
@@ -62,6 +63,7 @@ _LAZY = (
     "probes",
     "store",
     "tracking",
+    "units",
     "zoo",
 )
 
@@ -82,6 +84,7 @@ if TYPE_CHECKING:
     from hookscope import (
         actions,
         analysis,
+        attribution,
         data,
         dispatch,
         experiments,
@@ -90,6 +93,7 @@ if TYPE_CHECKING:
         probes,
         store,
         tracking,
+        units,
         zoo,
     )
     from hookscope.cache import ActivationCache
@@ -120,6 +124,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "actions",
     "analysis",
+    "attribution",
     "data",
     "dispatch",
     "experiments",
@@ -128,6 +133,7 @@ __all__ = [
     "probes",
     "store",
     "tracking",
+    "units",
     "zoo",
     "Address",
     "ActivationCache",

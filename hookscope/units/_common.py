@@ -1,0 +1,254 @@
+"""Helpers shared by the unit analyses: argument checks, batched forwards, samples, head grids.
+
+Conventions shared by several modules:
+
+* **Sites** are ``neuron`` addresses: a layer (``neuron.1``, ``neuron.1.pre``) for
+  :func:`~hookscope.units.neuron_stats` and :func:`~hookscope.units.composition`, one unit
+  (``neuron.1.7``) for :func:`~hookscope.units.top_activating`.
+* **Samples.** A unit has one scalar per sample. An MLP unit: one per input. A conv channel
+  (unit axis 1 of a ``[batch, C, H, W]`` map): its map reduced over space per input,
+  ``reduce="mean"`` (default for statistics) or ``"max"``. A language-model neuron
+  (``[batch, pos, d_mlp]``), or a transformer over patches: one per real position; padding
+  (``attention_mask == 0``) is never a sample.
+* **Heads** are named ``(layer, head)``; per-head grids are ``[layer, head]`` (rows follow
+  the analysed layers). The **readout position** of an example is CLS (position 0) for a
+  vision transformer and its last real token for a language model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from hookscope.addresses import Address
+from hookscope.attribution._common import Inputs, as_model, layer_site
+from hookscope.errors import AddressError, InputError, format_choices
+from hookscope.model import HookedModel
+
+__all__ = [
+    "REDUCTIONS",
+    "positive_int",
+    "check_reduce",
+    "neuron_layer",
+    "unit_axis",
+    "batches",
+    "unit_samples",
+    "kind_of",
+    "_attention_model",
+    "_pick_layers",
+    "_positive_int",
+    "_choice",
+    "_labels",
+    "_chunks",
+    "_readout",
+    "_heatmap",
+    "_grid_frame",
+]
+
+REDUCTIONS = ("mean", "max")
+
+
+# --------------------------------------------------------- neuron arguments and samples
+
+
+def positive_int(value: Any, name: str) -> int:
+    """``value`` as an int >= 1, else InputError."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise InputError(f"{name} must be an integer >= 1; got {value!r}")
+    return int(value)
+
+
+def check_reduce(reduce: Any) -> str:
+    """``reduce`` as one of :data:`REDUCTIONS`, else InputError."""
+    if reduce not in REDUCTIONS:
+        raise InputError(f"reduce must be one of {format_choices(REDUCTIONS)}; got {reduce!r}")
+    return reduce
+
+
+def neuron_layer(model: HookedModel, site: Any, what: str) -> Address:
+    """One layer-level ``neuron`` address of ``model`` (``neuron.1``, ``neuron.1.pre``)."""
+    try:
+        return layer_site(model, site, what, kinds=("neuron",))
+    except AddressError as err:
+        choices = [str(a) for a in model.addresses("neuron")]
+        raise InputError(f"{what}: {err}; choose from {format_choices(choices)}") from err
+
+
+def unit_axis(model: HookedModel, address: Address, ndim: int) -> int:
+    """The (non-negative) axis of the units in the layer tensor of ``address``."""
+    return model.adapter.unit_axis(address.slot) % ndim
+
+
+def batches(
+    model: HookedModel,
+    prepared: Inputs,
+    names: list[Address],
+    batch_size: int,
+    progress: bool | None,
+    desc: str,
+) -> Iterator[tuple[int, dict[str, Tensor], Tensor | None]]:
+    """Run ``prepared`` in batches: ``(start, {address: float32 CPU activation}, mask)``."""
+    from tqdm.auto import tqdm
+
+    starts = range(0, prepared.batch, batch_size)
+    show = progress if progress is not None else len(starts) > 1
+    for start in tqdm(starts, desc=desc, disable=not show):
+        x = prepared.tensor[start : start + batch_size]
+        mask = None if prepared.mask is None else prepared.mask[start : start + batch_size]
+        kwargs = {} if mask is None else {"attention_mask": mask}
+        _, cache = model.run_with_cache(x, names, **kwargs)
+        acts = {str(a): cache[a].detach().float().cpu() for a in names}
+        yield start, acts, None if mask is None else mask.cpu()
+
+
+def unit_samples(
+    act: Tensor, axis: int, mask: Tensor | None, reduce: str
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """A layer tensor as samples x units: ``(matrix [s, p], example [s], position [s])``.
+
+    ``[batch, p]``: one sample per input. Units on axis 1 of a longer tensor (conv maps):
+    reduced over the trailing spatial axes by ``reduce``. Units last of ``[batch, pos, p]``:
+    one sample per real position (``mask`` marks them); ``position`` is None otherwise.
+    """
+    batch = act.shape[0]
+    rows = torch.arange(batch)
+    if act.ndim == 2:
+        return act, rows, None
+    if axis == 1:
+        dims = tuple(range(2, act.ndim))
+        mat = act.mean(dims) if reduce == "mean" else act.amax(dims)
+        return mat, rows, None
+    if act.ndim == 3 and axis == 2:
+        keep = torch.ones(act.shape[:2], dtype=torch.bool) if mask is None else mask.bool()
+        example, position = keep.nonzero(as_tuple=True)
+        return act[keep], example, position
+    raise InputError(
+        f"cannot read units from a tensor of shape {tuple(act.shape)} with units on axis {axis}"
+    )
+
+
+def kind_of(layer_ndim: int, axis: int) -> str:
+    """What a unit's sample is: "features" (one per input), "spatial" (a reduced map) or
+    "positions" (token / patch positions)."""
+    if layer_ndim == 2:
+        return "features"
+    return "spatial" if axis == 1 else "positions"
+
+
+# ------------------------------------------------------------- head arguments and grids
+
+
+def _attention_model(model: Any, what: str) -> tuple[HookedModel, list[int]]:
+    """``model`` as a HookedModel and the layers that have attention patterns."""
+    hm = as_model(model)
+    layers = sorted(a.layer for a in hm.addresses("head") if str(a).endswith(".pattern"))  # type: ignore[attr-defined]
+    if not layers:
+        sites = sorted({str(a).split(".")[0] for a in hm.addresses()})
+        raise InputError(
+            f"{what} needs a model with attention heads; this {hm.adapter.name} model has none "
+            f"(its sites: {format_choices(sites)}). Use a transformer such as digits-vit or a "
+            "language model"
+        )
+    return hm, layers
+
+
+def _pick_layers(layers: Any, valid: list[int]) -> list[int]:
+    if layers is None:
+        return list(valid)
+    items = [layers] if isinstance(layers, int) else layers
+    if isinstance(items, (str, bytes)) or not isinstance(items, (Sequence, range)):
+        raise InputError(f"layers must be None, a layer index or a list of them; got {layers!r}")
+    bad = [x for x in items if not isinstance(x, int) or isinstance(x, bool) or x not in valid]
+    if bad or not items:
+        raise InputError(
+            f"layers {list(items) if not bad else bad} are not attention layers of this model; "
+            f"choose from {valid}"
+        )
+    return sorted(set(items))
+
+
+def _positive_int(value: Any, name: str, minimum: int = 1) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise InputError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def _choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise InputError(f"{name} must be one of {format_choices(choices)}; got {value!r}")
+    return value
+
+
+def _labels(labels: Any, n: int) -> Tensor:
+    """``labels`` as a LongTensor [n] with at least two classes."""
+    if isinstance(labels, Tensor):
+        y = labels.detach().cpu()
+    else:
+        try:
+            y = torch.as_tensor(np.asarray(labels))
+        except (TypeError, ValueError):
+            raise InputError(
+                f"labels must be one integer class per example; got {type(labels).__name__}"
+            ) from None
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool or y.ndim != 1:
+        raise InputError(
+            f"labels must be one integer class per example, a 1-D integer tensor [{n}]; got "
+            f"{y.dtype} of shape {tuple(y.shape)}"
+        )
+    if y.shape[0] != n:
+        raise InputError(f"labels has {y.shape[0]} entries but the inputs have {n} examples")
+    if torch.unique(y).numel() < 2:
+        raise InputError("labels hold a single class; class statistics need at least two")
+    return y.long()
+
+
+def _chunks(data: Inputs, size: int, progress: bool | None, desc: str) -> Iterator[Inputs]:
+    """``data`` in slices of ``size`` rows, with a progress bar when there are several."""
+    starts = range(0, data.batch, size)
+    show = progress if progress is not None else len(starts) > 1
+    for s in tqdm(starts, desc=desc, disable=not show):
+        cut = slice(s, s + size)
+        yield Inputs(
+            data.tensor[cut],
+            data.is_tokens,
+            None if data.last is None else data.last[cut],
+            None if data.mask is None else data.mask[cut],
+        )
+
+
+def _readout(chunk: Inputs, n_pos: int) -> Tensor:
+    """Each row's readout position: CLS (0) for images, the last real token for tokens."""
+    if not chunk.is_tokens:
+        return torch.zeros(chunk.batch, dtype=torch.long)
+    if chunk.last is None:
+        return torch.full((chunk.batch,), n_pos - 1, dtype=torch.long)
+    return chunk.last.long()
+
+
+def _heatmap(ax: Any, grid: Tensor, title: str, layers: Sequence[int], cmap: str = "viridis"):
+    im = ax.imshow(grid.numpy(), cmap=cmap, aspect="auto")
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(grid.shape[1]))
+    ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
+    ax.figure.colorbar(im, ax=ax)
+    return im
+
+
+def _grid_frame(layers: Sequence[int], columns: dict[str, Tensor]) -> pd.DataFrame:
+    """One row per head of ``[layer, head]`` grids."""
+    n_heads = next(iter(columns.values())).shape[1]
+    frame = {
+        "layer": np.repeat(np.asarray(layers), n_heads),
+        "head": np.tile(np.arange(n_heads), len(layers)),
+    }
+    for name, grid in columns.items():
+        frame[name] = grid.reshape(-1).cpu().numpy()
+    return pd.DataFrame(frame)
