@@ -148,7 +148,7 @@ def second_resid(model):
 
 
 def test_eval_modes_ending_out_of_order_restore_train_mode_last():
-    from hookscope.interventions._modes import EvalMode
+    from hookscope.modes import EvalMode
 
     hf = builders.tiny_neox().train()
     a, b = EvalMode(hf), EvalMode(hf)

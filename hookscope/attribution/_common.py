@@ -14,24 +14,42 @@ Targets (what an attribution explains), one per example:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from hookscope.addresses import Address, Selection
+from hookscope.addresses import Address, Module, Selection
 from hookscope.errors import InputError, format_choices
 from hookscope.model import HookedModel
 
 __all__ = [
     "as_model",
+    "check_keywords",
     "Target",
     "parse_target",
     "layer_site",
     "Inputs",
     "prepare_inputs",
 ]
+
+
+def check_keywords(fn: Callable[..., Any], what: str, kwargs: Mapping[str, Any]) -> None:
+    """Every keyword in ``kwargs`` must be a parameter of ``fn`` (after model and inputs)."""
+    import inspect
+
+    params = [
+        p.name
+        for p in inspect.signature(fn).parameters.values()
+        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ][2:]
+    unknown = [k for k in kwargs if k not in params]
+    if unknown:
+        raise InputError(
+            f"{what} takes no keyword {unknown[0]!r}; its keywords are {format_choices(params)}"
+        )
 
 
 def as_model(model: Any, name: str = "model") -> HookedModel:
@@ -133,6 +151,10 @@ def parse_target(target: Any, batch: int, *, allow_all: bool = False) -> Target:
         )
     if callable(target) and not isinstance(target, Tensor):
         return Target("fn", fn=target)
+    if isinstance(target, np.integer):
+        target = int(target)
+    elif isinstance(target, np.ndarray):
+        target = torch.from_numpy(target)
     if isinstance(target, bool) or target is None:
         raise InputError(
             f"target must be a class index, one index per example or a callable; got {target!r}"
@@ -164,16 +186,23 @@ def parse_target(target: Any, batch: int, *, allow_all: bool = False) -> Target:
 
 
 def layer_site(model: HookedModel, site: Any, what: str, kinds: Sequence[str] = ()) -> Address:
-    """One layer-level address (``neuron.1``, ``resid_post.0``): a single address that exists
-    on ``model``; ``kinds`` limits the grammar's first word. InputError names the choices."""
+    """One layer-level address (``neuron.1``, ``resid_post.0``) or ``module:<path>`` that
+    exists on ``model``; ``kinds`` limits the grammar's first word. InputError names the
+    choices."""
     choices = [str(a) for a in model.addresses() if not kinds or str(a).split(".")[0] in kinds]
+    listed = (
+        format_choices(choices)
+        if choices
+        else "a module:<path> address (this model has no layer addresses)"
+    )
     if not isinstance(site, (str, Address, Selection)):
-        raise InputError(f"{what} site must be one address; choose from {format_choices(choices)}")
+        raise InputError(f"{what} site must be one address; choose from {listed}")
     found = model.resolve(site)
-    if len(found) != 1 or str(found[0]) not in choices:
+    module = len(found) == 1 and isinstance(found[0], Module) and not kinds
+    if len(found) != 1 or not (module or str(found[0]) in choices):
         raise InputError(
             f"{what} needs one layer-level site; {site!r} selects "
-            f"{[str(a) for a in found][:4]}. Choose from {format_choices(choices)}"
+            f"{[str(a) for a in found][:4]}. Choose from {listed}"
         )
     return found[0]
 
@@ -181,33 +210,58 @@ def layer_site(model: HookedModel, site: Any, what: str, kinds: Sequence[str] = 
 @dataclass
 class Inputs:
     """The model's input as a tensor, with what the attribution methods need to know:
-    ``tokens`` (integer ids) or images/features (float), and each row's last real position
-    for token inputs (right padding)."""
+    ``tokens`` (integer ids) or images/features (float); for token inputs the attention
+    ``mask``, each row's ``last`` real position (the last 1 of the mask: right or left
+    padding) and ``extra`` keywords of a tokenizer's dict (``token_type_ids``, ...)."""
 
     tensor: Tensor
     is_tokens: bool
     last: Tensor | None = None
     mask: Tensor | None = None
+    extra: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def batch(self) -> int:
         return self.tensor.shape[0]
 
+    def rows(self, start: int, stop: int) -> Inputs:
+        """The examples ``start:stop`` (every field sliced alike)."""
+        cut = slice(start, stop)
+        return Inputs(
+            self.tensor[cut],
+            self.is_tokens,
+            None if self.last is None else self.last[cut],
+            None if self.mask is None else self.mask[cut],
+            {k: v[cut] for k, v in self.extra.items()},
+        )
+
     def kwargs(self, examples: Tensor | None = None) -> dict[str, Tensor]:
-        """The keywords of the forward: the attention mask (of the rows ``examples``)."""
-        if self.mask is None:
-            return {}
-        return {"attention_mask": self.mask if examples is None else self.mask[examples]}
+        """The keywords of the forward (the attention mask and the extra keywords), of the
+        rows ``examples``."""
+        found = dict(self.extra)
+        if self.mask is not None:
+            found["attention_mask"] = self.mask
+        if examples is None:
+            return found
+        return {k: v[examples] for k, v in found.items()}
+
+
+def _texts(inputs: Any) -> list[str] | None:
+    if isinstance(inputs, str):
+        return [inputs]
+    if isinstance(inputs, (list, tuple)) and inputs and all(isinstance(t, str) for t in inputs):
+        return list(inputs)
+    return None
 
 
 def prepare_inputs(model: HookedModel, inputs: Any) -> Inputs:
-    """``inputs`` (a float tensor, token ids, texts, or a dict with input_ids and
-    attention_mask) as an :class:`Inputs`; InputError for anything else."""
+    """``inputs`` (a float tensor, token ids, texts, or a tokenizer's dict with input_ids,
+    attention_mask and other keywords) as an :class:`Inputs`; InputError for anything else,
+    before any forward."""
     mask = None
-    if isinstance(inputs, str) or (
-        isinstance(inputs, (list, tuple)) and inputs and all(isinstance(t, str) for t in inputs)
-    ):
-        texts = [inputs] if isinstance(inputs, str) else list(inputs)
+    extra: dict[str, Tensor] = {}
+    texts = _texts(inputs)
+    if texts is not None:
         ids = model.to_tokens(texts)
         lengths = torch.tensor([model.to_tokens(t).shape[1] for t in texts])
         mask = (torch.arange(ids.shape[1]) < lengths[:, None]).long().to(ids.device)
@@ -219,7 +273,14 @@ def prepare_inputs(model: HookedModel, inputs: Any) -> Inputs:
                 f"{sorted(inputs)}"
             )
         mask = inputs.get("attention_mask")
+        extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
         inputs = inputs["input_ids"]
+    if (
+        isinstance(inputs, (list, tuple))
+        and inputs
+        and all(isinstance(r, (list, tuple)) and all(isinstance(t, int) for t in r) for r in inputs)
+    ):
+        inputs = torch.tensor(inputs, dtype=torch.long)
     if not isinstance(inputs, Tensor):
         raise InputError(
             "inputs must be a float tensor (images, features), token ids (a LongTensor "
@@ -231,8 +292,28 @@ def prepare_inputs(model: HookedModel, inputs: Any) -> Inputs:
         if not torch.isfinite(inputs).all():
             raise InputError("inputs hold NaN or Inf values")
         return Inputs(inputs.to(model.device, model.dtype), False)
+    if inputs.is_complex() or inputs.dtype == torch.bool or inputs.ndim > 2:
+        raise InputError(
+            f"integer inputs are token ids [batch, pos]; got a {inputs.dtype} tensor of shape "
+            f"{tuple(inputs.shape)}. Images and features must be a float tensor (e.g. "
+            "images.float() / 255)"
+        )
     if inputs.ndim == 1:
         inputs = inputs.unsqueeze(0)
+        if mask is not None and torch.as_tensor(mask).ndim == 1:
+            mask = torch.as_tensor(mask).unsqueeze(0)
+        extra = {
+            k: v.unsqueeze(0) if isinstance(v, Tensor) and v.ndim == 1 else v
+            for k, v in extra.items()
+        }
+    for key, value in extra.items():
+        if not isinstance(value, Tensor) or tuple(value.shape[:1]) != (inputs.shape[0],):
+            raise InputError(
+                f"the dict input's {key!r} must be a tensor with one row per example "
+                f"({inputs.shape[0]}), got "
+                f"{tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__}"
+            )
+    extra = {k: v.to(model.device) for k, v in extra.items()}
     last = None
     if mask is not None:
         mask = torch.as_tensor(mask)
@@ -241,6 +322,14 @@ def prepare_inputs(model: HookedModel, inputs: Any) -> Inputs:
                 f"attention_mask has shape {tuple(mask.shape)} but input_ids has shape "
                 f"{tuple(inputs.shape)}"
             )
+        real = mask.bool()
+        empty = (~real.any(1)).nonzero().flatten().tolist()
+        if empty:
+            raise InputError(
+                f"row {empty[0]} of attention_mask has no real token (all 0); every row needs "
+                "at least one"
+            )
+        # the last 1 of each row, wherever the padding is
+        last = (mask.shape[1] - 1 - real.flip(1).long().argmax(1)).cpu()
         mask = mask.to(model.device)
-        last = (mask.long().sum(1) - 1).clamp(min=0).cpu()
-    return Inputs(inputs.to(model.device), True, last, mask)
+    return Inputs(inputs.to(model.device), True, last, mask, extra)

@@ -47,6 +47,7 @@ from hookscope.addresses import AttentionHead
 from hookscope.attribution._common import Inputs, as_model, prepare_inputs
 from hookscope.errors import InputError, format_choices
 from hookscope.model import HookedModel
+from hookscope.modes import in_eval_mode
 
 __all__ = [
     "HEAD_FUSIONS",
@@ -194,6 +195,7 @@ def transition_matrices(
     discard_ratio = _check_discard(discard_ratio)
     if not isinstance(residual, bool):
         raise InputError(f"residual must be True or False, got {residual!r}")
+    mask = None if mask is None else torch.as_tensor(mask)
     patterns = _check_patterns(patterns, mask)
     batch, n = patterns[0].shape[0], patterns[0].shape[-1]
     device = patterns[0].device
@@ -288,6 +290,7 @@ def flow_from_patterns(
     and input token, each over ``(L + 1) * n`` nodes; a tqdm bar counts examples
     (``progress=None`` shows it from 500 problems on). float64 on the CPU.
     """
+    mask = None if mask is None else torch.as_tensor(mask)
     patterns = _check_patterns(patterns, mask)
     batch, n = patterns[0].shape[0], patterns[0].shape[-1]
     queries = _query_positions(query, batch, n, mask)
@@ -609,6 +612,7 @@ def _mask(run: _Run) -> Tensor | None:
     return None if run.inputs.mask is None else run.inputs.mask.bool()
 
 
+@in_eval_mode
 def attention_rollout(
     model: Any,
     inputs: Any,
@@ -664,6 +668,7 @@ def attention_rollout(
     )
 
 
+@in_eval_mode
 def attention_flow(
     model: Any,
     inputs: Any,

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from hookscope.attribution._common import as_model, check_keywords
 from hookscope.attribution.result import _image
 from hookscope.errors import InputError, format_choices, suggestion
 
@@ -110,6 +111,11 @@ class Comparison:
         if not isinstance(n, int) or n < 1:
             raise InputError(f"n must be a positive number of examples, got {n!r}")
         count = min(n, len(self.difference))
+        if self.difference.ndim == 4:
+            raise InputError(
+                "these maps have a class axis (grad_cam with target='all'); plot one class: "
+                "compare with target=k"
+            )
         rows = [
             (self.labels[0], _values(self.before)),
             (self.labels[1], _values(self.after)),
@@ -182,9 +188,12 @@ def compare(
         not isinstance(labels, (tuple, list))
         or len(labels) != 2
         or not all(isinstance(s, str) for s in labels)
+        or labels[0] == labels[1]
     ):
-        raise InputError(f"labels must be two strings, got {labels!r}")
+        raise InputError(f"labels must be two different strings, got {labels!r}")
+    before, after = as_model(before, "before"), as_model(after, "after")
     run = _methods()[method]
+    check_keywords(run, method, kwargs)
     first = run(before, inputs, **kwargs)
     second = run(after, inputs, **kwargs)
     a, b = _values(first), _values(second)

@@ -37,7 +37,7 @@ Conventions (the tests compare each with captum 0.9 to 1e-5):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hookscope.addresses import Address
+from hookscope.addresses import Address, AttentionHead
 from hookscope.attribution._common import (
     Inputs,
     as_model,
@@ -56,7 +56,7 @@ from hookscope.attribution._common import (
 from hookscope.attribution.result import Attributions
 from hookscope.errors import InputError, format_choices, suggestion
 from hookscope.model import HookedModel
-from hookscope.scope import Scope
+from hookscope.modes import in_eval_mode
 
 __all__ = [
     "saliency",
@@ -70,10 +70,12 @@ __all__ = [
 METHODS = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
 NORMALIZATIONS = (None, "max", "minmax")
 BASELINES = "'zeros', a number, or a tensor shaped like one example or like the whole batch"
-#: integrated gradients' automatic chunk: about this many activation values per chunk
-#: (measured on the digits CNN at 1 thread: 1-2k rows of 3.5k values ran 2x faster than one
+#: integrated gradients' automatic chunk: about this many values kept for the backward per
+#: chunk (measured on the digits CNN at 1 thread: chunks of 1-2k rows ran 2x faster than one
 #: 16k-row batch, whose activations no longer fit the caches)
 CHUNK_ELEMENTS = 4_000_000
+#: rows of integrated gradients' first chunk, which measures the memory a row takes
+FIRST_CHUNK = 256
 #: with ``progress=None`` a bar appears once a loop has run this many seconds
 PROGRESS_DELAY = 1.0
 
@@ -129,6 +131,12 @@ class _Where:
         self.address: Address | None = None if site is None else layer_site(model, site, what)
         self.site = "input" if self.address is None else str(self.address)
 
+    def per_token(self, point: Tensor) -> bool:
+        """Token inputs and a site over their positions ([batch, pos, ...]): the values are
+        reduced to one per token."""
+        pos = self.inputs.tensor.shape[1] if self.inputs.is_tokens else None
+        return pos is not None and point.ndim >= 3 and point.shape[1] == pos
+
     def activation(self, examples: Tensor | None = None) -> Tensor:
         """The value the gradient is taken at (detached), for the rows ``examples``."""
         x = self.inputs.tensor if examples is None else self.inputs.tensor[examples]
@@ -154,9 +162,10 @@ class _Where:
         hooks = [(self.address, put)]
         return self.model.run_with_hooks(x, hooks=hooks, **self.inputs.kwargs(examples))
 
-    def tokens(self) -> list[list[str]] | None:
-        """Each row's tokens as strings (padding dropped), for token inputs."""
-        if not self.inputs.is_tokens:
+    def tokens(self, point: Tensor) -> list[list[str]] | None:
+        """Each row's tokens as strings up to its last real one, when the values are per
+        token (left padding shows as pad tokens with value 0)."""
+        if not self.per_token(point):
             return None
         ids = self.inputs.tensor.cpu()
         lengths = (
@@ -183,25 +192,40 @@ def _output_width(out: Tensor) -> int:
     return int(out.shape[-1])
 
 
-def _elements_per_row(model: HookedModel, run: Callable[[], Any], rows: int) -> Any:
-    """Run ``run()`` counting the values every leaf module outputs; ``(result, per row)``."""
-    count = [0]
+class _SavedCount:
+    """Counts the values autograd saves for the backward (parameters excluded) while open:
+    what a chunk of rows holds in memory until its backward."""
 
-    def add(module: Any, args: Any, output: Any) -> None:
-        if isinstance(output, Tensor):
-            count[0] += output.numel()
+    def __init__(self, model: HookedModel):
+        self.params = {p.untyped_storage().data_ptr() for p in model.model.parameters()}
+        self.count = 0
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
 
-    with Scope() as scope:
-        for module in model.model.modules():
-            if not list(module.children()):
-                scope.forward_hook(module, add)
-        result = run()
-    return result, max(1, count[0] // max(rows, 1))
+    def _pack(self, t: Tensor) -> Tensor:
+        if t.untyped_storage().data_ptr() not in self.params:
+            self.count += t.numel()
+        return t
+
+    def __enter__(self) -> _SavedCount:
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._hooks.__exit__(*exc)
+
+
+def _check_grad_mode(what: str) -> None:
+    if torch.is_inference_mode_enabled():
+        raise InputError(
+            f"{what} needs gradients, which torch.inference_mode() turns off; call it outside "
+            "the inference_mode block"
+        )
 
 
 # ---------------------------------------------------------------------------- saliency
 
 
+@in_eval_mode
 def saliency(
     model: Any,
     inputs: Any,
@@ -216,11 +240,12 @@ def saliency(
     Images / features: ``values`` [batch, *input_shape] = ``|grad|`` (``absolute=False``:
     the signed gradient). Tokens: ``values`` [batch, pos] = the L2 norm of each token's
     embedding gradient (``absolute=False``: gradient . embedding, i.e. gradient x input,
-    signed); ``raw`` holds the gradient [batch, pos, d_model]. ``batch_size`` splits the
-    batch (None: one backward for all).
+    signed), and the same at any ``site`` over the token positions; ``raw`` holds the
+    gradient [batch, pos, ...]. ``batch_size`` splits the batch (None: one backward for all).
 
     >>> sal = saliency(cnn, X[:16], target=y[:16])          # doctest: +SKIP
     """
+    _check_grad_mode("saliency")
     model = as_model(model)
     inp = prepare_inputs(model, inputs)
     if not isinstance(absolute, bool):
@@ -245,9 +270,10 @@ def saliency(
     grad = torch.cat(grads)
     point = torch.cat(points)
     raw = None
-    if inp.is_tokens and where.address is not None and str(where.address) == "embed":
+    if where.per_token(point):
         raw = grad
-        values = grad.norm(dim=-1) if absolute else (grad * point).sum(-1)
+        flat_grad, flat_point = grad.flatten(2), point.flatten(2)
+        values = flat_grad.norm(dim=-1) if absolute else (flat_grad * flat_point).sum(-1)
         values = values * _mask(inp, values)
     else:
         values = grad.abs() if absolute else grad
@@ -258,7 +284,7 @@ def saliency(
         tgt.indices,
         {"absolute": absolute, "target": tgt.describe()},
         raw=raw,
-        tokens=where.tokens(),
+        tokens=where.tokens(point),
     )
 
 
@@ -277,6 +303,8 @@ def _baseline(baseline: Any, point: Tensor, where: _Where) -> Tensor:
             raise InputError(f"unknown baseline {baseline!r}; pass {BASELINES}")
         return torch.zeros_like(point)
     if isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
+        if not math.isfinite(baseline):
+            raise InputError(f"baseline {baseline} is not a finite number; pass {BASELINES}")
         return torch.full_like(point, float(baseline))
     if isinstance(baseline, Tensor):
         if tuple(baseline.shape) == tuple(point.shape[1:]):
@@ -294,6 +322,7 @@ def _baseline(baseline: Any, point: Tensor, where: _Where) -> Tensor:
     raise InputError(f"baseline must be {BASELINES}; got {type(baseline).__name__}")
 
 
+@in_eval_mode
 def integrated_gradients(
     model: Any,
     inputs: Any,
@@ -312,8 +341,10 @@ def integrated_gradients(
     ``raw`` [batch, pos, d_model]); ``delta`` [batch], the completeness gap. ``method`` and
     the quadrature are in the module docstring. The ``n_steps x batch`` scaled inputs run as
     rows of chunks of ``internal_batch_size`` rows, one forward and one backward each (None:
-    chunks of about :data:`CHUNK_ELEMENTS` activation values, measured in the first forward).
-    A progress bar counts the chunks (``progress=None``: shown once the loop has run
+    the first chunk of :data:`FIRST_CHUNK` rows counts the values autograd keeps per row,
+    and later chunks hold about :data:`CHUNK_ELEMENTS` of them; the size used is in
+    ``conventions["internal_batch_size"]``). Gradients accumulate in float32 at least. A
+    progress bar counts the rows (``progress=None``: shown once the loop has run
     :data:`PROGRESS_DELAY` seconds).
     ``baseline``: ``"zeros"``, a number, or a tensor shaped like one example or the batch
     (at ``site`` when one is given; for tokens, in embedding space).
@@ -321,6 +352,7 @@ def integrated_gradients(
     >>> ig = integrated_gradients(cnn, X[:16], target=y[:16], n_steps=64)   # doctest: +SKIP
     >>> ig.values.sum((1, 2, 3)) - ig.delta                                 # doctest: +SKIP
     """
+    _check_grad_mode("integrated_gradients")
     model = as_model(model)
     inp = prepare_inputs(model, inputs)
     _check_method(method, n_steps)
@@ -333,50 +365,54 @@ def integrated_gradients(
     base = _baseline(baseline, x, where)
     B = inp.batch
     every = torch.arange(B, device=x.device)
-
-    def ends() -> tuple[Tensor, Tensor]:
-        with torch.no_grad():
-            out_x = where.forward(every, x)
-            tgt.check_range(_output_width(out_x))
-            out_b = where.forward(every, base)
-            return tgt.select(out_x, every, inp.last), tgt.select(out_b, every, inp.last)
-
-    (f_x, f_b), per_row = _elements_per_row(model, ends, 2 * B)
+    with torch.no_grad():
+        out_x = where.forward(every, x)
+        tgt.check_range(_output_width(out_x))
+        out_b = where.forward(every, base)
+        f_x, f_b = tgt.select(out_x, every, inp.last), tgt.select(out_b, every, inp.last)
     alphas, weights = quadrature(method, n_steps)
     alphas_t = torch.tensor(alphas, dtype=x.dtype, device=x.device)
     weights_t = torch.tensor(weights, dtype=x.dtype, device=x.device)
     rows = n_steps * B
-    size = internal_batch_size or max(1, CHUNK_ELEMENTS // per_row)
+    # the first chunk measures what a row keeps for the backward; the rest are sized by it
+    size = internal_batch_size or min(rows, FIRST_CHUNK)
     diff = x - base
-    total = torch.zeros_like(x)
-    n_chunks = math.ceil(rows / size)
+    total = torch.zeros_like(x, dtype=torch.promote_types(x.dtype, torch.float32))
     from tqdm.auto import tqdm
 
     shape = (-1,) + (1,) * (x.ndim - 1)
     bar = tqdm(
-        _chunks(rows, size),
-        total=n_chunks,
+        total=rows,
         desc="integrated gradients",
+        unit="row",
         disable=progress is False,
         delay=0 if progress else PROGRESS_DELAY,
     )
-    for start, stop in bar:
-        flat = torch.arange(start, stop, device=x.device)
-        steps, examples = flat // B, flat % B
-        point = base[examples] + alphas_t[steps].view(shape) * diff[examples]
-        point.requires_grad_(True)
-        with torch.enable_grad():
-            out = where.forward(examples, point)
-            value = tgt.select(out, examples, inp.last)
+    start = 0
+    with bar:
+        while start < rows:
+            stop = min(start + size, rows)
+            flat = torch.arange(start, stop, device=x.device)
+            steps, examples = flat // B, flat % B
+            point = base[examples] + alphas_t[steps].view(shape) * diff[examples]
+            point.requires_grad_(True)
+            with torch.enable_grad(), _SavedCount(model) as saved:
+                out = where.forward(examples, point)
+                value = tgt.select(out, examples, inp.last)
             (grad,) = torch.autograd.grad(value.sum(), point)
-        total.index_add_(0, examples, grad * weights_t[steps].view(shape))
-    attributions = diff * total
+            total.index_add_(0, examples, (grad * weights_t[steps].view(shape)).to(total.dtype))
+            if start == 0 and internal_batch_size is None:
+                per_row = max(1, saved.count // (stop - start))
+                size = max(1, CHUNK_ELEMENTS // per_row)
+            bar.update(stop - start)
+            start = stop
+    attributions = (diff * total).to(x.dtype)
     raw = None
-    if inp.is_tokens and where.site == "embed":
+    if where.per_token(x):
         raw = attributions
-        attributions = raw.sum(-1)
-    sums = attributions.reshape(B, -1).sum(1)
-    delta = sums - (f_x - f_b).detach()
+        attributions = raw.flatten(2).sum(-1)
+    sums = attributions.reshape(B, -1).double().sum(1)
+    delta = (sums - (f_x - f_b).double()).to(x.dtype)
     return Attributions(
         "integrated_gradients",
         attributions.detach(),
@@ -391,7 +427,7 @@ def integrated_gradients(
         },
         raw=None if raw is None else raw.detach(),
         delta=delta.detach(),
-        tokens=where.tokens(),
+        tokens=where.tokens(x),
     )
 
 
@@ -415,8 +451,8 @@ def _grid(act: Tensor, site: str) -> Tensor:
 def _spatial_sites(model: HookedModel, inp: Inputs) -> list[str]:
     """The layer-level addresses whose activation Grad-CAM can use (on one example)."""
     found = []
-    addresses = model.addresses()
-    _, cache = model.run_with_cache(inp.tensor[:1], addresses)
+    addresses = [a for a in model.addresses() if not _is_head(a)]
+    _, cache = model.run_with_cache(inp.tensor[:1], addresses, **inp.kwargs(torch.arange(1)))
     for a in addresses:
         act = cache[a]
         if act.ndim == 4:
@@ -426,6 +462,7 @@ def _spatial_sites(model: HookedModel, inp: Inputs) -> list[str]:
     return found
 
 
+@in_eval_mode
 def grad_cam(
     model: Any,
     inputs: Any,
@@ -446,6 +483,7 @@ def grad_cam(
 
     >>> cam = grad_cam(cnn, X[:16], target=y[:16], site="neuron.1")   # doctest: +SKIP
     """
+    _check_grad_mode("grad_cam")
     model = as_model(model)
     inp = prepare_inputs(model, inputs)
     if inp.is_tokens:
@@ -473,7 +511,11 @@ def grad_cam(
             f"{tuple(inp.tensor.shape)}"
         )
     probe = where.activation(torch.arange(1))
-    if probe.ndim not in (3, 4) or (probe.ndim == 3 and not _is_patch_grid(probe)):
+    if (
+        _is_head(where.address)
+        or probe.ndim not in (3, 4)
+        or (probe.ndim == 3 and not _is_patch_grid(probe))
+    ):
         raise InputError(
             f"grad_cam needs a spatial site; {where.site} has shape {tuple(probe.shape)}. "
             f"Choose one of {format_choices(_spatial_sites(model, inp))}"
@@ -524,6 +566,11 @@ def grad_cam(
         {"relu": relu, "normalize": normalize, "upsample": upsample, "target": tgt.describe()},
         raw=raw.detach(),
     )
+
+
+def _is_head(address: Any) -> bool:
+    """Per-head sites ([batch, pos, heads, d_head], patterns): never a spatial map."""
+    return isinstance(address, AttentionHead)
 
 
 def _is_patch_grid(act: Tensor) -> bool:

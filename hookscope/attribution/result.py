@@ -117,10 +117,21 @@ class Attributions:
                 "html() are for token inputs (use plot() for images)"
             )
 
+    def _rows(self, example: int | None) -> range | list[int]:
+        if example is None:
+            return range(len(self))
+        if (
+            isinstance(example, bool)
+            or not isinstance(example, int)
+            or not 0 <= example < len(self)
+        ):
+            raise InputError(f"example must be an index in 0..{len(self) - 1}, got {example!r}")
+        return [example]
+
     def text(self, example: int | None = None) -> str:
         """Each token with its value, one line per example (``example``: just that one)."""
         self._check_tokens()
-        rows = range(len(self)) if example is None else [example]
+        rows = self._rows(example)
         return "\n".join(
             token_text(self.tokens[i], self.values[i, : len(self.tokens[i])].tolist()) for i in rows
         )
@@ -128,7 +139,7 @@ class Attributions:
     def html(self, example: int | None = None) -> str:
         """Tokens coloured by value (red positive, blue negative; one scale for all rows)."""
         self._check_tokens()
-        rows = range(len(self)) if example is None else [example]
+        rows = self._rows(example)
         scale = float(self.values.abs().max()) or 1.0
         parts = []
         for i in rows:
@@ -181,6 +192,8 @@ def plot(result: Attributions, images: Tensor | None = None, *, n: int = 8, alph
     values = result.values.detach().cpu().double()
     if result.tokens is not None:
         return _plot_tokens(result, values[:count])
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(images)
     if images is not None:
         if not isinstance(images, Tensor) or images.shape[0] < count:
             raise InputError(

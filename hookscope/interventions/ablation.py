@@ -53,11 +53,11 @@ from hookscope.interventions._inputs import (
     fit_metric,
     tokens_of,
 )
-from hookscope.interventions._modes import EvalMode
 from hookscope.interventions._stacked import StackedRunner
 from hookscope.interventions.metrics import Metric
 from hookscope.interventions.result import PatchingResult, metric_name, sweep_result
 from hookscope.model import HookedModel
+from hookscope.modes import EvalMode
 
 __all__ = ["ablate", "knockout", "Knockout"]
 

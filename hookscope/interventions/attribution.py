@@ -30,7 +30,6 @@ from hookscope.errors import InputError
 from hookscope.interventions._arguments import check_baselines, check_model
 from hookscope.interventions._forward_edits import Probe, forward_replaced
 from hookscope.interventions._inputs import fit_metric
-from hookscope.interventions._modes import EvalMode
 from hookscope.interventions._stacked import StackedRunner
 from hookscope.interventions.metrics import Metric
 from hookscope.interventions.patching import (
@@ -41,6 +40,7 @@ from hookscope.interventions.patching import (
 )
 from hookscope.interventions.result import PatchingResult, sweep_result
 from hookscope.model import HookedModel
+from hookscope.modes import EvalMode
 from hookscope.scope import Scope
 
 __all__ = ["attribution_patching"]

@@ -52,13 +52,13 @@ from hookscope.interventions._arguments import (
     check_model,
     check_reference,
 )
-from hookscope.interventions._modes import EvalMode
 from hookscope.interventions.ablation import KNOCKOUT_METHODS, Knockout, knockout
 from hookscope.interventions.attribution import attribution_patching
 from hookscope.interventions.metrics import Metric
 from hookscope.interventions.patching import Patcher
 from hookscope.interventions.result import PatchingResult, metric_name, rank
 from hookscope.model import HookedModel
+from hookscope.modes import EvalMode
 
 __all__ = ["CircuitResult", "localize_circuit"]
 

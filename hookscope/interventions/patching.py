@@ -42,12 +42,12 @@ from hookscope.interventions._inputs import (
     paired_lengths,
     tokens_of,
 )
-from hookscope.interventions._modes import EvalMode
 from hookscope.interventions._plan import position_axis, unit_index
 from hookscope.interventions._stacked import StackedRunner
 from hookscope.interventions.metrics import Metric
 from hookscope.interventions.result import PatchingResult, sweep_jobs, sweep_result
 from hookscope.model import HookedModel
+from hookscope.modes import EvalMode
 
 __all__ = ["activation_patching"]
 

@@ -99,12 +99,10 @@ def batches(
     starts = range(0, prepared.batch, batch_size)
     show = progress if progress is not None else len(starts) > 1
     for start in tqdm(starts, desc=desc, disable=not show):
-        x = prepared.tensor[start : start + batch_size]
-        mask = None if prepared.mask is None else prepared.mask[start : start + batch_size]
-        kwargs = {} if mask is None else {"attention_mask": mask}
-        _, cache = model.run_with_cache(x, names, **kwargs)
+        chunk = prepared.rows(start, start + batch_size)
+        _, cache = model.run_with_cache(chunk.tensor, names, **chunk.kwargs())
         acts = {str(a): cache[a].detach().float().cpu() for a in names}
-        yield start, acts, None if mask is None else mask.cpu()
+        yield start, acts, None if chunk.mask is None else chunk.mask.cpu()
 
 
 def unit_samples(
@@ -213,13 +211,7 @@ def _chunks(data: Inputs, size: int, progress: bool | None, desc: str) -> Iterat
     starts = range(0, data.batch, size)
     show = progress if progress is not None else len(starts) > 1
     for s in tqdm(starts, desc=desc, disable=not show):
-        cut = slice(s, s + size)
-        yield Inputs(
-            data.tensor[cut],
-            data.is_tokens,
-            None if data.last is None else data.last[cut],
-            None if data.mask is None else data.mask[cut],
-        )
+        yield data.rows(s, s + size)
 
 
 def _readout(chunk: Inputs, n_pos: int) -> Tensor:

@@ -228,7 +228,11 @@ def compare(
         or labels[0] == labels[1]
     ):
         raise InputError(f"labels must be two different strings, got {labels!r}")
+    from hookscope.attribution._common import as_model, check_keywords
+
+    before, after = as_model(before, "before"), as_model(after, "after")
     run = _runner(method)
+    check_keywords(run, method, kwargs)
     first = run(before, inputs, *args, **kwargs)
     second = run(after, inputs, *args, **kwargs)
     qa, qb = _quantities(method, first), _quantities(method, second)

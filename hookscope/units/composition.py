@@ -22,6 +22,7 @@ from torch import Tensor
 
 from hookscope.attribution._common import as_model, prepare_inputs
 from hookscope.errors import InputError, format_choices
+from hookscope.modes import in_eval_mode
 
 from ._common import (
     batches,
@@ -209,6 +210,7 @@ def ridge_from_moments(mo: _Moments, alpha: float) -> tuple[Tensor, Tensor, Tens
     return beta.T.contiguous(), intercept, r2, standardized.T.contiguous()
 
 
+@in_eval_mode
 def composition(
     model: Any,
     inputs: Any,

@@ -19,6 +19,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from hookscope.errors import InputError
+from hookscope.modes import in_eval_mode
 
 from ._common import _choice, _positive_int
 from .heads import HeadStats, head_stats
@@ -166,6 +167,7 @@ def cluster_patterns(
     )
 
 
+@in_eval_mode
 def cluster_heads(
     model: Any,
     inputs: Any,

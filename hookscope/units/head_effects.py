@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from hookscope.attribution._common import Inputs, prepare_inputs
 from hookscope.errors import InputError, format_choices
+from hookscope.modes import in_eval_mode
 
 from ._common import (
     _attention_model,
@@ -127,6 +128,7 @@ def _metric_fn(name: str, y: Tensor) -> Any:
     return loss
 
 
+@in_eval_mode
 def head_importance(
     model: Any,
     inputs: Any,
@@ -336,6 +338,7 @@ def _probe_heads(
     return out
 
 
+@in_eval_mode
 def head_probe(
     model: Any,
     inputs: Any,

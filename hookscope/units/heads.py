@@ -45,6 +45,7 @@ from torch import Tensor
 
 from hookscope.attribution._common import prepare_inputs
 from hookscope.errors import InputError
+from hookscope.modes import in_eval_mode
 
 from ._common import (
     _attention_model,
@@ -359,6 +360,7 @@ def _vision_distance(n_pos: int, grid: Any) -> Tensor:
     return patch_distances(grid[0], grid[1], cls=True)
 
 
+@in_eval_mode
 def head_stats(
     model: Any,
     inputs: Any,

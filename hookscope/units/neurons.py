@@ -30,6 +30,7 @@ from hookscope.analysis.geometry import (
 )
 from hookscope.attribution._common import as_model, prepare_inputs
 from hookscope.errors import InputError, format_choices
+from hookscope.modes import in_eval_mode
 
 from ._common import (
     batches,
@@ -254,6 +255,7 @@ def stats_from_samples(
     )
 
 
+@in_eval_mode
 def neuron_stats(
     model: Any,
     inputs: Any,

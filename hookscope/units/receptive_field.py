@@ -16,6 +16,7 @@ from torch import Tensor
 from hookscope.addresses import Address, MLPNeuron
 from hookscope.attribution._common import as_model, prepare_inputs
 from hookscope.errors import AddressError, InputError, format_choices
+from hookscope.modes import in_eval_mode
 
 from ._common import positive_int, unit_axis
 
@@ -95,6 +96,7 @@ class ReceptiveField:
         return fig
 
 
+@in_eval_mode
 def receptive_field(
     model: Any,
     inputs: Any,

@@ -21,6 +21,7 @@ from hookscope.addresses import Address, MLPNeuron
 from hookscope.attribution._common import as_model, prepare_inputs
 from hookscope.errors import AddressError, InputError, format_choices
 from hookscope.model import HookedModel
+from hookscope.modes import in_eval_mode
 
 from ._common import batches, check_reduce, kind_of, positive_int, unit_axis
 
@@ -250,6 +251,7 @@ class TopActivating:
         return fig
 
 
+@in_eval_mode
 def top_activating(
     model: Any,
     inputs: Any,

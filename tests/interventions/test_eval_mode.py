@@ -18,7 +18,7 @@ from torch import nn
 import hookscope as hs
 from hookscope import interventions as iv
 from hookscope.data.digits import digits_tensors
-from hookscope.interventions._modes import EvalMode
+from hookscope.modes import EvalMode
 
 X, Y = digits_tensors("test")
 CLEAN, CORRUPTED, REFERENCE = X[:10], X[10:20], X[40:80]

@@ -1,23 +1,27 @@
-"""Eval mode for the duration of an intervention, with every module's own flag restored.
+"""Eval mode for the duration of a hookscope call, with every module's own flag restored.
 
 ``HookedModel.wrap`` leaves a module in whatever mode it was in, and a module in train mode
 makes dropout (and batch-norm statistics) random from run to run: two identical patching
 calls would disagree, and patched and baseline runs would see different dropout masks. The
-interventions therefore run under :class:`EvalMode`.
+interventions, the attribution methods and the unit analyses therefore run under
+:class:`EvalMode` (batch-norm statistics are not updated, dropout is off).
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 from torch import nn
 
 from hookscope.scope import Scope, protected
 
-__all__ = ["EvalMode"]
+__all__ = ["EvalMode", "in_eval_mode"]
 
 
 @dataclass
@@ -84,3 +88,21 @@ class EvalMode(Scope):
         self.defer(partial(_eval_off, self.module, token))
         _eval_on(self.module, token)
         return self.module
+
+
+def in_eval_mode(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate ``fn(model, ...)`` so it runs with ``model`` (a HookedModel or a torch module,
+    its first argument) under :class:`EvalMode`; anything else goes to ``fn`` unchanged
+    (which then raises its own error)."""
+
+    @functools.wraps(fn)
+    def run(model: Any, *args: Any, **kwargs: Any) -> Any:
+        from hookscope.model import HookedModel
+
+        module = model.model if isinstance(model, HookedModel) else model
+        if not isinstance(module, nn.Module):
+            return fn(model, *args, **kwargs)
+        with EvalMode(module):
+            return fn(model, *args, **kwargs)
+
+    return run
