@@ -27,6 +27,7 @@ from hookscope.model import HookedModel
 
 __all__ = [
     "as_model",
+    "check_arguments",
     "check_keywords",
     "Target",
     "parse_target",
@@ -36,13 +37,17 @@ __all__ = [
 ]
 
 
-def check_keywords(fn: Callable[..., Any], what: str, kwargs: Mapping[str, Any]) -> None:
-    """Every keyword in ``kwargs`` must be a parameter of ``fn`` (after model and inputs)."""
+def check_arguments(
+    fn: Callable[..., Any], what: str, args: Sequence[Any], kwargs: Mapping[str, Any]
+) -> None:
+    """``fn(model, inputs, *args, **kwargs)`` must be a valid call: InputError naming an
+    unknown keyword (and the valid ones) or a missing argument, before anything runs."""
     import inspect
 
+    signature = inspect.signature(fn)
     params = [
         p.name
-        for p in inspect.signature(fn).parameters.values()
+        for p in signature.parameters.values()
         if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
     ][2:]
     unknown = [k for k in kwargs if k not in params]
@@ -50,6 +55,15 @@ def check_keywords(fn: Callable[..., Any], what: str, kwargs: Mapping[str, Any])
         raise InputError(
             f"{what} takes no keyword {unknown[0]!r}; its keywords are {format_choices(params)}"
         )
+    try:
+        signature.bind(None, None, *args, **kwargs)
+    except TypeError as err:
+        raise InputError(f"{what}: {err}") from None
+
+
+def check_keywords(fn: Callable[..., Any], what: str, kwargs: Mapping[str, Any]) -> None:
+    """:func:`check_arguments` with keywords only."""
+    check_arguments(fn, what, (), kwargs)
 
 
 def as_model(model: Any, name: str = "model") -> HookedModel:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hookscope.attribution._common import as_model, check_keywords
+from hookscope.attribution._common import as_model, check_arguments
 from hookscope.attribution.result import _image
 from hookscope.errors import InputError, format_choices, suggestion
 
@@ -67,7 +67,7 @@ class Comparison:
     before: Any
     after: Any
     difference: Tensor
-    labels: tuple[str, str] = ("before", "after")
+    names: tuple[str, str] = ("before", "after")
 
     def similarity(self) -> Tensor:
         a = _values(self.before).reshape(len(self.difference), -1).double()
@@ -86,8 +86,8 @@ class Comparison:
             {
                 "example": np.arange(n),
                 "correlation": self.similarity().numpy(),
-                f"mean_abs_{self.labels[0]}": flat(_values(self.before)),
-                f"mean_abs_{self.labels[1]}": flat(_values(self.after)),
+                f"mean_abs_{self.names[0]}": flat(_values(self.before)),
+                f"mean_abs_{self.names[1]}": flat(_values(self.after)),
                 "mean_abs_difference": flat(self.difference),
             }
         )
@@ -96,7 +96,7 @@ class Comparison:
         sim = self.similarity()
         frame = self.to_pandas()
         return (
-            f"Comparison({self.method}: {self.labels[0]} vs {self.labels[1]}, "
+            f"Comparison({self.method}: {self.names[0]} vs {self.names[1]}, "
             f"{len(self.difference)} examples; median correlation "
             f"{float(np.nanmedian(sim.numpy())):.3f}, mean |difference| "
             f"{float(frame['mean_abs_difference'].mean()):.4g})\n"
@@ -117,8 +117,8 @@ class Comparison:
                 "compare with target=k"
             )
         rows = [
-            (self.labels[0], _values(self.before)),
-            (self.labels[1], _values(self.after)),
+            (self.names[0], _values(self.before)),
+            (self.names[1], _values(self.after)),
             ("difference", self.difference),
         ]
         fig = figure(figsize=(1.6 * count + 0.8, 5.2), layout="constrained")
@@ -151,7 +151,7 @@ class Comparison:
                 ax.set_yticks([])
                 if j == 0:
                     ax.set_ylabel(label, fontsize=8)
-        fig.suptitle(f"{self.method}: {self.labels[0]} vs {self.labels[1]}", fontsize=9)
+        fig.suptitle(f"{self.method}: {self.names[0]} vs {self.names[1]}", fontsize=9)
         return fig
 
 
@@ -170,7 +170,7 @@ def compare(
     inputs: Any,
     *,
     method: str = "grad_cam",
-    labels: tuple[str, str] = ("before", "after"),
+    names: tuple[str, str] = ("before", "after"),
     **kwargs: Any,
 ) -> Comparison:
     """Run ``method`` (one of :data:`COMPARABLE`) with ``kwargs`` on both models.
@@ -185,15 +185,15 @@ def compare(
             + (suggestion(method, COMPARABLE) if isinstance(method, str) else "")
         )
     if (
-        not isinstance(labels, (tuple, list))
-        or len(labels) != 2
-        or not all(isinstance(s, str) for s in labels)
-        or labels[0] == labels[1]
+        not isinstance(names, (tuple, list))
+        or len(names) != 2
+        or not all(isinstance(s, str) for s in names)
+        or names[0] == names[1]
     ):
-        raise InputError(f"labels must be two different strings, got {labels!r}")
+        raise InputError(f"names must be two different strings, got {names!r}")
     before, after = as_model(before, "before"), as_model(after, "after")
     run = _methods()[method]
-    check_keywords(run, method, kwargs)
+    check_arguments(run, method, (), kwargs)
     first = run(before, inputs, **kwargs)
     second = run(after, inputs, **kwargs)
     a, b = _values(first), _values(second)
@@ -202,4 +202,4 @@ def compare(
             f"the two models give {method} values of different shapes {tuple(a.shape)} and "
             f"{tuple(b.shape)}: compare checkpoints of one architecture"
         )
-    return Comparison(method, first, second, b - a, (labels[0], labels[1]))
+    return Comparison(method, first, second, b - a, (names[0], names[1]))

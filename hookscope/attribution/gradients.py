@@ -162,6 +162,24 @@ class _Where:
         hooks = [(self.address, put)]
         return self.model.run_with_hooks(x, hooks=hooks, **self.inputs.kwargs(examples))
 
+    def forward_leaf(self, examples: Tensor) -> tuple[Tensor, Tensor]:
+        """One forward of rows ``examples`` (grad enabled) with the gradient point made a
+        leaf that requires grad: ``(output, leaf)``."""
+        if self.address is None:
+            leaf = self.inputs.tensor[examples].detach().clone().requires_grad_(True)
+            return self.model(leaf), leaf
+        held: list[Tensor] = []
+
+        def grab(act: Tensor, address: Any) -> Tensor:
+            held.append(act.detach().clone().requires_grad_(True))
+            return held[-1]
+
+        x = self.inputs.tensor[examples]
+        out = self.model.run_with_hooks(
+            x, hooks=[(self.address, grab)], **self.inputs.kwargs(examples)
+        )
+        return out, held[0]
+
     def tokens(self, point: Tensor) -> list[list[str]] | None:
         """Each row's tokens as strings up to its last real one, when the values are per
         token (left padding shows as pad tokens with value 0)."""
@@ -257,10 +275,9 @@ def saliency(
     size = batch_size or inp.batch
     for start, stop in _chunks(inp.batch, size):
         examples = torch.arange(start, stop, device=inp.tensor.device)
-        point = where.activation(examples)
-        leaf = point.clone().requires_grad_(True)
         with torch.enable_grad():
-            out = where.forward(examples, leaf)
+            out, leaf = where.forward_leaf(examples)
+            point = leaf.detach()
             if start == 0:
                 tgt.check_range(_output_width(out))
             value = tgt.select(out, examples, inp.last)
@@ -523,9 +540,8 @@ def grad_cam(
     maps = []
     for start, stop in _chunks(inp.batch, batch_size or inp.batch):
         examples = torch.arange(start, stop, device=inp.tensor.device)
-        leaf = where.activation(examples).requires_grad_(True)
         with torch.enable_grad():
-            out = where.forward(examples, leaf)
+            out, leaf = where.forward_leaf(examples)
             if start == 0:
                 tgt.check_range(_output_width(out))
             if tgt.kind == "all":

@@ -220,7 +220,7 @@ def test_argument_checks(digits, lm):
     with pytest.raises(InputError, match="no keyword 'stesp'.*n_steps"):
         at.compare(cnn, cnn, X, method="integrated_gradients", target=y, stesp=4)
     with pytest.raises(InputError, match="two different strings"):
-        at.compare(cnn, cnn, X, method="saliency", target=y, labels=("c", "c"))
+        at.compare(cnn, cnn, X, method="saliency", target=y, names=("c", "c"))
     every = at.compare(cnn, cnn, X[:2], method="grad_cam", target="all", site="neuron.1")
     with pytest.raises(InputError, match="class axis"):
         every.plot()
