@@ -28,7 +28,6 @@ from hookscope.model import HookedModel
 __all__ = [
     "as_model",
     "check_arguments",
-    "check_keywords",
     "Target",
     "parse_target",
     "layer_site",
@@ -59,11 +58,6 @@ def check_arguments(
         signature.bind(None, None, *args, **kwargs)
     except TypeError as err:
         raise InputError(f"{what}: {err}") from None
-
-
-def check_keywords(fn: Callable[..., Any], what: str, kwargs: Mapping[str, Any]) -> None:
-    """:func:`check_arguments` with keywords only."""
-    check_arguments(fn, what, (), kwargs)
 
 
 def as_model(model: Any, name: str = "model") -> HookedModel:

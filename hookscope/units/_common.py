@@ -10,6 +10,9 @@ Conventions shared by several modules:
   ``reduce="mean"`` (default for statistics) or ``"max"``. A language-model neuron
   (``[batch, pos, d_mlp]``), or a transformer over patches: one per real position; padding
   (``attention_mask == 0``) is never a sample.
+* **Arguments.** Labels are one integer class per example (:func:`as_labels`: strings,
+  floats and 2-D labels are InputErrors); counts (``batch_size``, ``k``, layers, grids,
+  seeds) may be Python or numpy integers, numbers Python or numpy floats.
 * **Heads** are named ``(layer, head)``; per-head grids are ``[layer, head]`` (rows follow
   the analysed layers). The **readout position** of an example is CLS (position 0) for a
   vision transformer and its last real token for a language model.
@@ -33,7 +36,10 @@ from hookscope.model import HookedModel
 
 __all__ = [
     "REDUCTIONS",
+    "is_int",
+    "is_real",
     "positive_int",
+    "as_labels",
     "check_reduce",
     "neuron_layer",
     "unit_axis",
@@ -42,9 +48,7 @@ __all__ = [
     "kind_of",
     "_attention_model",
     "_pick_layers",
-    "_positive_int",
     "_choice",
-    "_labels",
     "_chunks",
     "_readout",
     "_heatmap",
@@ -57,11 +61,63 @@ REDUCTIONS = ("mean", "max")
 # --------------------------------------------------------- neuron arguments and samples
 
 
-def positive_int(value: Any, name: str) -> int:
-    """``value`` as an int >= 1, else InputError."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise InputError(f"{name} must be an integer >= 1; got {value!r}")
+def is_int(value: Any) -> bool:
+    """True for a Python or numpy integer (not a bool)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def is_real(value: Any) -> bool:
+    """True for a Python or numpy int / float (not a bool)."""
+    return is_int(value) or isinstance(value, (float, np.floating))
+
+
+def positive_int(value: Any, name: str, minimum: int = 1) -> int:
+    """``value`` (a Python or numpy integer) as an int >= ``minimum``, else InputError."""
+    if not is_int(value) or value < minimum:
+        raise InputError(f"{name} must be an integer >= {minimum}; got {value!r}")
     return int(value)
+
+
+def as_labels(labels: Any, n: int, *, min_classes: int = 2) -> Tensor:
+    """``labels`` as a LongTensor [n]: one integer class per example.
+
+    Accepts a 1-D integer tensor, array or list (numpy integers included). Strings, floats,
+    booleans, other shapes and a length other than ``n`` raise InputError, as do fewer than
+    ``min_classes`` distinct classes (``min_classes=1`` skips that check; the caller then
+    decides what one class means).
+    """
+    if isinstance(labels, (str, bytes)):
+        raise InputError(f"labels must be one integer class per example; got a string {labels!r}")
+    if isinstance(labels, Tensor):
+        y = labels.detach().cpu()
+    else:
+        try:
+            arr = np.asarray(labels)
+        except (TypeError, ValueError):
+            arr = None
+        if arr is None or arr.dtype.kind not in "iu":
+            got = type(labels).__name__ if arr is None else f"{arr.dtype} values"
+            raise InputError(
+                f"labels must be one integer class per example, a 1-D integer tensor [{n}]; "
+                f"got {got}"
+            )
+        y = torch.from_numpy(arr.astype(np.int64))
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool or y.ndim != 1:
+        raise InputError(
+            f"labels must be one integer class per example, a 1-D integer tensor [{n}]; got "
+            f"{y.dtype} of shape {tuple(y.shape)}"
+        )
+    if y.shape[0] != n:
+        raise InputError(
+            f"labels has {y.shape[0]} entries but inputs hold {n} examples; pass one label "
+            "per input"
+        )
+    if min_classes > 1 and torch.unique(y).numel() < min_classes:
+        raise InputError(
+            f"labels hold {torch.unique(y).numel()} class(es); class statistics need at least "
+            f"{min_classes}"
+        )
+    return y.long()
 
 
 def check_reduce(reduce: Any) -> str:
@@ -159,51 +215,24 @@ def _attention_model(model: Any, what: str) -> tuple[HookedModel, list[int]]:
 def _pick_layers(layers: Any, valid: list[int]) -> list[int]:
     if layers is None:
         return list(valid)
-    items = [layers] if isinstance(layers, int) else layers
+    items = [layers] if is_int(layers) else layers
+    if isinstance(items, np.ndarray) and items.ndim == 1:
+        items = items.tolist()
     if isinstance(items, (str, bytes)) or not isinstance(items, (Sequence, range)):
         raise InputError(f"layers must be None, a layer index or a list of them; got {layers!r}")
-    bad = [x for x in items if not isinstance(x, int) or isinstance(x, bool) or x not in valid]
+    bad = [x for x in items if not is_int(x) or int(x) not in valid]
     if bad or not items:
         raise InputError(
             f"layers {list(items) if not bad else bad} are not attention layers of this model; "
             f"choose from {valid}"
         )
-    return sorted(set(items))
-
-
-def _positive_int(value: Any, name: str, minimum: int = 1) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise InputError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
+    return sorted({int(x) for x in items})
 
 
 def _choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise InputError(f"{name} must be one of {format_choices(choices)}; got {value!r}")
     return value
-
-
-def _labels(labels: Any, n: int) -> Tensor:
-    """``labels`` as a LongTensor [n] with at least two classes."""
-    if isinstance(labels, Tensor):
-        y = labels.detach().cpu()
-    else:
-        try:
-            y = torch.as_tensor(np.asarray(labels))
-        except (TypeError, ValueError):
-            raise InputError(
-                f"labels must be one integer class per example; got {type(labels).__name__}"
-            ) from None
-    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool or y.ndim != 1:
-        raise InputError(
-            f"labels must be one integer class per example, a 1-D integer tensor [{n}]; got "
-            f"{y.dtype} of shape {tuple(y.shape)}"
-        )
-    if y.shape[0] != n:
-        raise InputError(f"labels has {y.shape[0]} entries but the inputs have {n} examples")
-    if torch.unique(y).numel() < 2:
-        raise InputError("labels hold a single class; class statistics need at least two")
-    return y.long()
 
 
 def _chunks(data: Inputs, size: int, progress: bool | None, desc: str) -> Iterator[Inputs]:

@@ -88,7 +88,7 @@ def _runner(method: str) -> Callable[..., Any]:
     return getattr(units, method)
 
 
-@dataclass(repr=False)
+@dataclass(repr=False, eq=False)
 class UnitComparison:
     """One unit analysis on two checkpoints (see the module docstring)."""
 
@@ -97,7 +97,7 @@ class UnitComparison:
     after: Any
     quantities: dict[str, tuple[Tensor, Tensor]]
     extra: dict[str, Any] = field(default_factory=dict)
-    labels: tuple[str, str] = ("before", "after")
+    names: tuple[str, str] = ("before", "after")
 
     def difference(self, name: str) -> Tensor:
         """``after - before`` of quantity ``name``."""
@@ -122,15 +122,15 @@ class UnitComparison:
                     {
                         "quantity": name,
                         "index": idx if len(idx) != 1 else idx[0],
-                        self.labels[0]: a_np[idx],
-                        self.labels[1]: b_np[idx],
+                        self.names[0]: a_np[idx],
+                        self.names[1]: b_np[idx],
                         "difference": b_np[idx] - a_np[idx],
                     }
                 )
-        return pd.DataFrame(rows, columns=["quantity", "index", *self.labels, "difference"])
+        return pd.DataFrame(rows, columns=["quantity", "index", *self.names, "difference"])
 
     def __repr__(self) -> str:
-        lines = [f"UnitComparison({self.method}: {self.labels[0]} vs {self.labels[1]})"]
+        lines = [f"UnitComparison({self.method}: {self.names[0]} vs {self.names[1]})"]
         for name, (a, b) in self.quantities.items():
             d = (b.double() - a.double()).flatten()
             finite = d[torch.isfinite(d)]
@@ -161,7 +161,7 @@ class UnitComparison:
         axes = np.atleast_2d(fig.subplots(len(names), 3, squeeze=False))
         for r, name in enumerate(names):
             a, b = (t.double().cpu() for t in self.quantities[name])
-            panels = [(self.labels[0], a), (self.labels[1], b), ("difference", b - a)]
+            panels = [(self.names[0], a), (self.names[1], b), ("difference", b - a)]
             both = torch.cat([a.flatten(), b.flatten()])
             both = both[torch.isfinite(both)]
             lo, hi = (float(both.min()), float(both.max())) if both.numel() else (0.0, 1.0)
@@ -178,7 +178,7 @@ class UnitComparison:
                     t = t.reshape(-1)
                     ax.bar(np.arange(len(t)), t.numpy(), color="#2166ac" if c < 2 else "#b2182b")
                 ax.set_title(f"{name}: {title}", fontsize=8)
-        fig.suptitle(f"{self.method}: {self.labels[0]} vs {self.labels[1]}", fontsize=9)
+        fig.suptitle(f"{self.method}: {self.names[0]} vs {self.names[1]}", fontsize=9)
         return fig
 
     def _plot_labels(self):
@@ -190,7 +190,7 @@ class UnitComparison:
         ax = fig.subplots()
         ax.imshow(grid, cmap="tab10", aspect="auto", interpolation="nearest")
         ax.set_yticks([0, 1])
-        ax.set_yticklabels(list(self.labels))
+        ax.set_yticklabels(list(self.names))
         ax.set_xticks(range(grid.shape[1]))
         ax.set_xticklabels(self.before.names, rotation=90, fontsize=7)
         ax.set_title(
@@ -205,34 +205,38 @@ def compare(
     after: Any,
     inputs: Any,
     *args: Any,
-    method: str,
-    labels: tuple[str, str] = ("before", "after"),
+    method: str | None = None,
+    names: tuple[str, str] = ("before", "after"),
     **kwargs: Any,
 ) -> UnitComparison:
     """Run the unit analysis ``method`` (one of :data:`ANALYSES`) with ``args``/``kwargs``
-    on both models and compare (module docstring).
+    on both models and compare (module docstring). ``names``: how the two models are shown
+    (repr, plot titles, :meth:`UnitComparison.to_pandas` columns); ``labels=`` goes to the
+    analysis. The call is checked against the analysis' signature before anything runs.
 
     >>> cmp = units.compare(hs.zoo.load("digits-cnn", checkpoint=16), hs.zoo.load("digits-cnn"),
     ...                     X, method="receptive_field", site="neuron.1.3")   # doctest: +SKIP
     >>> cmp.difference("map"); cmp.plot()                                      # doctest: +SKIP
     """
+    if method is None:
+        raise InputError(f"compare needs method=, one of {format_choices(ANALYSES)}")
     if method not in ANALYSES:
         raise InputError(
             f"unknown analysis {method!r}; choose one of {format_choices(ANALYSES)}."
             + (suggestion(method, ANALYSES) if isinstance(method, str) else "")
         )
     if (
-        not isinstance(labels, (tuple, list))
-        or len(labels) != 2
-        or not all(isinstance(s, str) for s in labels)
-        or labels[0] == labels[1]
+        not isinstance(names, (tuple, list))
+        or len(names) != 2
+        or not all(isinstance(s, str) for s in names)
+        or names[0] == names[1]
     ):
-        raise InputError(f"labels must be two different strings, got {labels!r}")
-    from hookscope.attribution._common import as_model, check_keywords
+        raise InputError(f"names must be two different strings, got {names!r}")
+    from hookscope.attribution._common import as_model, check_arguments
 
     before, after = as_model(before, "before"), as_model(after, "after")
     run = _runner(method)
-    check_keywords(run, method, kwargs)
+    check_arguments(run, method, args, kwargs)
     first = run(before, inputs, *args, **kwargs)
     second = run(after, inputs, *args, **kwargs)
     qa, qb = _quantities(method, first), _quantities(method, second)
@@ -249,6 +253,11 @@ def compare(
     if method == "cluster_heads":
         from sklearn.metrics import adjusted_rand_score
 
+        if first.names != second.names:
+            raise InputError(
+                f"the two models have different heads ({len(first.names)} vs "
+                f"{len(second.names)}): compare checkpoints of one architecture"
+            )
         extra["adjusted_rand_index"] = float(
             adjusted_rand_score(first.labels.numpy(), second.labels.numpy())
         )
@@ -256,7 +265,7 @@ def compare(
     if method == "top_activating":
         a_set, b_set = set(_top_keys(first)), set(_top_keys(second))
         extra["top_k_overlap"] = len(a_set & b_set) / max(len(a_set), 1)
-    return UnitComparison(method, first, second, quantities, extra, (labels[0], labels[1]))
+    return UnitComparison(method, first, second, quantities, extra, (names[0], names[1]))
 
 
 def _top_keys(result: Any) -> list[tuple[int, ...]]:

@@ -27,6 +27,7 @@ from hookscope.modes import in_eval_mode
 from ._common import (
     batches,
     check_reduce,
+    is_real,
     kind_of,
     neuron_layer,
     positive_int,
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
 __all__ = ["Composition", "composition"]
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, eq=False)
 class Composition:
     """Ridge regression of each late unit on all early units.
 
@@ -196,7 +197,12 @@ def ridge_from_moments(mo: _Moments, alpha: float) -> tuple[Tensor, Tensor, Tens
     cxy = mo.sxy - torch.outer(mo.sx, mo.sy) / n
     cyy = (mo.syy - mo.sy.square() / n).clamp_min(0)
     eye = torch.eye(cxx.shape[0], dtype=cxx.dtype)
-    beta = torch.linalg.solve(cxx + alpha * eye, cxy)  # [early, late]
+    system = cxx + alpha * eye
+    beta, info = torch.linalg.solve_ex(system, cxy)  # [early, late]
+    if int(info) != 0 or not bool(torch.isfinite(beta).all()):
+        # singular (dead or collinear early units with alpha = 0): the minimum-norm
+        # least-squares solution, as a pseudo-inverse regression would give
+        beta = torch.linalg.pinv(system, hermitian=True) @ cxy
     mean_x, mean_y = mo.kx + mo.sx / n, mo.ky + mo.sy / n
     intercept = mean_y - mean_x @ beta
     ss_res = (cyy - 2 * (beta * cxy).sum(0) + (beta * (cxx @ beta)).sum(0)).clamp_min(0)
@@ -241,7 +247,7 @@ def composition(
             f"early ({a_early}) must come before late ({a_late}) in the forward; neuron layers "
             f"in order: {format_choices(order)}"
         )
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
+    if not is_real(alpha) or not alpha >= 0:
         raise InputError(f"alpha must be a number >= 0; got {alpha!r}")
     if not math.isfinite(alpha):
         raise InputError(f"alpha must be finite; got {alpha!r}")

@@ -21,7 +21,7 @@ from torch import Tensor
 from hookscope.errors import InputError
 from hookscope.modes import in_eval_mode
 
-from ._common import _choice, _positive_int
+from ._common import _choice, is_int, positive_int
 from .heads import HeadStats, head_stats
 
 if TYPE_CHECKING:
@@ -104,7 +104,9 @@ def cluster_patterns(
     seed: int = 0,
 ) -> HeadClusters:
     """Cluster ``n`` heads on their patterns ``[n, dest, src]`` (or features ``[n, f]``),
-    flattened; NaN entries (never-real query rows) count as 0.
+    flattened; NaN entries (never-real query rows) count as 0. InputError for infinite
+    values, a head with no finite value, duplicate ``names``, and heads that all have the
+    same features (nothing to cluster).
 
     ``method="kmeans"``: :func:`hookscope.analysis.geometry.kmeans` (k-means++, ``seed``);
     ``"hierarchical"``: scipy ``linkage(features, linkage)`` cut by ``fcluster(...,
@@ -119,7 +121,13 @@ def cluster_patterns(
 
     if not isinstance(patterns, Tensor) or patterns.ndim < 2:
         raise InputError("patterns must be a tensor [n_heads, dest, src] or [n_heads, features]")
-    x = patterns.detach().to("cpu", torch.float64).reshape(patterns.shape[0], -1).nan_to_num(0.0)
+    raw = patterns.detach().to("cpu", torch.float64).reshape(patterns.shape[0], -1)
+    if bool(torch.isinf(raw).any()):
+        raise InputError("patterns hold infinite values; pass finite mean patterns")
+    empty = torch.isnan(raw).all(1).nonzero().flatten().tolist() if raw.shape[1] else []
+    if empty or raw.shape[1] == 0:
+        raise InputError(f"heads {empty} have no finite pattern value; nothing to cluster them by")
+    x = raw.nan_to_num(0.0)
     n = x.shape[0]
     method = _choice(method, "method", CLUSTER_METHODS)
     linkage = _choice(linkage, "linkage", LINKAGES)
@@ -128,23 +136,30 @@ def cluster_patterns(
     names = [f"unit {i}" for i in range(n)] if names is None else [str(s) for s in names]
     if len(names) != n:
         raise InputError(f"{len(names)} names for {n} heads")
+    if len(set(names)) != n:
+        twice = sorted({s for s in names if names.count(s) > 1})
+        raise InputError(f"names must be unique; repeated: {twice}")
+    if not is_int(seed):
+        raise InputError(f"seed must be an int; got {seed!r}")
+    if bool((x == x[0]).all()):
+        raise InputError("every head has the same mean pattern; nothing to cluster")
     if k == "auto":
         if not (isinstance(k_range, (tuple, list)) and len(k_range) == 2):
             raise InputError(f"k_range must be (lowest, highest); got {k_range!r}")
-        lo, hi = (_positive_int(v, "k_range", 2) for v in k_range)
+        lo, hi = (positive_int(v, "k_range", 2) for v in k_range)
         hi = min(hi, n - 1)
         if lo > hi:
             raise InputError(f"k_range {tuple(k_range)} holds no k in 2..{n - 1} for {n} heads")
         candidates = list(range(lo, hi + 1))
-    elif isinstance(k, int) and not isinstance(k, bool) and 2 <= k <= n - 1:
-        candidates = [k]
+    elif is_int(k) and 2 <= k <= n - 1:
+        candidates = [int(k)]
     else:
         raise InputError(f"k must be 'auto' or an int in 2..{n - 1} for {n} heads; got {k!r}")
     tree = scipy_linkage(x.numpy(), method=linkage, metric="euclidean")
     found: dict[int, tuple[Tensor, float]] = {}
     for kk in candidates:
         if method == "kmeans":
-            res = kmeans(x, kk, seed=seed)
+            res = kmeans(x, kk, seed=int(seed))
             labels = res.labels
         else:
             labels = torch.from_numpy(fcluster(tree, kk, "maxclust").astype(np.int64) - 1)
@@ -184,11 +199,17 @@ def cluster_heads(
     """Cluster the heads of ``layers`` on their mean patterns over ``inputs``
     (:func:`head_stats` then :func:`cluster_patterns`; heads named ``head.L.H``).
 
-    ``model`` may also be a :class:`HeadStats` already computed (``inputs`` is then None).
+    ``model`` may also be a :class:`HeadStats` already computed: its heads are clustered,
+    ``inputs`` is unused (pass None) and ``layers`` must be None (it would select nothing).
     """
     method = _choice(method, "method", CLUSTER_METHODS)
     _choice(linkage, "linkage", LINKAGES)
     if isinstance(model, HeadStats):
+        if layers is not None:
+            raise InputError(
+                "layers selects the layers head_stats runs; a HeadStats has its layers "
+                f"{model.layers} already: pass layers to head_stats, or none here"
+            )
         stats = model
     else:
         stats = head_stats(model, inputs, layers=layers, batch_size=batch_size, progress=progress)

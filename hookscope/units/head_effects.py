@@ -29,10 +29,12 @@ from ._common import (
     _chunks,
     _grid_frame,
     _heatmap,
-    _labels,
     _pick_layers,
-    _positive_int,
     _readout,
+    as_labels,
+    is_int,
+    is_real,
+    positive_int,
 )
 
 if TYPE_CHECKING:
@@ -144,10 +146,14 @@ def head_importance(
     """Accuracy drop and loss increase when each head's output ``z`` is ablated alone,
     through :func:`hookscope.interventions.ablate` (one sweep per metric and batch).
 
-    ``method``: ``zero`` or ``mean`` (the mean of ``reference``'s z, per position; default
-    reference: ``inputs``). ``labels``: the class of each example, read from logits
-    ``[batch, classes]``, or for a language model the next token at the last position
-    (unpadded prompts of one length). Batches of ``batch_size`` rows are weighted by size,
+    ``method``: ``zero`` or ``mean`` (z replaced by its mean over ``reference``; default
+    reference: ``inputs``; a ``reference`` with ``method="zero"`` is an InputError). Any
+    number of reference rows; for a language model a reference of the inputs' token length
+    gives a mean per position, one of another length a single mean over all its rows and
+    positions, used at every position. Images must have the inputs' shape (else
+    InputError). ``labels``: the class of each example (one class suffices), read from
+    logits ``[batch, classes]``, or for a language model the next token at the last
+    position (unpadded prompts of one length). Batches of ``batch_size`` rows are weighted by size,
     so the values are means over all examples.
     """
     from hookscope.interventions import ablate
@@ -160,9 +166,14 @@ def head_importance(
         raise InputError(f"metric must be one or more of {format_choices(METRICS)}; got {metric!r}")
     for m in metrics:
         _choice(m, "metric", METRICS)
-    batch_size = _positive_int(batch_size, "batch_size")
+    batch_size = positive_int(batch_size, "batch_size")
+    if reference is not None and method != "mean":
+        raise InputError(
+            f"reference is for method='mean' (the mean it ablates to); method={method!r} takes none"
+        )
     data = prepare_inputs(hm, inputs)
-    y = _labels(labels, data.batch)
+    # no class statistics here: one prompt with one answer token is a valid input
+    y = as_labels(labels, data.batch, min_classes=1)
     if data.mask is not None and not bool(data.mask.bool().all()):
         raise InputError(
             "head_importance reads the last position: pass prompts of one token length "
@@ -275,9 +286,9 @@ def _real_positions(chunk: Inputs, n_pos: int) -> Tensor:
 
 
 def _split(n: int, test_fraction: Any, seed: Any) -> tuple[np.ndarray, np.ndarray]:
-    if not isinstance(test_fraction, float) or not 0 < test_fraction < 1:
+    if not isinstance(test_fraction, (float, np.floating)) or not 0 < test_fraction < 1:
         raise InputError(f"test_fraction must be a float in (0, 1); got {test_fraction!r}")
-    if not isinstance(seed, int) or isinstance(seed, bool):
+    if not is_int(seed):
         raise InputError(f"seed must be an int; got {seed!r}")
     n_test = int(round(test_fraction * n))
     if not 0 < n_test < n:
@@ -366,11 +377,11 @@ def head_probe(
     hm, valid = _attention_model(model, "head_probe")
     chosen = _pick_layers(layers, valid)
     site = _choice(site, "site", PROBE_SITES)
-    batch_size = _positive_int(batch_size, "batch_size")
-    if not isinstance(C, (int, float)) or isinstance(C, bool) or not C > 0:
-        raise InputError(f"C must be a positive number; got {C!r}")
+    batch_size = positive_int(batch_size, "batch_size")
+    if not is_real(C) or not math.isfinite(C) or not C > 0:
+        raise InputError(f"C must be a finite number > 0 (inverse L2 strength); got {C!r}")
     data = prepare_inputs(hm, inputs)
-    y = _labels(labels, data.batch).numpy()
+    y = as_labels(labels, data.batch).numpy()
     train, test = _split(data.batch, test_fraction, seed)
     names = [f"head.{layer}" if site == "z" else f"head.{layer}.result" for layer in chosen]
     at_readout: list[Tensor] = []

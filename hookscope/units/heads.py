@@ -9,6 +9,11 @@ Conventions (head names, ``[layer, head]`` grids and the readout position:
   for a causal model, keys at or before the query. Padded query rows are skipped. Each row's
   weights are renormalised over its valid keys (a no-op for a model that masks correctly),
   every statistic is computed per row, then averaged without weights over rows and examples.
+  Other structural masks are not detected: keys a sliding-window layer (Gemma 3's local
+  layers, Mistral) cannot see still count as valid keys holding weight 0, so such a layer
+  shows lower ``entropy_norm`` and higher ``gini`` than its weights within the window alone
+  would give (``entropy`` and ``max_weight`` are unaffected). Compare window layers with
+  each other, or read their ``mean_patterns``.
 * **Entropy** ``-sum p log p`` in nats (``0 log 0 = 0``), not normalised. ``entropy_norm``
   divides each row by ``log n`` for its own ``n`` valid keys, so a causal row with few keys
   compares with a full one; rows with a single valid key (a causal model's first row) count
@@ -44,7 +49,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from hookscope.attribution._common import prepare_inputs
-from hookscope.errors import InputError
+from hookscope.errors import InputError, format_choices
 from hookscope.modes import in_eval_mode
 
 from ._common import (
@@ -52,10 +57,11 @@ from ._common import (
     _chunks,
     _grid_frame,
     _heatmap,
-    _labels,
     _pick_layers,
-    _positive_int,
     _readout,
+    as_labels,
+    is_int,
+    positive_int,
 )
 
 if TYPE_CHECKING:
@@ -339,7 +345,9 @@ class HeadStats:
         return fig
 
 
-def _vision_distance(n_pos: int, grid: Any) -> Tensor:
+def _vision_distance(n_pos: int, grid: Any, image: tuple[int, ...]) -> Tensor:
+    """Patch distances of CLS + a ``grid`` of patches (square when None) for images of
+    spatial size ``image`` (H, W): the grid must cut them into square patches."""
     n_patches = n_pos - 1
     if grid is None:
         side = math.isqrt(max(n_patches, 0))
@@ -351,13 +359,41 @@ def _vision_distance(n_pos: int, grid: Any) -> Tensor:
     if (
         not isinstance(grid, (tuple, list))
         or len(grid) != 2
-        or not all(isinstance(g, int) and g > 0 for g in grid)
+        or not all(is_int(g) and g > 0 for g in grid)
         or grid[0] * grid[1] != n_patches
     ):
         raise InputError(
             f"grid must be (rows, cols) with rows * cols = {n_patches} patches; got {grid!r}"
         )
-    return patch_distances(grid[0], grid[1], cls=True)
+    rows, cols = int(grid[0]), int(grid[1])
+    if len(image) == 2 and image[0] * cols != image[1] * rows:
+        fits = [
+            (r, n_patches // r)
+            for r in range(1, n_patches + 1)
+            if n_patches % r == 0 and image[0] * (n_patches // r) == image[1] * r
+        ]
+        raise InputError(
+            f"grid {(rows, cols)} does not cut {image[0]}x{image[1]} images into square "
+            f"patches; the grid of {n_patches} square patches is "
+            + (format_choices([str(f) for f in fits]) if fits else "none (pass the right grid)")
+        )
+    return patch_distances(rows, cols, cls=True)
+
+
+def _causal_evidence(patterns: list[Tensor], mask: Tensor | None) -> tuple[bool, bool]:
+    """``(seen, violated)`` for causal detection: ``seen`` when some real query row has a
+    real key after it; ``violated`` when any head gives such a key nonzero weight."""
+    b, _, _, s = patterns[0].shape
+    real = torch.ones(b, s, dtype=torch.bool) if mask is None else mask.bool().cpu()
+    later = torch.ones(s, s, dtype=torch.bool).triu(1)  # [dest, src]: src after dest
+    pairs = real[:, :, None] & real[:, None, :] & later  # [b, dest, src]
+    if not bool(pairs.any()):
+        return False, False
+    for p in patterns:
+        w = p.detach().cpu()
+        if bool((torch.where(pairs[:, None], w, torch.zeros_like(w)) != 0).any()):
+            return True, True
+    return True, False
 
 
 @in_eval_mode
@@ -376,41 +412,52 @@ def head_stats(
     ``labels``) of every attention head of ``layers`` on ``inputs``.
 
     ``inputs``: images [batch, C, H, W] for a vision transformer, token ids / texts / a dict
-    with ``attention_mask`` for a language model. ``causal``: None detects it (token inputs
-    whose patterns are exactly 0 above the diagonal in the first batch). ``grid``: the
-    patch grid of a non-square ViT. Inputs run ``batch_size`` rows per forward.
+    with ``attention_mask`` for a language model. ``causal``: None detects it: token inputs
+    are causal when some real query row has a real key after it and every such key gets
+    exactly 0 weight in every head, over all batches (padded query rows and padded keys
+    are ignored); inputs with no such row (every sequence one real token) count as not
+    causal. Images: not causal unless ``causal=True``. ``grid``: the patch grid (rows,
+    cols) of a non-square ViT (images only); it must cut the images into square patches.
+    Inputs run ``batch_size`` rows per forward.
 
     >>> h = head_stats(vit, X, y); h.to_pandas(); h.plot()
     """
     hm, valid = _attention_model(model, "head_stats")
     chosen = _pick_layers(layers, valid)
-    batch_size = _positive_int(batch_size, "batch_size")
-    if causal not in (None, True, False):
+    batch_size = positive_int(batch_size, "batch_size")
+    if causal is not None and not isinstance(causal, bool):
         raise InputError(f"causal must be None, True or False; got {causal!r}")
     data = prepare_inputs(hm, inputs)
-    y = None if labels is None else _labels(labels, data.batch)
+    if grid is not None and data.is_tokens:
+        raise InputError("grid is the patch grid of a vision transformer; token inputs take none")
+    y = None if labels is None else as_labels(labels, data.batch)
     names = [f"head.{layer}.pattern" for layer in chosen]
     if y is not None:
         names += [f"head.{layer}.result" for layer in chosen]
-    accs: list[PatternStatistics] = []
+    detect = causal is None and data.is_tokens
+    # while detecting, both settings are accumulated; a violation drops the causal one
+    candidates: dict[bool, list[PatternStatistics]] = {}
     norms: list[Tensor] = []
-    is_causal = False
+    seen = False
     for chunk in _chunks(data, batch_size, progress, "head stats"):
         _, cache = hm.run_with_cache(chunk.tensor, names, **chunk.kwargs())
         pats = [cache[f"head.{layer}.pattern"] for layer in chosen]
         n_pos = pats[0].shape[-1]
-        if not accs:
+        if not candidates:
             if data.is_tokens:
-                above = all(bool((p.triu(1) == 0).all()) for p in pats)
-                is_causal = above if causal is None else causal
-                dist = token_distances(n_pos)
+                dist, cls = token_distances(n_pos), None
             else:
-                is_causal = bool(causal)
-                dist = _vision_distance(n_pos, grid)
-            cls = None if data.is_tokens else 0
-            accs = [PatternStatistics(dist, cls, is_causal) for _ in chosen]
-        for acc, pat in zip(accs, pats, strict=True):
-            acc.add(pat, chunk.mask)
+                dist, cls = _vision_distance(n_pos, grid, tuple(chunk.tensor.shape[2:])), 0
+            flags = (True, False) if detect else (bool(causal),)
+            candidates = {f: [PatternStatistics(dist, cls, f) for _ in chosen] for f in flags}
+        if detect and True in candidates:
+            found, violated = _causal_evidence(pats, chunk.mask)
+            seen = seen or found
+            if violated:
+                del candidates[True]
+        for accs in candidates.values():
+            for acc, pat in zip(accs, pats, strict=True):
+                acc.add(pat, chunk.mask)
         if y is not None:
             at = _readout(chunk, n_pos)
             rows = torch.arange(chunk.batch)
@@ -419,6 +466,8 @@ def head_stats(
                 for layer in chosen
             ]  # each [b, heads]
             norms.append(torch.cat(per_layer, 1).detach().to("cpu", torch.float64))
+    is_causal = (seen and True in candidates) if detect else bool(causal)
+    accs = candidates[is_causal]
     results = [acc.result() for acc in accs]
     grids = {name: torch.stack([r[name] for r in results]) for name in STATS}
     selectivity = None

@@ -33,8 +33,10 @@ from hookscope.errors import InputError, format_choices
 from hookscope.modes import in_eval_mode
 
 from ._common import (
+    as_labels,
     batches,
     check_reduce,
+    is_real,
     kind_of,
     neuron_layer,
     positive_int,
@@ -53,7 +55,7 @@ STATUSES = ("dead", "woke up", "died", "changed", "stable")
 # ------------------------------------------------------------------------- neuron stats
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, eq=False)
 class NeuronStats:
     """Per-unit statistics of one neuron layer over a set of inputs.
 
@@ -182,27 +184,6 @@ class NeuronStats:
         return fig
 
 
-def as_labels(labels: Any, batch: int) -> Tensor | None:
-    """One integer label per input ([batch] LongTensor), or None."""
-    if labels is None:
-        return None
-    if isinstance(labels, Tensor):
-        if labels.is_floating_point() or labels.dtype == torch.bool:
-            raise InputError(f"labels must be integers, got a {labels.dtype} tensor")
-        y = labels.reshape(-1).long().cpu()
-    else:
-        y = torch.as_tensor(np.asarray(labels))
-        if y.is_floating_point() or y.dtype == torch.bool:
-            raise InputError(f"labels must be integers, got {y.dtype} values")
-        y = y.reshape(-1).long()
-    if y.numel() != batch:
-        raise InputError(
-            f"labels has {y.numel()} entries but inputs hold {batch} examples; pass one label "
-            "per input"
-        )
-    return y
-
-
 def stats_from_samples(
     site: str,
     kind: str,
@@ -282,12 +263,13 @@ def neuron_stats(
     address = neuron_layer(m, site, "neuron_stats")
     reduce = check_reduce(reduce)
     batch_size = positive_int(batch_size, "batch_size")
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+    if not is_real(threshold):
         raise InputError(f"threshold must be a finite number; got {threshold!r}")
     if not math.isfinite(threshold):
         raise InputError(f"threshold must be a finite number; got {threshold!r}")
     prepared = prepare_inputs(m, inputs)
-    y = as_labels(labels, prepared.batch)
+    # one class is accepted here: selectivity is then NaN, with a warning
+    y = None if labels is None else as_labels(labels, prepared.batch, min_classes=1)
     mats, rows = [], []
     kind = "features"
     for start, acts, mask in batches(m, prepared, [address], batch_size, progress, "neuron stats"):
@@ -313,7 +295,7 @@ def neuron_stats(
 # ---------------------------------------------------------------------------- comparison
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, eq=False)
 class NeuronComparison:
     """The same units on the same inputs, before and after (two checkpoints, an edit).
 
@@ -456,7 +438,7 @@ def compare_neurons(
         raise InputError(
             f"before uses threshold {before.threshold} and after {after.threshold}; use one"
         )
-    if isinstance(min_change, bool) or not isinstance(min_change, (int, float)) or min_change < 0:
+    if not is_real(min_change) or not min_change >= 0:
         raise InputError(f"min_change must be a number >= 0; got {min_change!r}")
     labelled = before.labels is not None and after.labels is not None
     if labelled and not torch.equal(before.labels, after.labels):

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 __all__ = ["ReceptiveField", "receptive_field"]
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, eq=False)
 class ReceptiveField:
     """Effective receptive field of one CNN unit (or all channels of a layer) at one
     position of its map. ``site``: the unit (``neuron.1.7``) or the layer when ``unit`` is

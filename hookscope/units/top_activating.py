@@ -62,7 +62,17 @@ def neuron_unit(model: HookedModel, site: Any, what: str) -> MLPNeuron:
     return unit
 
 
-@dataclass(frozen=True, repr=False)
+def display_image(image: Tensor) -> np.ndarray:
+    """One input as an image to draw: ``[C, H, W]`` with 1 channel as ``[H, W]``, 3 or 4
+    as ``[H, W, C]``, min-max scaled to [0, 1] over the whole image (a constant image: 0)."""
+    img = image.detach().double().cpu().numpy()
+    if img.ndim == 3 and img.shape[0] in (1, 3, 4):
+        img = img[0] if img.shape[0] == 1 else np.moveaxis(img, 0, -1)
+    lo, hi = np.nanmin(img), np.nanmax(img)
+    return (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
+
+
+@dataclass(frozen=True, repr=False, eq=False)
 class TopActivating:
     """The ``k`` samples where one unit is largest, in descending order.
 
@@ -197,7 +207,8 @@ class TopActivating:
         )
 
     def plot(self, columns: int = 5) -> Figure:
-        """Image grid of the top inputs (greyscale / RGB as given), titled with the value, the
+        """Image grid of the top inputs (:func:`display_image`: each min-max scaled to
+        [0, 1], so standardised inputs show unclipped), titled with the value, the
         conv unit's location marked by its cell of the map; features: one row per input;
         tokens: the values as bars labelled with the activating token."""
         from hookscope.plot import figure
@@ -211,10 +222,11 @@ class TopActivating:
                 ax.axis("off")
                 if r >= self.k:
                     continue
-                img = self.inputs[r].double().numpy()
-                if img.shape[0] in (1, 3, 4) and img.ndim == 3:
-                    img = img[0] if img.shape[0] == 1 else np.moveaxis(img, 0, -1)
-                ax.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="nearest")
+                img = display_image(self.inputs[r])
+                ax.imshow(
+                    img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1,
+                    interpolation="nearest",
+                )  # fmt: skip
                 ax.set_title(f"#{int(self.indices[r])}: {float(self.values[r]):.3g}", fontsize=7)
                 if self.locations is not None and self.map_shape is not None:
                     from matplotlib.patches import Rectangle

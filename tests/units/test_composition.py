@@ -115,3 +115,27 @@ def test_composition_bad_input(cnn, X):
         composition(cnn, X, early="neuron.0", late="neuron.1", alpha=-1)
     with pytest.raises(InputError, match="neuron.0"):
         composition(cnn, X, early="head.0", late="neuron.1")
+
+
+def test_composition_alpha0_singular_equals_least_squares(X):
+    """Dead early units make the alpha=0 system singular: the minimum-norm least-squares fit."""
+    from sklearn.linear_model import LinearRegression
+
+    mlp = hs.zoo.load("digits-mlp")
+    sites = [a for a in mlp.addresses("neuron") if str(a) in ("neuron.0", "neuron.1")]
+    assert len(sites) == 2
+    _, cache = mlp.run_with_cache(X, sites)
+    F0, F1 = (cache[a].detach().double().numpy() for a in sites)
+    comp = composition(mlp, X, early="neuron.0", late="neuron.1", alpha=0, progress=False)
+    ref = LinearRegression().fit(F0, F1)
+    pred = ref.predict(F0)
+    r2 = np.array(
+        [
+            r2_score(F1[:, j], pred[:, j]) if F1[:, j].std() > 0 else np.nan
+            for j in range(F1.shape[1])
+        ]
+    )
+    np.testing.assert_allclose(comp.r2.numpy(), r2, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        comp.coef.numpy() @ F0.T + comp.intercept.numpy()[:, None], pred.T, atol=1e-5
+    )

@@ -62,3 +62,28 @@ def test_cluster_heads_uses_the_mean_patterns(vit, digits, stats):
     assert torch.equal(same.labels, res.labels)
     assert list(res.to_pandas()["cluster"]) == res.labels.tolist()
     assert "HeadClusters(8 heads, hierarchical, k=2" in repr(res)
+
+
+def test_degenerate_patterns_and_arguments_raise(stats, digits):
+    from hookscope.errors import InputError
+
+    same = torch.full((5, 4, 4), 0.25)
+    with pytest.raises(InputError, match="every head has the same mean pattern"):
+        cluster_patterns(same, "auto")
+    patterns, _ = _planted_patterns(2, 3)
+    bad = patterns.clone()
+    bad[1, 0, 0] = float("inf")
+    with pytest.raises(InputError, match="infinite"):
+        cluster_patterns(bad)
+    bad = patterns.clone()
+    bad[2] = float("nan")
+    with pytest.raises(InputError, match=r"heads \[2\] have no finite"):
+        cluster_patterns(bad)
+    with pytest.raises(InputError, match=r"names must be unique; repeated: \['a'\]"):
+        cluster_patterns(patterns, names=["a", "a", "b", "c", "d", "e"])
+    with pytest.raises(InputError, match="layers selects the layers head_stats runs"):
+        cluster_heads(stats, digits[0], layers=[0])
+    # numpy integers are accepted for k and seed and give the int result
+    a = cluster_patterns(patterns, np.int64(2), seed=np.int32(0))
+    b = cluster_patterns(patterns, 2, seed=0)
+    assert torch.equal(a.labels, b.labels) and a.k == 2

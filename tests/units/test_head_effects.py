@@ -116,3 +116,53 @@ def test_class_probe_matches_sklearn(vit, digits):
     assert res.class_accuracy[0, 0].item() > res.class_chance + 0.3
     assert torch.isnan(res.position_accuracy).all()
     assert list(res.to_pandas().columns[:4]) == ["layer", "head", "class_accuracy", "class_chance"]
+
+
+def test_head_importance_one_prompt_language_model(lm):
+    """One prompt, one answer token (a single class) works and equals a hand-written ablation
+    of the head's slice of z at the input of GPT-2's c_proj."""
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
+    with torch.no_grad():
+        clean = lm.model(ids).logits[:, -1]
+    y = clean.argmax(-1)
+    res = head_importance(lm, ids, y, progress=False)
+    assert res.clean["accuracy"] == 1.0
+    ce = torch.nn.functional.cross_entropy
+    assert res.clean["loss"] == pytest.approx(ce(clean, y).item(), abs=1e-6)
+    d_head = lm.model.config.n_embd // lm.model.config.n_head
+    for layer, head in ((0, 0), (1, 3), (0, 2)):
+        cols = slice(head * d_head, (head + 1) * d_head)
+
+        def pre(module, args, cols=cols):
+            z = args[0].clone()
+            z[..., cols] = 0
+            return (z,)
+
+        handle = lm.model.transformer.h[layer].attn.c_proj.register_forward_pre_hook(pre)
+        try:
+            with torch.no_grad():
+                logits = lm.model(ids).logits[:, -1]
+        finally:
+            handle.remove()
+        acc = float((logits.argmax(-1) == y).double().mean())
+        assert res.ablated["accuracy"][layer, head].item() == acc
+        assert res.ablated["loss"][layer, head].item() == pytest.approx(
+            ce(logits, y).item(), abs=1e-5
+        )
+
+
+def test_head_importance_reference_only_for_mean(vit, digits):
+    from hookscope.errors import InputError
+
+    X, y = digits
+    with pytest.raises(InputError, match="reference is for method='mean'"):
+        head_importance(vit, X[:10], y[:10], reference=X[:5])
+
+
+@pytest.mark.parametrize("C", [float("inf"), float("nan"), 0.0, -1.0])
+def test_head_probe_rejects_bad_C(vit, digits, C):
+    from hookscope.errors import InputError
+
+    X, y = digits
+    with pytest.raises(InputError, match="C must be a finite number > 0"):
+        head_probe(vit, X, y, C=C)

@@ -234,7 +234,7 @@ def test_bad_inputs_name_the_choices(vit, digits, stats):
         cluster_heads(stats, None, k=8)
     with pytest.raises(InputError, match="linkage"):
         cluster_patterns(stats.mean_patterns.reshape(8, -1), 2, "hierarchical", linkage="median")
-    with pytest.raises(InputError, match="119 entries but the inputs have 120"):
+    with pytest.raises(InputError, match="119 entries but inputs hold 120"):
         head_stats(vit, X, y[:-1])
     with pytest.raises(InputError, match="attention heads"):
         head_stats(hs.zoo.load("digits-cnn"), X)
@@ -250,10 +250,111 @@ def test_bad_inputs_name_the_choices(vit, digits, stats):
         head_probe(vit, X, y, site="pattern")
     with pytest.raises(InputError, match="test_fraction"):
         head_probe(vit, X, y, test_fraction=1.5)
-    with pytest.raises(InputError, match="single class"):
+    with pytest.raises(InputError, match=r"1 class\(es\); class statistics need at least 2"):
         head_stats(vit, X, torch.zeros(120, dtype=torch.long))
     with pytest.raises(InputError, match="HeadStats"):
         compare_heads(stats, "not stats")
     with pytest.raises(InputError, match="grid"):
         head_stats(vit, X[:4], grid=(3, 3))
     assert isinstance(stats, HeadStats)
+
+
+# ---------------------------------------------------------------------- causal detection
+
+
+def _padded(rows: list[torch.Tensor], left: bool) -> dict[str, torch.Tensor]:
+    """Token rows padded to one length; left padding also passes GPT-2's position ids so
+    each real token keeps the position it has when right-padded."""
+    S = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), S, dtype=torch.long)
+    mask = torch.zeros(len(rows), S, dtype=torch.long)
+    for i, r in enumerate(rows):
+        cut = slice(S - len(r), S) if left else slice(0, len(r))
+        ids[i, cut], mask[i, cut] = r, 1
+    out = {"input_ids": ids, "attention_mask": mask}
+    if left:
+        out["position_ids"] = (mask.cumsum(-1) - 1).clamp_min(0)
+    return out
+
+
+def test_causal_detection_ignores_left_padding():
+    import builders
+
+    lm = hs.HookedModel.wrap(builders.tiny_gpt2(), tokenizer=builders.make_tokenizer())
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(0, 500, (n,), generator=g) for n in (3, 7, 5, 8)]
+    # batch_size=1: the first chunk is a short left-padded row whose padded queries see
+    # no real key and spread their weight over every position
+    left = head_stats(lm, _padded(rows, left=True), batch_size=1, progress=False)
+    right = head_stats(lm, _padded(rows, left=False), progress=False)
+    assert left.causal and right.causal
+    for name in ("entropy", "entropy_norm", "gini", "max_weight", "distance"):
+        np.testing.assert_allclose(
+            getattr(left, name).numpy(), getattr(right, name).numpy(), atol=1e-6
+        )
+    # reference for one head: every row run alone, unpadded, entropy by hand
+    per_row = []
+    for r in rows:
+        _, c = lm.run_with_cache(r[None], "head.1.pattern")
+        q = c["head.1.pattern"][0, 2].double().numpy()
+        assert (q[np.triu_indices(len(r), 1)] == 0).all()
+        per_row += [-(q[d, : d + 1] * np.log(q[d, : d + 1])).sum() for d in range(len(r))]
+    assert left.entropy[1, 2].item() == pytest.approx(np.mean(per_row), abs=1e-6)
+
+
+def test_causal_detection_waits_for_rows_with_two_real_keys():
+    import builders
+
+    bert = hs.HookedModel.wrap(builders.tiny_bert())
+    g = torch.Generator().manual_seed(1)
+    rows = [torch.randint(5, 300, (n,), generator=g) for n in (1, 6, 4, 6)]
+    data = _padded(rows, left=False)
+    one = head_stats(bert, data, batch_size=1, progress=False)
+    four = head_stats(bert, data, batch_size=4, progress=False)
+    assert not one.causal and not four.causal
+    for name in ("entropy", "entropy_norm", "gini", "max_weight", "distance"):
+        np.testing.assert_allclose(
+            getattr(one, name).numpy(), getattr(four, name).numpy(), atol=1e-9, equal_nan=True
+        )
+    # no row with a real key after its query: nothing to detect from, so not causal
+    single = head_stats(bert, _padded(rows[:1], left=False), progress=False)
+    assert not single.causal
+    with pytest.raises(InputError, match="causal must be None, True or False"):
+        head_stats(bert, data, causal=1)
+    with pytest.raises(InputError, match="grid is the patch grid"):
+        head_stats(bert, data, grid=(2, 3))
+
+
+def test_grid_must_cut_square_patches(vit, digits):
+    X = digits[0][:4]
+    with pytest.raises(InputError, match=r"does not cut 8x8 images.*\(4, 4\)"):
+        head_stats(vit, X, grid=(2, 8))
+    a = head_stats(vit, X, grid=(np.int64(4), np.int64(4)), layers=np.int64(1), progress=False)
+    b = head_stats(vit, X, layers=[1], batch_size=np.int32(2), progress=False)
+    np.testing.assert_allclose(a.distance.numpy(), b.distance.numpy(), atol=1e-9)
+
+
+def test_sliding_window_keys_count_as_valid_with_zero_weight():
+    """The documented convention: keys outside a local layer's window are valid keys holding
+    weight 0 (entropy unchanged, entropy_norm divided by log of all causal keys)."""
+    import builders
+
+    gemma = hs.HookedModel.wrap(builders.tiny_gemma3())
+    n = 10
+    ids = torch.randint(0, 300, (2, n), generator=torch.Generator().manual_seed(0))
+    h = head_stats(gemma, ids, layers=[0], progress=False)
+    assert h.causal
+    _, cache = gemma.run_with_cache(ids, "head.0.pattern")
+    p = cache["head.0.pattern"].double().numpy()  # [2, heads, n, n]
+    window = np.tril(np.ones((n, n)), 0) - np.tril(np.ones((n, n)), -4)  # 4 keys at most
+    assert (p[..., window == 0] < 1e-12).all()  # the layer masks outside its window
+    ent, ent_norm = [], []
+    for b in range(2):
+        for d in range(n):
+            row = p[b, 1, d, : d + 1]
+            e = -(row[row > 0] * np.log(row[row > 0])).sum()
+            ent.append(e)
+            if d >= 1:
+                ent_norm.append(e / np.log(d + 1))  # all d + 1 causal keys, not the window
+    assert h.entropy[0, 1].item() == pytest.approx(np.mean(ent), abs=1e-6)
+    assert h.entropy_norm[0, 1].item() == pytest.approx(np.mean(ent_norm), abs=1e-6)

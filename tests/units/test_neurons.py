@@ -208,3 +208,37 @@ def test_bad_inputs_name_the_choices(cnn, digits, lm):
         top_activating(cnn, X, site="neuron.1.7", k=2).text()
     with pytest.raises(InputError, match="window"):
         top_activating(lm, ["Bob"], site="neuron.1.5", k=1).text(window=-1)
+
+
+def test_one_label_validator_for_every_unit_analysis(cnn, vit, digits):
+    """Strings, 2-D and float labels raise one InputError everywhere; one class is an error
+    for the class statistics of heads, a warning (NaN selectivity) for neuron_stats."""
+    from hookscope.units import head_probe, head_stats
+
+    X, y = digits
+    Xv = X[:20]
+    for bad, why in (
+        ("abc", "string"),
+        (np.array(["a", "b"] * 10), "<U1 values"),
+        (y[:20].reshape(4, 5), r"shape \(4, 5\)"),
+        (y[:20].double(), "torch.float64"),
+    ):
+        for call in (
+            lambda b=bad: neuron_stats(cnn, Xv, b, site="neuron.0"),
+            lambda b=bad: head_stats(vit, Xv, b),
+            lambda b=bad: head_probe(vit, Xv, b),
+        ):
+            with pytest.raises(InputError, match=f"labels must be one integer class.*{why}"):
+                call()
+    one = torch.zeros(20, dtype=torch.long)
+    with pytest.warns(UserWarning, match="two classes"):
+        res = neuron_stats(cnn, Xv, one, site="neuron.0")
+    assert torch.isnan(torch.as_tensor(res.selectivity)).all()
+    # numpy integers / floats are accepted where ints / floats are, and equal the Python ones
+    a = neuron_stats(
+        cnn, Xv, y[:20].numpy(), site="neuron.0", batch_size=np.int64(7),
+        threshold=np.float32(0.0),
+    )  # fmt: skip
+    b = neuron_stats(cnn, Xv, y[:20], site="neuron.0", batch_size=7, threshold=0.0)
+    np.testing.assert_allclose(np.asarray(a.selectivity), np.asarray(b.selectivity))
+    np.testing.assert_allclose(np.asarray(a.mean), np.asarray(b.mean))

@@ -35,7 +35,8 @@ def test_top_activating_conv_unit(cnn, digits, hooked):
     drawn = [np.asarray(ax.images[0].get_array()) for ax in fig.axes if ax.images]
     assert len(drawn) == 7
     for image, i in zip(drawn, order, strict=True):
-        np.testing.assert_array_equal(image, X[i, 0].numpy())
+        ref = X[i, 0].double().numpy()
+        np.testing.assert_allclose(image, (ref - ref.min()) / (ref.max() - ref.min()))
     df = top.to_pandas()
     assert df["index"].tolist() == order.tolist() and list(df.columns[-2:]) == ["row", "col"]
 
@@ -126,3 +127,22 @@ def test_token_ids_without_tokenizer(lm, hooked):
     page = top.html()
     assert f"&lt;{int(ids[i, p])}&gt;" in page and f"><{int(ids[i, p])}><" not in page
     assert "&lt;42&gt;" not in page and "&lt;8&gt;" not in page
+
+
+def test_plot_scales_standardised_rgb_images():
+    """Standardised RGB inputs (outside [0, 1]) are drawn min-max scaled per image, not
+    clipped by matplotlib."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    model = hs.HookedModel.wrap(net)
+    X = torch.randn(10, 3, 8, 8) * 2.0  # standardised: values well outside [0, 1]
+    top = top_activating(model, X, site="neuron.0.1", k=3)
+    fig = top.plot(columns=3)
+    drawn = [np.asarray(ax.images[0].get_array()) for ax in fig.axes if ax.images]
+    assert len(drawn) == 3
+    for image, i in zip(drawn, top.indices.tolist(), strict=True):
+        rgb = np.moveaxis(X[i].double().numpy(), 0, -1)
+        np.testing.assert_allclose(image, (rgb - rgb.min()) / (rgb.max() - rgb.min()))
+        assert image.min() == 0 and image.max() == 1

@@ -119,11 +119,65 @@ def test_bad_input(digits):
     cnn = hs.zoo.load("digits-cnn")
     with pytest.raises(InputError, match="choose one of head_stats"):
         units.compare(cnn, cnn, X, method="grad_cam")
-    with pytest.raises(InputError, match="labels must be two different strings"):
-        units.compare(cnn, cnn, X, method="neuron_stats", site="neuron.0", labels=("a", "a"))
+    with pytest.raises(InputError, match="compare needs method=, one of head_stats"):
+        units.compare(cnn, cnn, X)
+    with pytest.raises(InputError, match="names must be two different strings"):
+        units.compare(cnn, cnn, X, method="neuron_stats", site="neuron.0", names=("a", "a"))
+    vit = hs.zoo.load("digits-vit")
+    with pytest.raises(InputError, match="head_importance: missing a required argument: 'labels'"):
+        units.compare(vit, vit, X, method="head_importance")
     cmp = units.compare(cnn, cnn, X, method="receptive_field", site="neuron.0.1")
     with pytest.raises(InputError, match="choose one of map"):
         cmp.difference("r2")
     vit = hs.zoo.load("digits-vit")
     with pytest.raises(InputError, match="one architecture"):
         units.compare(cnn, vit, X, method="neuron_stats", site="neuron.0")
+
+
+def test_names_label_the_models_and_labels_reach_the_analysis(digits):
+    X, y = digits
+    cnn = hs.zoo.load("digits-cnn")
+    early = hs.zoo.load("digits-cnn", checkpoint=16)
+    cmp = units.compare(
+        early, cnn, X[:100], y[:100], method="neuron_stats", site="neuron.1", names=("old", "new")
+    )
+    a = units.neuron_stats(early, X[:100], y[:100], site="neuron.1")
+    b = units.neuron_stats(cnn, X[:100], y[:100], site="neuron.1")
+    np.testing.assert_allclose(cmp.difference("selectivity"), b.selectivity - a.selectivity)
+    df = cmp.to_pandas()
+    assert list(df.columns) == ["quantity", "index", "old", "new", "difference"]
+    sel = df[df.quantity == "selectivity"]
+    np.testing.assert_allclose(sel["new"].to_numpy(), b.selectivity.double().numpy())
+    assert "old vs new" in repr(cmp)
+    kw = units.compare(early, cnn, X[:100], method="neuron_stats", site="neuron.1", labels=y[:100])
+    np.testing.assert_allclose(kw.difference("selectivity"), cmp.difference("selectivity"))
+
+
+def test_cluster_heads_of_different_head_counts():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import builders
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=500, n_positions=64)
+    two = hs.HookedModel.wrap(GPT2LMHeadModel(cfg).eval())
+    four = hs.HookedModel.wrap(builders.tiny_gpt2())
+    ids = torch.randint(0, 500, (6, 8), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(
+        InputError, match=r"different heads \(4 vs 8\): compare checkpoints of one architecture"
+    ):
+        units.compare(two, four, ids, method="cluster_heads", k=2)
+
+
+def test_result_equality_is_identity(digits):
+    X, y = digits
+    cnn = hs.zoo.load("digits-cnn")
+    results = [
+        units.neuron_stats(cnn, X[:50], y[:50], site="neuron.0"),
+        units.top_activating(cnn, X[:50], site="neuron.0.1", k=3),
+        units.composition(cnn, X[:50], early="neuron.0", late="neuron.1"),
+        units.receptive_field(cnn, X[:20], site="neuron.0.1"),
+        units.compare(cnn, cnn, X[:50], method="receptive_field", site="neuron.0.1"),
+    ]
+    for r in results:
+        assert r == r and r != units.receptive_field(cnn, X[:20], site="neuron.0.1")
