@@ -22,12 +22,13 @@ import torch
 from torch import Tensor, nn
 
 from hookscope.addresses import Address, Module, Selection
-from hookscope.errors import InputError, format_choices
+from hookscope.errors import InputError, format_choices, suggestion
 from hookscope.model import HookedModel
 
 __all__ = [
     "as_model",
     "check_arguments",
+    "comparison_call",
     "Target",
     "parse_target",
     "layer_site",
@@ -58,6 +59,37 @@ def check_arguments(
         signature.bind(None, None, *args, **kwargs)
     except TypeError as err:
         raise InputError(f"{what}: {err}") from None
+
+
+def comparison_call(
+    before: Any,
+    after: Any,
+    method: Any,
+    choices: Sequence[str],
+    names: Any,
+    run_of: Callable[[str], Callable[..., Any]],
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+) -> tuple[HookedModel, HookedModel, Callable[..., Any]]:
+    """The checks of a two-checkpoint comparison, before anything runs: ``method`` one of
+    ``choices``, ``names`` two different strings, both models, and the call's arguments.
+    Returns ``(before, after, the method's function)``."""
+    if method not in choices:
+        raise InputError(
+            f"unknown method {method!r}; choose one of {format_choices(choices)}."
+            + (suggestion(method, choices) if isinstance(method, str) else "")
+        )
+    if (
+        not isinstance(names, (tuple, list))
+        or len(names) != 2
+        or not all(isinstance(s, str) for s in names)
+        or names[0] == names[1]
+    ):
+        raise InputError(f"names must be two different strings, got {names!r}")
+    before, after = as_model(before, "before"), as_model(after, "after")
+    run = run_of(method)
+    check_arguments(run, method, args, kwargs)
+    return before, after, run
 
 
 def as_model(model: Any, name: str = "model") -> HookedModel:

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hookscope.attribution._common import as_model, check_arguments
+from hookscope.attribution._common import comparison_call
 from hookscope.attribution.result import _image
-from hookscope.errors import InputError, format_choices, suggestion
+from hookscope.errors import InputError
 
 __all__ = ["Comparison", "compare", "COMPARABLE"]
 
@@ -179,21 +179,9 @@ def compare(
     ...               X[:8], method="grad_cam", target=y[:8], site="neuron.1")  # doctest: +SKIP
     >>> cmp.plot(X[:8])                                                          # doctest: +SKIP
     """
-    if method not in COMPARABLE:
-        raise InputError(
-            f"unknown method {method!r}; choose one of {format_choices(COMPARABLE)}."
-            + (suggestion(method, COMPARABLE) if isinstance(method, str) else "")
-        )
-    if (
-        not isinstance(names, (tuple, list))
-        or len(names) != 2
-        or not all(isinstance(s, str) for s in names)
-        or names[0] == names[1]
-    ):
-        raise InputError(f"names must be two different strings, got {names!r}")
-    before, after = as_model(before, "before"), as_model(after, "after")
-    run = _methods()[method]
-    check_arguments(run, method, (), kwargs)
+    before, after, run = comparison_call(
+        before, after, method, COMPARABLE, names, lambda m: _methods()[m], (), kwargs
+    )
     first = run(before, inputs, **kwargs)
     second = run(after, inputs, **kwargs)
     a, b = _values(first), _values(second)

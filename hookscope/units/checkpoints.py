@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hookscope.errors import InputError, format_choices, suggestion
+from hookscope.errors import InputError, format_choices
 
 __all__ = ["ANALYSES", "UnitComparison", "compare"]
 
@@ -220,23 +220,11 @@ def compare(
     """
     if method is None:
         raise InputError(f"compare needs method=, one of {format_choices(ANALYSES)}")
-    if method not in ANALYSES:
-        raise InputError(
-            f"unknown analysis {method!r}; choose one of {format_choices(ANALYSES)}."
-            + (suggestion(method, ANALYSES) if isinstance(method, str) else "")
-        )
-    if (
-        not isinstance(names, (tuple, list))
-        or len(names) != 2
-        or not all(isinstance(s, str) for s in names)
-        or names[0] == names[1]
-    ):
-        raise InputError(f"names must be two different strings, got {names!r}")
-    from hookscope.attribution._common import as_model, check_arguments
+    from hookscope.attribution._common import comparison_call
 
-    before, after = as_model(before, "before"), as_model(after, "after")
-    run = _runner(method)
-    check_arguments(run, method, args, kwargs)
+    before, after, run = comparison_call(
+        before, after, method, ANALYSES, names, _runner, args, kwargs
+    )
     first = run(before, inputs, *args, **kwargs)
     second = run(after, inputs, *args, **kwargs)
     qa, qb = _quantities(method, first), _quantities(method, second)
