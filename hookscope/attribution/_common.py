@@ -8,7 +8,9 @@ Targets (what an attribution explains), one per example:
   that token at each row's last real position;
 * ``"all"`` (Grad-CAM): every class at once, ``[batch, n_classes, ...]``;
 * a callable ``output -> Tensor[batch]`` (a per-example scalar, e.g.
-  ``lambda logits: logits[:, 3] - logits[:, 5]``); it must be differentiable.
+  ``lambda logits: logits[:, 3] - logits[:, 5]``); it must be differentiable;
+* ``None``: each example's predicted class (the argmax of its logits; for a language model
+  at its last real position), from one forward without gradients.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ __all__ = [
     "comparison_call",
     "Target",
     "parse_target",
+    "predicted_classes",
+    "resolve_target",
     "layer_site",
     "Inputs",
     "prepare_inputs",
@@ -111,8 +115,11 @@ class Target:
     kind: str
     indices: Tensor | None = None
     fn: Callable[[Tensor], Tensor] | None = None
+    predicted: bool = False
 
     def describe(self) -> str:
+        if self.predicted:
+            return "predicted class"
         if self.kind == "index":
             idx = self.indices.tolist()
             return f"class {idx[0]}" if len(set(idx)) == 1 else "class per example"
@@ -177,6 +184,48 @@ class Target:
             )
         idx = self.indices.to(output.device)[examples]
         return output.gather(1, idx.view(-1, 1)).squeeze(1)
+
+
+def predicted_classes(model: HookedModel, inputs: Inputs, batch_size: int | None = None) -> Tensor:
+    """The model's predicted class per example (argmax of the logits; a language model's at
+    each row's last real position), without gradients; LongTensor [batch] on the CPU."""
+    size = batch_size or inputs.batch
+    found = []
+    with torch.no_grad():
+        for start in range(0, inputs.batch, size):
+            chunk = inputs.rows(start, start + size)
+            out = model(chunk.tensor, **chunk.kwargs())
+            if not isinstance(out, Tensor) or out.ndim not in (2, 3):
+                raise InputError(
+                    "target=None means the predicted class, which needs logits [batch, classes] "
+                    f"or [batch, pos, vocab]; the model returned "
+                    f"{tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}. "
+                    "Pass a target"
+                )
+            if out.ndim == 3:
+                last = (
+                    torch.full((chunk.batch,), out.shape[1] - 1)
+                    if chunk.last is None
+                    else chunk.last
+                )
+                out = out[torch.arange(chunk.batch), last.to(out.device)]
+            found.append(out.argmax(-1).cpu())
+    return torch.cat(found)
+
+
+def resolve_target(
+    model: HookedModel,
+    inputs: Inputs,
+    target: Any,
+    *,
+    allow_all: bool = False,
+    batch_size: int | None = None,
+) -> Target:
+    """``target`` parsed (:func:`parse_target`); None means each example's predicted class
+    (:func:`predicted_classes`, one forward without gradients)."""
+    if target is None:
+        return Target("index", predicted_classes(model, inputs, batch_size), predicted=True)
+    return parse_target(target, inputs.batch, allow_all=allow_all)
 
 
 def parse_target(target: Any, batch: int, *, allow_all: bool = False) -> Target:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hookscope.attribution._common import comparison_call
+from hookscope.attribution._common import comparison_call, predicted_classes, prepare_inputs
 from hookscope.attribution.result import _image
 from hookscope.errors import InputError
 
@@ -34,6 +34,9 @@ def _methods() -> dict[str, Callable[..., Any]]:
     }
 
 
+#: the methods that take a target (``target=None`` in :func:`compare`: the ``after``
+#: model's predicted class, the same for both models)
+TARGETED = ("grad_cam", "saliency", "integrated_gradients")
 COMPARABLE = (
     "grad_cam",
     "saliency",
@@ -175,6 +178,9 @@ def compare(
 ) -> Comparison:
     """Run ``method`` (one of :data:`COMPARABLE`) with ``kwargs`` on both models.
 
+    Both runs explain the same targets: without ``target=``, the ``after`` model's predicted
+    class of each example.
+
     >>> cmp = compare(hs.zoo.load("digits-cnn", checkpoint=16), hs.zoo.load("digits-cnn"),
     ...               X[:8], method="grad_cam", target=y[:8], site="neuron.1")  # doctest: +SKIP
     >>> cmp.plot(X[:8])                                                          # doctest: +SKIP
@@ -182,6 +188,9 @@ def compare(
     before, after, run = comparison_call(
         before, after, method, COMPARABLE, names, lambda m: _methods()[m], (), kwargs
     )
+    if method in TARGETED and kwargs.get("target") is None:
+        # one target for both: the predicted class of the ``after`` model
+        kwargs = {**kwargs, "target": predicted_classes(after, prepare_inputs(after, inputs))}
     first = run(before, inputs, **kwargs)
     second = run(after, inputs, **kwargs)
     a, b = _values(first), _values(second)

@@ -50,8 +50,8 @@ from hookscope.attribution._common import (
     Inputs,
     as_model,
     layer_site,
-    parse_target,
     prepare_inputs,
+    resolve_target,
 )
 from hookscope.attribution.result import Attributions
 from hookscope.errors import InputError, format_choices, suggestion
@@ -247,7 +247,7 @@ def _check_grad_mode(what: str) -> None:
 def saliency(
     model: Any,
     inputs: Any,
-    target: Any,
+    target: Any = None,
     *,
     absolute: bool = True,
     site: Any = None,
@@ -270,7 +270,7 @@ def saliency(
         raise InputError(f"absolute must be True or False, got {absolute!r}")
     _check_count(batch_size, "batch_size")
     where = _Where(model, inp, site, "saliency")
-    tgt = parse_target(target, inp.batch)
+    tgt = resolve_target(model, inp, target, batch_size=batch_size)
     grads, points = [], []
     size = batch_size or inp.batch
     for start, stop in _chunks(inp.batch, size):
@@ -343,7 +343,7 @@ def _baseline(baseline: Any, point: Tensor, where: _Where) -> Tensor:
 def integrated_gradients(
     model: Any,
     inputs: Any,
-    target: Any,
+    target: Any = None,
     *,
     baseline: Any = "zeros",
     n_steps: int = 50,
@@ -377,7 +377,7 @@ def integrated_gradients(
     if progress is not None and not isinstance(progress, bool):
         raise InputError(f"progress must be True, False or None, got {progress!r}")
     where = _Where(model, inp, site, "integrated_gradients")
-    tgt = parse_target(target, inp.batch)
+    tgt = resolve_target(model, inp, target)
     x = where.activation()
     base = _baseline(baseline, x, where)
     B = inp.batch
@@ -465,27 +465,51 @@ def _grid(act: Tensor, site: str) -> Tensor:
     raise InputError(f"{site} has shape {tuple(act.shape)}: not spatial")
 
 
-def _spatial_sites(model: HookedModel, inp: Inputs) -> list[str]:
-    """The layer-level addresses whose activation Grad-CAM can use (on one example)."""
+def _default_cam_site(model: HookedModel, inp: Inputs) -> str:
+    """Grad-CAM's usual layer: the last conv layer's output (the last ``neuron.L`` feature
+    map), else the last block's input ``resid_pre.L`` of a vision transformer (its patch
+    tokens still reach the CLS token through the last attention; at the last block's output
+    they no longer do, and the map is 0), else the last spatial site."""
+    found = _spatial(model, inp)
+    sites = [name for name, _ in found]
+    if not sites:
+        raise InputError(
+            f"grad_cam needs a spatial site (a conv feature map or image-patch tokens); "
+            f"{model.adapter.name} has none. Pass site= a module:<path> whose output is one"
+        )
+    conv = [
+        n for n, ndim in found if ndim == 4 and n.startswith("neuron.") and not n.endswith(".pre")
+    ]
+    blocks = [s for s in sites if s.startswith("resid_pre.")]
+    if conv:
+        return conv[-1]
+    return blocks[-1] if blocks else sites[-1]
+
+
+def _spatial(model: HookedModel, inp: Inputs) -> list[tuple[str, int]]:
+    """The layer-level addresses whose activation Grad-CAM can use, with their number of
+    dimensions (4: a conv map; 3: patch tokens), in forward order (on one example)."""
     found = []
     addresses = [a for a in model.addresses() if not _is_head(a)]
     _, cache = model.run_with_cache(inp.tensor[:1], addresses, **inp.kwargs(torch.arange(1)))
     for a in addresses:
         act = cache[a]
-        if act.ndim == 4:
-            found.append(str(a))
-        elif act.ndim == 3 and _is_patch_grid(act):
-            found.append(str(a))
+        if act.ndim == 4 or (act.ndim == 3 and _is_patch_grid(act)):
+            found.append((str(a), act.ndim))
     return found
+
+
+def _spatial_sites(model: HookedModel, inp: Inputs) -> list[str]:
+    return [name for name, _ in _spatial(model, inp)]
 
 
 @in_eval_mode
 def grad_cam(
     model: Any,
     inputs: Any,
-    target: Any,
+    target: Any = None,
     *,
-    site: Any,
+    site: Any = None,
     relu: bool = True,
     normalize: str | None = None,
     upsample: bool = True,
@@ -495,8 +519,10 @@ def grad_cam(
 
     ``values``: [batch, H, W] at the input's resolution (``upsample=False``: the site's
     grid), or [batch, n_classes, H, W] with ``target="all"``: every class from one forward
-    and one batched backward. ``raw``: the maps at the site's grid. Conventions in the
-    module docstring (ReLU on by default; no normalisation unless asked).
+    and one batched backward. ``site=None``: the last conv layer's output (``neuron.L``),
+    or a ViT's last block input ``resid_pre.L``; ``target=None``: the predicted class.
+    ``raw``: the maps at the site's grid. Conventions in the module docstring (ReLU on by
+    default; no normalisation unless asked).
 
     >>> cam = grad_cam(cnn, X[:16], target=y[:16], site="neuron.1")   # doctest: +SKIP
     """
@@ -515,18 +541,14 @@ def grad_cam(
             f"unknown normalize {normalize!r}; choose one of {format_choices(NORMALIZATIONS)}"
         )
     _check_count(batch_size, "batch_size")
-    where = _Where(model, inp, site, "grad_cam")
-    if where.address is None:
-        raise InputError(
-            "grad_cam needs site=, a spatial layer; choose one of "
-            f"{format_choices(_spatial_sites(model, inp))}"
-        )
-    tgt = parse_target(target, inp.batch, allow_all=True)
     if inp.tensor.ndim != 4:
         raise InputError(
             f"grad_cam needs images [batch, C, H, W]; the inputs have shape "
             f"{tuple(inp.tensor.shape)}"
         )
+    if site is None:
+        site = _default_cam_site(model, inp)
+    where = _Where(model, inp, site, "grad_cam")
     probe = where.activation(torch.arange(1))
     if (
         _is_head(where.address)
@@ -537,6 +559,7 @@ def grad_cam(
             f"grad_cam needs a spatial site; {where.site} has shape {tuple(probe.shape)}. "
             f"Choose one of {format_choices(_spatial_sites(model, inp))}"
         )
+    tgt = resolve_target(model, inp, target, allow_all=True, batch_size=batch_size)
     maps = []
     for start, stop in _chunks(inp.batch, batch_size or inp.batch):
         examples = torch.arange(start, stop, device=inp.tensor.device)

@@ -356,8 +356,8 @@ def test_bad_input(cnn, mlp, digits):
         at.grad_cam(mlp, X, target=y, site="neuron.0")
     with pytest.raises(InputError, match="neuron.0.pre, neuron.0, resid_post.0"):
         at.grad_cam(cnn, X, target=y, site="logits")
-    with pytest.raises(InputError, match="site="):
-        at.grad_cam(cnn, X, target=y, site=None)
+    with pytest.raises(InputError, match="has none"):
+        at.grad_cam(mlp, X, target=y)
     with pytest.raises(InputError, match="out of range.*0..9"):
         at.saliency(cnn, X, target=10)
     with pytest.raises(InputError, match="out of range"):
@@ -438,3 +438,31 @@ def test_compare_rollout_checkpoints(digits):
     torch.testing.assert_close(cmp.difference, second.grid - first.grid)
     fig = cmp.plot(X[:4], n=2)
     np.testing.assert_allclose(fig.axes[2 + 1].images[-1].get_array(), second.grid[1].numpy())
+
+
+def test_defaults_predicted_class_and_last_conv_layer(cnn, digits):
+    """target=None is each example's predicted class; grad_cam's site=None is the last conv
+    layer's output (a ViT: the last block's input); compare explains the after model's
+    predictions on both models."""
+    X, _ = digits
+    with torch.no_grad():
+        predicted = cnn(X).argmax(1)
+    torch.testing.assert_close(
+        at.saliency(cnn, X).values, at.saliency(cnn, X, target=predicted).values
+    )
+    cam = at.grad_cam(cnn, X)
+    assert cam.site == "neuron.1" and cam.conventions["target"] == "predicted class"
+    torch.testing.assert_close(cam.values, at.grad_cam(cnn, X, predicted, site="neuron.1").values)
+    torch.testing.assert_close(cam.targets, predicted)
+    vit = hs.zoo.load("digits-vit")
+    assert at.grad_cam(vit, X[:4]).site == "resid_pre.1"
+    early = hs.zoo.load("digits-cnn", checkpoint=4)
+    cmp = at.compare(early, cnn, X, method="grad_cam")
+    torch.testing.assert_close(cmp.before.targets, predicted)
+    torch.testing.assert_close(cmp.after.targets, predicted)
+    lm = hs.HookedModel.wrap(builders.tiny_gpt2(), tokenizer=builders.make_tokenizer())
+    texts = ["When Mary and John went", "The fox"]
+    ig = at.integrated_gradients(lm, texts, n_steps=4)
+    logits = lm(texts)
+    expected = [int(logits[0, 4].argmax()), int(logits[1, len(ig.tokens[1]) - 1].argmax())]
+    assert ig.targets.tolist() == expected
