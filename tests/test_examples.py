@@ -68,3 +68,31 @@ def test_tour_on_smollm2(tmp_path):
     assert dla["head.23.3"] == pytest.approx(2.855, abs=0.01)
     assert str(g["patching"].top(1)[0][0]) == "head.23.3"
     assert g["lens"].prob(" Mary")[-1, 0, -1] > 0.5
+
+
+def test_attribution_units_on_the_digits_models(tmp_path, capsys):
+    g = _run("attribution_units.py", "--out", str(tmp_path), "--n", "48")["results"]
+    text = capsys.readouterr().out
+    # the trained CNN's Grad-CAM (first conv layer) and saliency lean on the ink
+    for name in ("grad_cam", "saliency"):
+        on_ink, ink = g["shares"][name]
+        assert on_ink > ink + 0.05, name
+    # integrated gradients: completeness within a few percent of the gaps they explain
+    ig = g["ig"]
+    gap = ig.values.sum((1, 2, 3)) - ig.delta
+    assert float(ig.delta.abs().max()) < 0.05 * float(gap.abs().mean())
+    # the head printed as most important is the argmax of the accuracy drops
+    drop = g["importance"].accuracy_drop
+    assert drop[g["top_head"]] == drop.max()
+    assert sum(g["counts"].values()) == 16  # every unit of neuron.0 has a status
+    for name in (
+        "grad_cam",
+        "grad_cam_step16_vs_final",
+        "rollout",
+        "vit_head_patterns",
+        "vit_head_importance",
+        "neurons_step16_vs_final",
+        "top_activating",
+    ):
+        assert (tmp_path / f"{name}.png").stat().st_size > 5000, name
+    assert "attributions sum to F(x) - F(black)" in text

@@ -479,7 +479,7 @@ class Rollout:
             raise InputError(
                 f"examples must be example indices in 0..{batch - 1}, got {examples!r}"
             )
-        pictures = self._images(images, batch) if images is not None else None
+        pictures = self._images(images, max(chosen) + 1) if images is not None else None
         if self.is_image:
             grid = self.grid.cpu().numpy()
             cols = min(ncols, len(chosen))
@@ -521,18 +521,21 @@ class Rollout:
         fig.tight_layout()
         return fig
 
-    def _images(self, images: Any, batch: int) -> np.ndarray:
+    def _images(self, images: Any, need: int) -> np.ndarray:
+        """The images as [rows, H, W] or [rows, H, W, 3] scaled to [0, 1] per image; at
+        least ``need`` rows (the examples drawn)."""
         if not self.is_image:
             raise InputError("images= is for image inputs; a text rollout plots as token rows")
         arr = images.detach().cpu().numpy() if isinstance(images, Tensor) else np.asarray(images)
         if arr.ndim == 4 and arr.shape[1] in (1, 3):
             arr = arr[:, 0] if arr.shape[1] == 1 else arr.transpose(0, 2, 3, 1)
-        if arr.ndim not in (3, 4) or arr.shape[0] != batch:
+        if arr.ndim not in (3, 4) or arr.shape[0] < need:
             raise InputError(
-                f"images must be [batch={batch}, C, H, W] or [batch, H, W] (C 1 or 3), got "
-                f"{tuple(np.shape(images))}"
+                f"images must be [rows, C, H, W] or [rows, H, W] (C 1 or 3) with at least "
+                f"{need} rows (the examples drawn), got {tuple(np.shape(images))}"
             )
         arr = arr.astype(np.float64)
+        batch = arr.shape[0]
         lo = arr.reshape(batch, -1).min(1).reshape(-1, *([1] * (arr.ndim - 1)))
         hi = arr.reshape(batch, -1).max(1).reshape(-1, *([1] * (arr.ndim - 1)))
         return (arr - lo) / np.where(hi > lo, hi - lo, 1.0)
