@@ -114,7 +114,7 @@ class Comparison:
         if not isinstance(n, int) or n < 1:
             raise InputError(f"n must be a positive number of examples, got {n!r}")
         count = min(n, len(self.difference))
-        if self.difference.ndim == 4:
+        if self.method == "grad_cam" and self.difference.ndim == 4:
             raise InputError(
                 "these maps have a class axis (grad_cam with target='all'); plot one class: "
                 "compare with target=k"

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hookscope.addresses import Address, AttentionHead
+from hookscope.addresses import Address, AttentionHead, Module, Selection
 from hookscope.attribution._common import (
     Inputs,
     as_model,
@@ -413,10 +413,11 @@ def integrated_gradients(
             steps, examples = flat // B, flat % B
             point = base[examples] + alphas_t[steps].view(shape) * diff[examples]
             point.requires_grad_(True)
-            with torch.enable_grad(), _SavedCount(model) as saved:
-                out = where.forward(examples, point)
-                value = tgt.select(out, examples, inp.last)
-            (grad,) = torch.autograd.grad(value.sum(), point)
+            with torch.enable_grad():
+                with _SavedCount(model) as saved:
+                    out = where.forward(examples, point)
+                    value = tgt.select(out, examples, inp.last)
+                (grad,) = torch.autograd.grad(value.sum(), point)
             total.index_add_(0, examples, (grad * weights_t[steps].view(shape)).to(total.dtype))
             if start == 0 and internal_batch_size is None:
                 per_row = max(1, saved.count // (stop - start))
@@ -465,18 +466,48 @@ def _grid(act: Tensor, site: str) -> Tensor:
     raise InputError(f"{site} has shape {tuple(act.shape)}: not spatial")
 
 
-def _default_cam_site(model: HookedModel, inp: Inputs) -> str:
-    """Grad-CAM's usual layer: the last conv layer's output (the last ``neuron.L`` feature
-    map), else the last block's input ``resid_pre.L`` of a vision transformer (its patch
-    tokens still reach the CLS token through the last attention; at the last block's output
-    they no longer do, and the map is 0), else the last spatial site."""
+def _cam_site(model: HookedModel, inp: Inputs, site: Any) -> Any:
+    """The site Grad-CAM uses: ``site`` when it is a spatial layer (or a ``module:<path>``
+    with a spatial output), else InputError naming the spatial layers this model has;
+    ``None``: the usual one (:func:`_default_cam_site`)."""
     found = _spatial(model, inp)
-    sites = [name for name, _ in found]
-    if not sites:
-        raise InputError(
-            f"grad_cam needs a spatial site (a conv feature map or image-patch tokens); "
-            f"{model.adapter.name} has none. Pass site= a module:<path> whose output is one"
+    names = [name for name, _ in found]
+    none_here = (
+        f"the {model.adapter.name} model has no spatial layer (a conv feature map or "
+        "image-patch tokens); pass a module:<path> whose output is one"
+    )
+    if site is None:
+        if not names:
+            raise InputError(f"grad_cam needs a spatial site; {none_here}")
+        return _default_cam_site(found)
+    resolved = model.resolve(site) if isinstance(site, (str, Address, Selection)) else []
+    if len(resolved) == 1 and isinstance(resolved[0], Module):
+        _, cache = model.run_with_cache(
+            inp.tensor[:1], [resolved[0]], **inp.kwargs(torch.arange(1))
         )
+        act = cache[resolved[0]]
+        if act.ndim == 4 or (act.ndim == 3 and _is_patch_grid(act)):
+            return resolved[0]
+        raise InputError(
+            f"grad_cam needs a spatial site; {resolved[0]} has shape {tuple(act.shape)}. "
+            + (f"Choose one of {format_choices(names)}" if names else none_here.capitalize())
+        )
+    if len(resolved) == 1 and str(resolved[0]) in names:
+        return resolved[0]
+    what = [str(a) for a in resolved][:4] if resolved else repr(site)
+    raise InputError(
+        f"grad_cam needs one spatial layer (a conv feature map or image-patch tokens); "
+        f"{site!r} selects {what}. "
+        + (f"Choose one of {format_choices(names)}" if names else none_here.capitalize())
+    )
+
+
+def _default_cam_site(found: list[tuple[str, int]]) -> str:
+    """Grad-CAM's usual layer among the spatial ones: the last conv layer's output (the last
+    ``neuron.L`` feature map), else the last block's input ``resid_pre.L`` of a vision
+    transformer (its patch tokens still reach the CLS token through the last attention; at
+    the last block's output they no longer do, and the map is 0), else the last one."""
+    sites = [name for name, _ in found]
     conv = [
         n for n, ndim in found if ndim == 4 and n.startswith("neuron.") and not n.endswith(".pre")
     ]
@@ -546,19 +577,8 @@ def grad_cam(
             f"grad_cam needs images [batch, C, H, W]; the inputs have shape "
             f"{tuple(inp.tensor.shape)}"
         )
-    if site is None:
-        site = _default_cam_site(model, inp)
+    site = _cam_site(model, inp, site)
     where = _Where(model, inp, site, "grad_cam")
-    probe = where.activation(torch.arange(1))
-    if (
-        _is_head(where.address)
-        or probe.ndim not in (3, 4)
-        or (probe.ndim == 3 and not _is_patch_grid(probe))
-    ):
-        raise InputError(
-            f"grad_cam needs a spatial site; {where.site} has shape {tuple(probe.shape)}. "
-            f"Choose one of {format_choices(_spatial_sites(model, inp))}"
-        )
     tgt = resolve_target(model, inp, target, allow_all=True, batch_size=batch_size)
     maps = []
     for start, stop in _chunks(inp.batch, batch_size or inp.batch):

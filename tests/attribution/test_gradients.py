@@ -356,7 +356,7 @@ def test_bad_input(cnn, mlp, digits):
         at.grad_cam(mlp, X, target=y, site="neuron.0")
     with pytest.raises(InputError, match="neuron.0.pre, neuron.0, resid_post.0"):
         at.grad_cam(cnn, X, target=y, site="logits")
-    with pytest.raises(InputError, match="has none"):
+    with pytest.raises(InputError, match="has no spatial layer"):
         at.grad_cam(mlp, X, target=y)
     with pytest.raises(InputError, match="out of range.*0..9"):
         at.saliency(cnn, X, target=10)

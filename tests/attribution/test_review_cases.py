@@ -229,3 +229,46 @@ def test_argument_checks(digits, lm):
         lm, {"input_ids": torch.tensor([7, 22, 41]), "attention_mask": torch.ones(3)}, 5
     )
     torch.testing.assert_close(one.values, at.saliency(lm, torch.tensor([[7, 22, 41]]), 5).values)
+
+
+def test_second_review_cases(digits, lm):
+    X, y = digits
+    cnn = hs.zoo.load("digits-cnn")
+    # integrated gradients under an outer no_grad
+    with torch.no_grad():
+        inside = at.integrated_gradients(cnn, X[:6], target=y[:6], n_steps=4)
+    torch.testing.assert_close(
+        inside.values, at.integrated_gradients(cnn, X[:6], target=y[:6], n_steps=4).values
+    )
+    # compare's figure for input attributions sums the input channels
+    early = hs.zoo.load("digits-cnn", checkpoint=16)
+    cmp = at.compare(early, cnn, X[:3], method="saliency", target=y[:3])
+    fig = cmp.plot(X[:3])
+    np.testing.assert_allclose(fig.axes[6].images[-1].get_array(), cmp.difference[0].sum(0))
+    # a model without spatial layers: the error says so
+    with pytest.raises(InputError, match="(?i)the mlp model has no spatial layer"):
+        at.grad_cam(hs.zoo.load("digits-mlp"), X, target=y, site="neuron.0")
+
+
+def test_trapezoid_rule():
+    """Trapezoid on a^2 over [0, 1] with n nodes: 1/3 + h^2/6 (h = 1/(n-1)), and on a model
+    captum's weights scaled by n/(n-1) (its weights sum to 1 - 1/n)."""
+    alphas, weights = at.quadrature("riemann_trapezoid", 9)
+    assert (weights * alphas**2).sum() == pytest.approx(1 / 3 + (1 / 8) ** 2 / 6, abs=1e-12)
+    X, y = hs.data.digits("test", tensors=True)
+    cnn = hs.zoo.load("digits-cnn")
+    from captum.attr import IntegratedGradients
+
+    ours = at.integrated_gradients(cnn, X[:8], y[:8], n_steps=9, method="riemann_trapezoid")
+    ref = IntegratedGradients(cnn.model).attribute(
+        X[:8], target=y[:8], n_steps=9, method="riemann_trapezoid"
+    )
+    torch.testing.assert_close(ours.values, ref * 9 / 8, atol=1e-5, rtol=1e-5)
+
+
+def test_token_figure_holds_the_values(lm):
+    r = at.integrated_gradients(lm, ["When Mary and John went", "The fox"], target=5, n_steps=4)
+    drawn = r.plot().axes[0].images[0].get_array()
+    for i, toks in enumerate(r.tokens):
+        np.testing.assert_allclose(drawn[i, : len(toks)], r.values[i, : len(toks)].numpy())
+        assert drawn.mask[i, len(toks) :].all()  # padding is not drawn

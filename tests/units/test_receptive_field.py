@@ -87,3 +87,25 @@ def test_receptive_field_bad_input(cnn, X):
         receptive_field(cnn, X, site="neuron.0.1", position=(8, 0))
     with pytest.raises(InputError, match="image inputs"):
         receptive_field(cnn, X[:, 0, 0], site="neuron.0.1")
+
+
+def test_absolute_value_before_the_channel_sum():
+    """Two input channels with opposite kernels: |grad| summed over channels is 2 per tap;
+    summing first would cancel to 0."""
+    import torch
+    from torch import nn
+
+    import hookscope as hs
+    from hookscope import units
+
+    net = nn.Sequential(nn.Conv2d(2, 1, 3, padding=1, bias=False), nn.Flatten(), nn.Linear(64, 2))
+    with torch.no_grad():
+        net[0].weight.zero_()
+        net[0].weight[0, 0] = 1.0
+        net[0].weight[0, 1] = -1.0
+    rf = units.receptive_field(
+        hs.HookedModel.wrap(net.eval()), torch.rand(4, 2, 8, 8), site="neuron.0.0.pre"
+    )
+    expected = torch.zeros(8, 8, dtype=rf.map.dtype)
+    expected[3:6, 3:6] = 2.0
+    torch.testing.assert_close(rf.map, expected)
