@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from hookscope.adapters.base import Tap, output_tensor, submodule
-from hookscope.addresses import _SLOT_ORDER, Address, Slot
+from hookscope.addresses import SLOT_ORDER, Address, Slot
 from hookscope.errors import HookError
 from hookscope.scope import Scope, protected
 
@@ -291,7 +291,7 @@ def wire(plans: list[SlotPlan]) -> Wiring:
 
     A wiring holds no per-call state, so a caller may build it once and reuse it."""
     groups: dict[tuple[str, str, int], list[SlotPlan]] = {}
-    for plan in sorted(plans, key=lambda p: (p.slot.layer, _SLOT_ORDER.get(p.slot.kind, 0))):
+    for plan in sorted(plans, key=lambda p: (p.slot.layer, SLOT_ORDER.get(p.slot.kind, 0))):
         groups.setdefault((plan.tap.module, plan.tap.event, plan.tap.arg), []).append(plan)
     return [(path, event, group) for (path, event, _), group in groups.items()]
 

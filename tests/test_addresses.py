@@ -212,3 +212,25 @@ def test_constructor_errors(make, message):
 def test_parse_rejects_non_strings():
     with pytest.raises(hs.AddressParseError, match="must be a string"):
         hs.parse(3)  # type: ignore[arg-type]
+
+
+def test_the_address_modules_import_in_one_direction():
+    """grammar imports core; core imports nothing of the grammar (no import cycle)."""
+    import ast
+    from pathlib import Path
+
+    import hookscope.addresses as package
+
+    folder = Path(package.__file__).parent
+    imported = {
+        node.module
+        for node in ast.walk(ast.parse((folder / "core.py").read_text()))
+        if isinstance(node, ast.ImportFrom)
+    }
+    assert not any(m and m.startswith("hookscope.addresses") for m in imported)
+    grammar = {
+        node.module
+        for node in ast.walk(ast.parse((folder / "grammar.py").read_text()))
+        if isinstance(node, ast.ImportFrom)
+    }
+    assert "hookscope.addresses.core" in grammar

@@ -194,7 +194,7 @@ def transformer_lens_name(site: str) -> str:
     ``blocks.3.hook_resid_post``, ``head.3`` -> ``blocks.3.attn.hook_z``, ``neuron.2`` ->
     ``blocks.2.mlp.hook_post``. StoreError for a site TransformerLens has no hook for (a
     single head or neuron: pass ``hook_names=`` to name it yourself)."""
-    from hookscope.grammar import parse
+    from hookscope.addresses import parse
 
     address = parse(site)
     pattern = _TL_HOOKS.get(address.slot.kind)

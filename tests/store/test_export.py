@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import hookscope as hs
-from hookscope.grammar import parse
+from hookscope.addresses import parse
 from hookscope.store import ActivationStore, StoredActivations, StoreError, files
 from hookscope.store.export import bfloat16_from_bits, transformer_lens_name
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from hookscope.addresses import (
+from hookscope.addresses.core import (
     HEAD_SITES,
     KINDS,
     NEURON_SITES,

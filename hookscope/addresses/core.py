@@ -1,4 +1,4 @@
-"""Typed component addresses and their string grammar.
+"""Typed component addresses: the classes, their slots and their order.
 
 An address names one tensor inside a model in terms that mean the same on every
 architecture. Addresses are frozen, hashable and ordered by where they occur in the
@@ -24,8 +24,8 @@ text                                           object                          t
 =============================================  ==============================  ======================================
 
 The string grammar, selections (``head.*.*``, ``resid_post.0-5``) and TransformerLens
-aliases live in :mod:`hookscope.grammar`; ``parse``, ``Selection`` and ``iter_addresses`` are
-re-exported here.
+aliases live in :mod:`hookscope.addresses.grammar`, which imports this module (never the
+other way round); :mod:`hookscope.addresses` re-exports both.
 """
 
 from __future__ import annotations
@@ -48,15 +48,12 @@ __all__ = [
     "FinalNorm",
     "Module",
     "Slot",
-    "Selection",
-    "Dimensions",
-    "parse",
-    "iter_addresses",
     "slot_address",
     "KINDS",
     "RESID_SITES",
     "HEAD_SITES",
     "NEURON_SITES",
+    "SLOT_ORDER",
 ]
 
 RESID_SITES = ("pre", "mid", "post")
@@ -76,8 +73,8 @@ KINDS = (
     "module",
 )
 
-# Order of the layer-level tensors inside one layer, as the forward pass meets them.
-_SLOT_ORDER = {
+#: order of the layer-level tensors inside one layer, as the forward pass meets them
+SLOT_ORDER = {
     "resid_pre": 0,
     "q": 1,
     "k": 2,
@@ -152,7 +149,7 @@ class Address:
         s = self.slot
         stage = {"embed": 0, "final_norm": 2, "logits": 3, "module": 4}.get(s.kind, 1)
         idx = -1 if self.index is None else self.index
-        return (stage, s.layer, _SLOT_ORDER.get(s.kind, 0), idx, s.path)
+        return (stage, s.layer, SLOT_ORDER.get(s.kind, 0), idx, s.path)
 
     def __lt__(self, other: object) -> bool:
         if not isinstance(other, Address):
@@ -408,7 +405,3 @@ def slot_address(slot: Slot) -> Address:
     if kind.startswith("neuron_"):
         return MLPNeuron(layer, None, kind[len("neuron_") :])
     return AttentionHead(layer, None, kind)
-
-
-# The grammar imports the address types above; importing it last keeps one public module.
-from hookscope.grammar import Dimensions, Selection, iter_addresses, parse  # noqa: E402
