@@ -23,14 +23,16 @@ __all__ = ["Comparison", "compare", "COMPARABLE"]
 
 
 def _methods() -> dict[str, Callable[..., Any]]:
-    from hookscope.attribution import attention, gradients
+    from hookscope.attribution.attention import attention_flow, attention_rollout
+    from hookscope.attribution.grad_cam import grad_cam
+    from hookscope.attribution.gradients import integrated_gradients, saliency
 
     return {
-        "grad_cam": gradients.grad_cam,
-        "saliency": gradients.saliency,
-        "integrated_gradients": gradients.integrated_gradients,
-        "attention_rollout": attention.attention_rollout,
-        "attention_flow": attention.attention_flow,
+        "grad_cam": grad_cam,
+        "saliency": saliency,
+        "integrated_gradients": integrated_gradients,
+        "attention_rollout": attention_rollout,
+        "attention_flow": attention_flow,
     }
 
 

@@ -1,19 +1,10 @@
-"""Gradient attributions: saliency, integrated gradients and Grad-CAM, at the input or at any
-hookscope address, on any wrapped model (vision or language), batched.
-
-Where the gradient is taken:
-
-* image / feature inputs (a float tensor), ``site=None``: the input itself;
-* token inputs, ``site=None``: the ``embed`` address (the token embeddings); the value of a
-  token sums (integrated gradients) or reduces (saliency) its embedding dimensions;
-* ``site="resid_post.1"`` (any layer-level address): that activation - the forward runs
-  with the activation replaced by a tensor that requires grad (a hookscope hook), so the
-  gradient is the model's derivative with respect to it.
+"""Gradient attributions: saliency and integrated gradients, at the input or at any
+hookscope address (:mod:`._where`), on any wrapped model (vision or language), batched.
 
 Targets are class indices (one, or one per example; for a language model the token's logit
-at each row's last real position), ``"all"`` (Grad-CAM) or a callable ``output ->
-Tensor[rows]`` that acts row-wise (integrated gradients runs many steps of each example as
-rows of one batch). See :mod:`hookscope.attribution._common`.
+at each row's last real position), a callable ``output -> Tensor[rows]`` that acts
+row-wise (integrated gradients runs many steps of each example as rows of one batch), or
+None (the predicted class). See :mod:`hookscope.attribution._common`.
 
 Conventions (the tests compare each with captum 0.9 to 1e-5):
 
@@ -25,34 +16,26 @@ Conventions (the tests compare each with captum 0.9 to 1e-5):
   halved at the ends: they sum to 1; captum's sum to ``1 - 1/n``), ``gausslegendre``
   (numpy's Legendre nodes mapped to [0, 1], captum's default). The completeness delta per
   example is ``sum(attributions) - (F(x) - F(x'))`` (captum's sign).
-* :func:`grad_cam` - Selvaraju et al. 2017: channel weights are the spatial mean of the
-  gradients, the map is ``ReLU(sum_c w_c A_c)`` (``relu=False``: signed), upsampled
-  bilinearly (``align_corners=False``, as ``LayerAttribution.interpolate``) to the input's
-  height and width; no normalisation unless ``normalize="max"`` (divide by each map's
-  maximum) or ``"minmax"``. A transformer site over image patches ``[batch, tokens, d]``
-  is reshaped to the patch grid; when the token count is a square plus one the first token
-  is a CLS token and is dropped.
+
+Grad-CAM is in :mod:`.grad_cam`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from hookscope.addresses import Address, AttentionHead, Module, Selection
 from hookscope.attribution._common import (
     Inputs,
     as_model,
-    layer_site,
     prepare_inputs,
     resolve_target,
 )
+from hookscope.attribution._where import Where, check_count, check_grad_mode, chunks, output_width
 from hookscope.attribution.result import Attributions
 from hookscope.errors import InputError, format_choices, suggestion
 from hookscope.model import HookedModel
@@ -61,14 +44,11 @@ from hookscope.modes import in_eval_mode
 __all__ = [
     "saliency",
     "integrated_gradients",
-    "grad_cam",
     "quadrature",
     "METHODS",
-    "NORMALIZATIONS",
 ]
 
 METHODS = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
-NORMALIZATIONS = (None, "max", "minmax")
 BASELINES = "'zeros', a number, or a tensor shaped like one example or like the whole batch"
 #: integrated gradients' automatic chunk: about this many values kept for the backward per
 #: chunk (measured on the digits CNN at 1 thread: chunks of 1-2k rows ran 2x faster than one
@@ -106,110 +86,6 @@ def _check_method(method: Any, n_steps: Any) -> None:
         raise InputError(f"n_steps must be an integer >= {least} for {method}, got {n_steps!r}")
 
 
-def _check_count(value: Any, name: str) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise InputError(f"{name} must be a positive integer or None, got {value!r}")
-
-
-# ---------------------------------------------------------------------------- where
-
-
-class _Where:
-    """Where the gradient is taken: the model's float input, or an address whose activation
-    the forward replaces with a given tensor."""
-
-    def __init__(self, model: HookedModel, inputs: Inputs, site: Any, what: str):
-        self.model, self.inputs = model, inputs
-        if site is None and inputs.is_tokens:
-            site = "embed"
-            if "embed" not in [str(a) for a in model.addresses()]:
-                raise InputError(
-                    f"{what} over token inputs needs the model's embed address; "
-                    f"{model.adapter.name} has none. Pass site= one of "
-                    f"{format_choices([str(a) for a in model.addresses()])}"
-                )
-        self.address: Address | None = None if site is None else layer_site(model, site, what)
-        self.site = "input" if self.address is None else str(self.address)
-
-    def per_token(self, point: Tensor) -> bool:
-        """Token inputs and a site over their positions ([batch, pos, ...]): the values are
-        reduced to one per token."""
-        pos = self.inputs.tensor.shape[1] if self.inputs.is_tokens else None
-        return pos is not None and point.ndim >= 3 and point.shape[1] == pos
-
-    def activation(self, examples: Tensor | None = None) -> Tensor:
-        """The value the gradient is taken at (detached), for the rows ``examples``."""
-        x = self.inputs.tensor if examples is None else self.inputs.tensor[examples]
-        if self.address is None:
-            return x.detach()
-        _, cache = self.model.run_with_cache(x, [self.address], **self.inputs.kwargs(examples))
-        return cache[self.address].detach()
-
-    def forward(self, examples: Tensor, value: Tensor) -> Tensor:
-        """The model's output on rows ``examples`` with the gradient point set to ``value``."""
-        if self.address is None:
-            return self.model(value)
-        x = self.inputs.tensor[examples]
-
-        def put(act: Tensor, address: Any) -> Tensor:
-            if act.shape != value.shape:
-                raise InputError(
-                    f"the activation at {self.site} has shape {tuple(act.shape)} but the value "
-                    f"given for it has {tuple(value.shape)}"
-                )
-            return value
-
-        hooks = [(self.address, put)]
-        return self.model.run_with_hooks(x, hooks=hooks, **self.inputs.kwargs(examples))
-
-    def forward_leaf(self, examples: Tensor) -> tuple[Tensor, Tensor]:
-        """One forward of rows ``examples`` (grad enabled) with the gradient point made a
-        leaf that requires grad: ``(output, leaf)``."""
-        if self.address is None:
-            leaf = self.inputs.tensor[examples].detach().clone().requires_grad_(True)
-            return self.model(leaf), leaf
-        held: list[Tensor] = []
-
-        def grab(act: Tensor, address: Any) -> Tensor:
-            held.append(act.detach().clone().requires_grad_(True))
-            return held[-1]
-
-        x = self.inputs.tensor[examples]
-        out = self.model.run_with_hooks(
-            x, hooks=[(self.address, grab)], **self.inputs.kwargs(examples)
-        )
-        return out, held[0]
-
-    def tokens(self, point: Tensor) -> list[list[str]] | None:
-        """Each row's tokens as strings up to its last real one, when the values are per
-        token (left padding shows as pad tokens with value 0)."""
-        if not self.per_token(point):
-            return None
-        ids = self.inputs.tensor.cpu()
-        lengths = (
-            [ids.shape[1]] * ids.shape[0]
-            if self.inputs.last is None
-            else (self.inputs.last + 1).tolist()
-        )
-        rows = []
-        for row, n in zip(ids.tolist(), lengths, strict=True):
-            row = row[:n]
-            if self.model.tokenizer is None:
-                rows.append([str(t) for t in row])
-            else:
-                rows.append([self.model.tokenizer.decode([t]) for t in row])
-        return rows
-
-
-def _chunks(total: int, size: int) -> Iterator[tuple[int, int]]:
-    for start in range(0, total, size):
-        yield start, min(start + size, total)
-
-
-def _output_width(out: Tensor) -> int:
-    return int(out.shape[-1])
-
-
 class _SavedCount:
     """Counts the values autograd saves for the backward (parameters excluded) while open:
     what a chunk of rows holds in memory until its backward."""
@@ -230,14 +106,6 @@ class _SavedCount:
 
     def __exit__(self, *exc: Any) -> None:
         self._hooks.__exit__(*exc)
-
-
-def _check_grad_mode(what: str) -> None:
-    if torch.is_inference_mode_enabled():
-        raise InputError(
-            f"{what} needs gradients, which torch.inference_mode() turns off; call it outside "
-            "the inference_mode block"
-        )
 
 
 # ---------------------------------------------------------------------------- saliency
@@ -263,23 +131,23 @@ def saliency(
 
     >>> sal = saliency(cnn, X[:16], target=y[:16])          # doctest: +SKIP
     """
-    _check_grad_mode("saliency")
+    check_grad_mode("saliency")
     model = as_model(model)
     inp = prepare_inputs(model, inputs)
     if not isinstance(absolute, bool):
         raise InputError(f"absolute must be True or False, got {absolute!r}")
-    _check_count(batch_size, "batch_size")
-    where = _Where(model, inp, site, "saliency")
+    check_count(batch_size, "batch_size")
+    where = Where(model, inp, site, "saliency")
     tgt = resolve_target(model, inp, target, batch_size=batch_size)
     grads, points = [], []
     size = batch_size or inp.batch
-    for start, stop in _chunks(inp.batch, size):
+    for start, stop in chunks(inp.batch, size):
         examples = torch.arange(start, stop, device=inp.tensor.device)
         with torch.enable_grad():
             out, leaf = where.forward_leaf(examples)
             point = leaf.detach()
             if start == 0:
-                tgt.check_range(_output_width(out))
+                tgt.check_range(output_width(out))
             value = tgt.select(out, examples, inp.last)
             (grad,) = torch.autograd.grad(value.sum(), leaf)
         grads.append(grad.detach())
@@ -314,7 +182,7 @@ def _mask(inp: Inputs, values: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------- IG
 
 
-def _baseline(baseline: Any, point: Tensor, where: _Where) -> Tensor:
+def _baseline(baseline: Any, point: Tensor, where: Where) -> Tensor:
     if isinstance(baseline, str):
         if baseline != "zeros":
             raise InputError(f"unknown baseline {baseline!r}; pass {BASELINES}")
@@ -369,14 +237,14 @@ def integrated_gradients(
     >>> ig = integrated_gradients(cnn, X[:16], target=y[:16], n_steps=64)   # doctest: +SKIP
     >>> ig.values.sum((1, 2, 3)) - ig.delta                                 # doctest: +SKIP
     """
-    _check_grad_mode("integrated_gradients")
+    check_grad_mode("integrated_gradients")
     model = as_model(model)
     inp = prepare_inputs(model, inputs)
     _check_method(method, n_steps)
-    _check_count(internal_batch_size, "internal_batch_size")
+    check_count(internal_batch_size, "internal_batch_size")
     if progress is not None and not isinstance(progress, bool):
         raise InputError(f"progress must be True, False or None, got {progress!r}")
-    where = _Where(model, inp, site, "integrated_gradients")
+    where = Where(model, inp, site, "integrated_gradients")
     tgt = resolve_target(model, inp, target)
     x = where.activation()
     base = _baseline(baseline, x, where)
@@ -384,7 +252,7 @@ def integrated_gradients(
     every = torch.arange(B, device=x.device)
     with torch.no_grad():
         out_x = where.forward(every, x)
-        tgt.check_range(_output_width(out_x))
+        tgt.check_range(output_width(out_x))
         out_b = where.forward(every, base)
         f_x, f_b = tgt.select(out_x, every, inp.last), tgt.select(out_b, every, inp.last)
     alphas, weights = quadrature(method, n_steps)
@@ -450,200 +318,3 @@ def integrated_gradients(
 
 
 # ---------------------------------------------------------------------------- Grad-CAM
-
-
-def _grid(act: Tensor, site: str) -> Tensor:
-    """A spatial activation as [rows, C, H, W]: a conv map as is, image-patch tokens
-    [rows, T, d] on their grid (CLS dropped when T - 1 is a square)."""
-    if act.ndim == 4:
-        return act
-    if act.ndim == 3:
-        rows, t, d = act.shape
-        drop = 1 if t > 1 and math.isqrt(t - 1) ** 2 == t - 1 else 0
-        side = math.isqrt(t - drop)
-        if side * side == t - drop:
-            return act[:, drop:].reshape(rows, side, side, d).permute(0, 3, 1, 2)
-    raise InputError(f"{site} has shape {tuple(act.shape)}: not spatial")
-
-
-def _cam_site(model: HookedModel, inp: Inputs, site: Any) -> Any:
-    """The site Grad-CAM uses: ``site`` when it is a spatial layer (or a ``module:<path>``
-    with a spatial output), else InputError naming the spatial layers this model has;
-    ``None``: the usual one (:func:`_default_cam_site`)."""
-    found = _spatial(model, inp)
-    names = [name for name, _ in found]
-    none_here = (
-        f"the {model.adapter.name} model has no spatial layer (a conv feature map or "
-        "image-patch tokens); pass a module:<path> whose output is one"
-    )
-    if site is None:
-        if not names:
-            raise InputError(f"grad_cam needs a spatial site; {none_here}")
-        return _default_cam_site(found)
-    resolved = model.resolve(site) if isinstance(site, (str, Address, Selection)) else []
-    if len(resolved) == 1 and isinstance(resolved[0], Module):
-        _, cache = model.run_with_cache(
-            inp.tensor[:1], [resolved[0]], **inp.kwargs(torch.arange(1))
-        )
-        act = cache[resolved[0]]
-        if act.ndim == 4 or (act.ndim == 3 and _is_patch_grid(act)):
-            return resolved[0]
-        raise InputError(
-            f"grad_cam needs a spatial site; {resolved[0]} has shape {tuple(act.shape)}. "
-            + (f"Choose one of {format_choices(names)}" if names else none_here.capitalize())
-        )
-    if len(resolved) == 1 and str(resolved[0]) in names:
-        return resolved[0]
-    what = [str(a) for a in resolved][:4] if resolved else repr(site)
-    raise InputError(
-        f"grad_cam needs one spatial layer (a conv feature map or image-patch tokens); "
-        f"{site!r} selects {what}. "
-        + (f"Choose one of {format_choices(names)}" if names else none_here.capitalize())
-    )
-
-
-def _default_cam_site(found: list[tuple[str, int]]) -> str:
-    """Grad-CAM's usual layer among the spatial ones: the last conv layer's output (the last
-    ``neuron.L`` feature map), else the last block's input ``resid_pre.L`` of a vision
-    transformer (its patch tokens still reach the CLS token through the last attention; at
-    the last block's output they no longer do, and the map is 0), else the last one."""
-    sites = [name for name, _ in found]
-    conv = [
-        n for n, ndim in found if ndim == 4 and n.startswith("neuron.") and not n.endswith(".pre")
-    ]
-    blocks = [s for s in sites if s.startswith("resid_pre.")]
-    if conv:
-        return conv[-1]
-    return blocks[-1] if blocks else sites[-1]
-
-
-def _spatial(model: HookedModel, inp: Inputs) -> list[tuple[str, int]]:
-    """The layer-level addresses whose activation Grad-CAM can use, with their number of
-    dimensions (4: a conv map; 3: patch tokens), in forward order (on one example)."""
-    found = []
-    addresses = [a for a in model.addresses() if not _is_head(a)]
-    _, cache = model.run_with_cache(inp.tensor[:1], addresses, **inp.kwargs(torch.arange(1)))
-    for a in addresses:
-        act = cache[a]
-        if act.ndim == 4 or (act.ndim == 3 and _is_patch_grid(act)):
-            found.append((str(a), act.ndim))
-    return found
-
-
-def _spatial_sites(model: HookedModel, inp: Inputs) -> list[str]:
-    return [name for name, _ in _spatial(model, inp)]
-
-
-@in_eval_mode
-def grad_cam(
-    model: Any,
-    inputs: Any,
-    target: Any = None,
-    *,
-    site: Any = None,
-    relu: bool = True,
-    normalize: str | None = None,
-    upsample: bool = True,
-    batch_size: int | None = None,
-) -> Attributions:
-    """Grad-CAM (Selvaraju et al. 2017) at ``site``, a conv feature map or image-patch tokens.
-
-    ``values``: [batch, H, W] at the input's resolution (``upsample=False``: the site's
-    grid), or [batch, n_classes, H, W] with ``target="all"``: every class from one forward
-    and one batched backward. ``site=None``: the last conv layer's output (``neuron.L``),
-    or a ViT's last block input ``resid_pre.L``; ``target=None``: the predicted class.
-    ``raw``: the maps at the site's grid. Conventions in the module docstring (ReLU on by
-    default; no normalisation unless asked).
-
-    >>> cam = grad_cam(cnn, X[:16], target=y[:16], site="neuron.1")   # doctest: +SKIP
-    """
-    _check_grad_mode("grad_cam")
-    model = as_model(model)
-    inp = prepare_inputs(model, inputs)
-    if inp.is_tokens:
-        raise InputError(
-            "grad_cam needs image inputs (a float tensor [batch, C, H, W]); for token inputs "
-            "use saliency or integrated_gradients"
-        )
-    if not isinstance(relu, bool) or not isinstance(upsample, bool):
-        raise InputError(f"relu and upsample must be True or False, got {relu!r}, {upsample!r}")
-    if normalize not in NORMALIZATIONS:
-        raise InputError(
-            f"unknown normalize {normalize!r}; choose one of {format_choices(NORMALIZATIONS)}"
-        )
-    _check_count(batch_size, "batch_size")
-    if inp.tensor.ndim != 4:
-        raise InputError(
-            f"grad_cam needs images [batch, C, H, W]; the inputs have shape "
-            f"{tuple(inp.tensor.shape)}"
-        )
-    site = _cam_site(model, inp, site)
-    where = _Where(model, inp, site, "grad_cam")
-    tgt = resolve_target(model, inp, target, allow_all=True, batch_size=batch_size)
-    maps = []
-    for start, stop in _chunks(inp.batch, batch_size or inp.batch):
-        examples = torch.arange(start, stop, device=inp.tensor.device)
-        with torch.enable_grad():
-            out, leaf = where.forward_leaf(examples)
-            if start == 0:
-                tgt.check_range(_output_width(out))
-            if tgt.kind == "all":
-                k = _output_width(out)
-                if out.ndim != 2:
-                    raise InputError(
-                        f'target="all" needs logits [batch, classes]; the model returned '
-                        f"{tuple(out.shape)}"
-                    )
-                eye = torch.eye(k, dtype=out.dtype, device=out.device)
-                seeds = eye[:, None, :].expand(k, out.shape[0], k)
-                (grad,) = torch.autograd.grad(out, leaf, seeds, is_grads_batched=True)
-                grad = grad.transpose(0, 1)  # [rows, classes, ...]
-            else:
-                value = tgt.select(out, examples, inp.last)
-                (grad,) = torch.autograd.grad(value.sum(), leaf)
-                grad = grad.unsqueeze(1)
-        act = _grid(leaf.detach(), where.site)  # [rows, C, h, w]
-        g = _grid(grad.flatten(0, 1), where.site).unflatten(0, grad.shape[:2])
-        weights = g.mean(dim=(-2, -1))  # [rows, K, C]
-        cam = torch.einsum("rkc,rchw->rkhw", weights, act)
-        maps.append(cam.relu() if relu else cam)
-    raw = torch.cat(maps)
-    values = raw
-    if upsample:
-        values = F.interpolate(
-            values, size=inp.tensor.shape[-2:], mode="bilinear", align_corners=False
-        )
-    if normalize is not None:
-        values = _normalized(values, normalize)
-    if tgt.kind != "all":
-        values, raw = values[:, 0], raw[:, 0]
-    return Attributions(
-        "grad_cam",
-        values.detach(),
-        where.site,
-        tgt.indices,
-        {"relu": relu, "normalize": normalize, "upsample": upsample, "target": tgt.describe()},
-        raw=raw.detach(),
-    )
-
-
-def _is_head(address: Any) -> bool:
-    """Per-head sites ([batch, pos, heads, d_head], patterns): never a spatial map."""
-    return isinstance(address, AttentionHead)
-
-
-def _is_patch_grid(act: Tensor) -> bool:
-    """Tokens [rows, T, d] that lie on a square grid (T or T - 1 a square)."""
-    t = act.shape[1]
-    return math.isqrt(t) ** 2 == t or (t > 1 and math.isqrt(t - 1) ** 2 == t - 1)
-
-
-def _normalized(maps: Tensor, how: str) -> Tensor:
-    flat = maps.flatten(-2)
-    hi = flat.amax(-1, keepdim=True)
-    if how == "max":
-        scale = torch.where(hi.abs() > 0, hi.abs(), torch.ones_like(hi))
-        return (flat / scale).view_as(maps)
-    lo = flat.amin(-1, keepdim=True)
-    span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
-    return ((flat - lo) / span).view_as(maps)
