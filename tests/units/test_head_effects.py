@@ -55,18 +55,10 @@ def test_head_importance_equals_hand_written_hooks(vit, digits):
     assert len(res.to_pandas()) == 8 and "zero ablation" in repr(res)
 
 
-def test_mean_ablation_equals_per_position_mean(vit, digits):
+def test_mean_ablation_equals_per_position_mean(vit, digits, hooked):
     X, y = digits[0][:60], digits[1][:60]
     res = head_importance(vit, X, y, method="mean", metric="loss", layers=[1], progress=False)
-    captured = {}
-    handle = vit.model.blocks[1].attn.out_proj.register_forward_pre_hook(
-        lambda m, args: captured.__setitem__("z", args[0].detach())
-    )
-    try:
-        with torch.no_grad():
-            vit.model(X)
-    finally:
-        handle.remove()
+    captured = {"z": hooked(vit.model.blocks[1].attn.out_proj, lambda: vit.model(X), pre=True)}
     mean = captured["z"][..., 2 * D_HEAD : 3 * D_HEAD].mean(0)  # [pos, d_head]
     _, loss = _ablated_by_hand(vit, X, y, 1, 2, value=mean)
     assert res.ablated["loss"][0, 2].item() == pytest.approx(loss, abs=1e-5)
@@ -90,7 +82,7 @@ def test_position_only_head_is_decoded(vit, digits, edited):
     assert np.allclose(np.asarray(fig.axes[1].images[0].get_array()), res.position_accuracy.numpy())
 
 
-def test_class_probe_matches_sklearn(vit, digits):
+def test_class_probe_matches_sklearn(vit, digits, hooked):
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -99,15 +91,7 @@ def test_class_probe_matches_sklearn(vit, digits):
     res = head_probe(vit, X, y, layers=[1], position=False, seed=3, progress=False)
     assert sorted(np.concatenate([res.train_rows, res.test_rows]).tolist()) == list(range(120))
     assert len(res.test_rows) == 36
-    captured = {}
-    handle = vit.model.blocks[1].attn.out_proj.register_forward_pre_hook(
-        lambda m, args: captured.__setitem__("z", args[0].detach())
-    )
-    try:
-        with torch.no_grad():
-            vit.model(X)
-    finally:
-        handle.remove()
+    captured = {"z": hooked(vit.model.blocks[1].attn.out_proj, lambda: vit.model(X), pre=True)}
     feats = captured["z"][:, 0, 0:D_HEAD].double().numpy()  # head 1.0 at CLS
     sk = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=10000, tol=1e-10))
     sk.fit(feats[res.train_rows], y.numpy()[res.train_rows])

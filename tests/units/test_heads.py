@@ -133,17 +133,9 @@ def test_head_stats_chunks_equal_one_batch(vit, digits, stats):
     assert "HeadStats(2 layers x 4 heads, 120 examples" in repr(stats)
 
 
-def test_class_selectivity_matches_hand_hook(vit, digits, stats):
+def test_class_selectivity_matches_hand_hook(vit, digits, stats, hooked):
     X, y = digits
-    captured = {}
-    hook = vit.model.blocks[1].attn.out_proj.register_forward_pre_hook(
-        lambda m, args: captured.__setitem__("z", args[0].detach())
-    )
-    try:
-        with torch.no_grad():
-            vit.model(X)
-    finally:
-        hook.remove()
+    captured = {"z": hooked(vit.model.blocks[1].attn.out_proj, lambda: vit.model(X), pre=True)}
     W = vit.model.blocks[1].attn.out_proj.weight.detach()
     expected = []
     for h in range(4):
