@@ -22,22 +22,19 @@ from torch import Tensor
 from hookscope import residual
 from hookscope._checks import as_device, as_dtype
 from hookscope.addresses import (
+    SLOT_KINDS,
     Address,
     Selection,
     Slot,
     parse,
     slot_address,
+    unit_position,
 )
 from hookscope.errors import AddressError, CacheKeyError, InputError, format_choices, suggestion
 
 __all__ = ["ActivationCache", "Layout"]
 
-_STACK_ALIASES = {
-    "head": "z",
-    "neuron": "neuron_post",
-    "neuron_post": "neuron_post",
-    "neuron_pre": "neuron_pre",
-}
+_STACK_ALIASES = {k.alias: k.name for k in SLOT_KINDS.values() if k.alias is not None}
 
 
 @dataclass(frozen=True)
@@ -56,7 +53,7 @@ class Layout:
         return self.units.get(Slot(f"neuron_{site}", layer), 0)
 
     def position(self, slot: Slot, index: int) -> int:
-        return index // self.kv_group if slot.kind in ("k", "v") else index
+        return unit_position(slot.kind, index, self.kv_group)
 
 
 class ActivationCache(Mapping):

@@ -43,14 +43,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from hookscope._choices import CRITERIA, DIRECTIONS, LOCALIZE_METHODS
 from hookscope.errors import HookscopeError, format_choices, suggestion
 
 __all__ = ["main", "build_parser"]
 
 PROG = "hookscope"
-METHODS = ("attribution", "exact")
-DIRECTIONS = ("denoise", "noise")
-CRITERIA = ("patch", "faithfulness")
+METHODS = LOCALIZE_METHODS
 DEFAULT_OUT = "results/localize"
 
 

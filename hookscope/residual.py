@@ -98,9 +98,7 @@ _STREAM_KINDS = ("embed", "resid_pre", "resid_mid", "resid_post", "attn_out", "m
 
 
 def _post_norm(cache: ActivationCache) -> bool:
-    model = _model(cache)
-    spec = model.adapter.spec
-    return spec.attn_out_module is not None and spec.attn_out_module != spec.attn_out_proj
+    return _model(cache).adapter.block_part(0, "post_attn_norm") is not None
 
 
 def _model(cache: ActivationCache):
@@ -307,13 +305,10 @@ def head_results(cache: ActivationCache, layer: int) -> Tensor:
     else:
         z = _get(cache, f"head.{layer}", "stack_head_results (head results from z)")
         res = torch.einsum("bphd,hdm->bphm", z, model.W_O[layer].to(z.device, z.dtype))
-    spec = model.adapter.spec
-    post = spec.attn_out_module
-    if post is not None and post != spec.attn_out_proj:  # a norm after the output projection
-        from hookscope.adapters.base import submodule
+    norm = model.adapter.block_part(layer, "post_attn_norm")
+    if norm is not None:  # a norm after the output projection
         from hookscope.adapters.weights import norm_scale
 
-        norm = submodule(model.model, model.adapter.layer_path(layer, post))
         out = res.sum(-2) + model.b_O[layer].to(res.device, res.dtype)
         readout = model.weights.readout
         eps = float(getattr(norm, "eps", None) or norm.variance_epsilon)

@@ -200,7 +200,7 @@ def test_parse_errors_name_the_problem(text, message):
         (lambda: hs.Residual(1.5), "layer must be a non-negative int"),
         (lambda: hs.Residual(True), "layer must be a non-negative int"),
         (lambda: hs.Residual(1, "middle"), "valid sites: pre, mid, post"),
-        (lambda: hs.AttentionHead(1, 2, "scores"), "valid sites: z, q, k, v, result, pattern"),
+        (lambda: hs.AttentionHead(1, 2, "scores"), "valid sites: z, q, k, v, pattern, result"),
         (lambda: hs.MLPNeuron(1, -3), "neuron must be >= 0"),
     ],
 )

@@ -48,7 +48,7 @@ CACHE_NAME_ERRORS = [
     (
         "head.0.1.patern",
         hs.AddressParseError,
-        r"valid sites: z, q, k, v, result, pattern. Did you mean 'pattern'",
+        r"valid sites: z, q, k, v, pattern, result. Did you mean 'pattern'",
     ),
     (
         42,

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from hookscope.addresses import Address, Slot
+from hookscope.addresses import SLOT_KINDS, Address, Slot
 from hookscope.errors import (
     AddressRangeError,
     InputError,
@@ -191,21 +191,69 @@ class Adapter:
     def check_input(self, inputs: Tensor) -> None:
         """Raise InputError for model input of the wrong dtype/shape (before any hook runs)."""
 
+    # ------------------------------------------------------------------ structure
+    # What code outside adapters/ may know about a model's structure (the intervention
+    # engine, residual-stream tools, generation): nothing reaches into adapter internals.
+    # The defaults describe a model without transformer blocks (an MLP, a CNN, any module).
+
+    #: the input is token ids (a language model), not images or features
+    token_input: bool = False
+
+    @property
+    def causal(self) -> bool:
+        """Whether position ``t`` depends on the inputs at positions ``<= t`` only."""
+        return False
+
+    @property
+    def kv_group(self) -> int:
+        """Query heads per key/value head (grouped-query attention; 1 without it)."""
+        return 1
+
+    def blocks(self) -> list[nn.Module] | None:
+        """The residual blocks in forward order (block ``L`` computes ``resid_post.L`` from
+        ``resid_pre.L``), or None for a model without them."""
+        return None
+
+    def unembed_module(self) -> nn.Module | None:
+        """The unembedding (the module whose output is ``logits``), if the model has one."""
+        return None
+
+    def position_axis(self, slot: Slot) -> int | None:
+        """The axis of ``slot``'s tensor that indexes positions (tokens, patches), or None."""
+        return None
+
+    def block_part(self, layer: int, part: str) -> nn.Module | None:
+        """A module of block ``layer``: ``"mlp"`` (the whole MLP), ``"out_proj"`` (the
+        attention output projection, whose input is ``z``) or ``"post_attn_norm"`` (a norm
+        between the output projection and the residual addition, as in Gemma); None where
+        the block has no such module."""
+        check_choice_part(part)
+        return None
+
+    @property
+    def linear_head_tail(self) -> bool:
+        """Whether a head's ``z``/``result`` reaches its block's output through the output
+        projection alone, added to the residual stream in parallel with the MLP (GPT-NeoX's
+        parallel residual without a post-attention norm): then a patch of heads changes the
+        block output by a sum of per-head terms."""
+        return False
+
     def describe(self) -> str:
         return self.name
 
 
+BLOCK_PARTS = ("mlp", "out_proj", "post_attn_norm")
+
+
+def check_choice_part(part: str) -> None:
+    if part not in BLOCK_PARTS:
+        raise InputError(f"block part {part!r} is not one of {format_choices(BLOCK_PARTS)}")
+
+
 def _kind_name(kind: str) -> str:
     """Address-grammar name of a slot kind (``q`` -> ``head.L.H.q``)."""
-    if kind in ("q", "k", "v", "result", "pattern"):
-        return f"head.L.H.{kind}"
-    if kind == "z":
-        return "head.L.H"
-    if kind.startswith("neuron_"):
-        return "neuron.L.I" + ("" if kind == "neuron_post" else ".pre")
-    if kind in ("embed", "final_norm", "logits"):
-        return kind
-    return f"{kind}.L" if kind != "module" else "module:<path>"
+    known = SLOT_KINDS.get(kind)
+    return known.grammar if known is not None else f"{kind}.L"
 
 
 class ModuleAdapter(Adapter):

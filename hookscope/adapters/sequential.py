@@ -115,24 +115,24 @@ class SequentialAdapter(Adapter):
             raise AdapterError(
                 f"{type(root).__name__} has {len(blocks)} Linear/Conv layer(s); a hidden layer needs at least two"
             )
-        self.blocks = blocks[:-1]
+        self.layer_groups = blocks[:-1]
         self.head = blocks[-1]
         self.is_cnn = any(isinstance(b.module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) for b in blocks)
         self.name = "cnn" if self.is_cnn else "mlp"
         super().__init__(root)
 
     def _read_dims(self) -> Dims:
-        widths = [_width(b.module) for b in self.blocks]
-        return Dims(n_layers=len(self.blocks), d_mlp=None, extra={"widths": widths})
+        widths = [_width(b.module) for b in self.layer_groups]
+        return Dims(n_layers=len(self.layer_groups), d_mlp=None, extra={"widths": widths})
 
     def slot_kinds(self) -> tuple[str, ...]:
         return ("resid_pre", "resid_post", "neuron_pre", "neuron_post", "logits")
 
     def n_neurons(self, layer: int, site: str) -> int:
-        return _width(self.blocks[layer].module)
+        return _width(self.layer_groups[layer].module)
 
     def _is_conv(self, layer: int) -> bool:
-        return not isinstance(self.blocks[layer].module, nn.Linear)
+        return not isinstance(self.layer_groups[layer].module, nn.Linear)
 
     def unit_axis(self, slot: Slot) -> int:
         return 1 if self._is_conv(slot.layer) else -1
@@ -140,7 +140,7 @@ class SequentialAdapter(Adapter):
     def _tap(self, slot: Slot) -> Tap:
         if slot.kind == "logits":
             return Tap(self.head.compute)
-        b = self.blocks[slot.layer]
+        b = self.layer_groups[slot.layer]
         if slot.kind == "resid_pre":
             return Tap(b.compute, "input", 0, "input")
         if slot.kind == "resid_post":
@@ -158,7 +158,7 @@ class SequentialAdapter(Adapter):
                 f"{self.name} input must be a float tensor, got "
                 f"{inputs.dtype if isinstance(inputs, Tensor) else type(inputs).__name__}"
             )
-        first = self.blocks[0].module
+        first = self.layer_groups[0].module
         leaves = _leaves(self.root)
         flattens = leaves and isinstance(leaves[0][1], nn.Flatten)
         if isinstance(first, nn.Linear):

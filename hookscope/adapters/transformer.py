@@ -11,6 +11,9 @@ every architecture:
   projection; ``pattern`` is the post-softmax attention [batch, n_heads, dest, src].
 * ``neuron.L.I.pre`` is the first MLP projection's output (the gate projection on gated
   MLPs); ``neuron.L.I`` (post) is the input of the MLP output projection.
+* ``logits`` is the unembedding's output. A model that soft-caps its logits after the
+  unembedding (Gemma's ``final_logit_softcapping``) returns ``cap * tanh(logits / cap)``
+  of it, as ``model.unembed`` computes; hooks on ``logits`` write before the cap.
 """
 
 from __future__ import annotations
@@ -20,9 +23,16 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from hookscope.adapters.base import Adapter, Dims, Tap, check_token_input, submodule
+from hookscope.adapters.base import (
+    Adapter,
+    Dims,
+    Tap,
+    check_choice_part,
+    check_token_input,
+    submodule,
+)
 from hookscope.adapters.weights import Readout, TransformerWeights
-from hookscope.addresses import Slot
+from hookscope.addresses import Slot, unit_position
 from hookscope.dispatch import weight as real_weight
 from hookscope.errors import AdapterError, InputError
 
@@ -142,6 +152,41 @@ class TransformerAdapter(Adapter):
     def _read_dims(self) -> Dims:
         return self.spec.dims(self.root)
 
+    # ------------------------------------------------------------------ structure
+    @property
+    def token_input(self) -> bool:  # type: ignore[override]
+        return self.spec.token_input
+
+    @property
+    def causal(self) -> bool:
+        return self.spec.token_input and bool(getattr(self.attention_module(0), "is_causal", False))
+
+    def blocks(self) -> list[nn.Module]:
+        return list(submodule(self.root, self.layers_path))  # type: ignore[arg-type]
+
+    def unembed_module(self) -> nn.Module | None:
+        return None if self.unembed_path is None else submodule(self.root, self.unembed_path)
+
+    def position_axis(self, slot: Slot) -> int | None:
+        if slot.kind == "logits" and not self.spec.token_input:
+            return None  # a vision transformer's logits: [batch, classes]
+        return 2 if slot.kind == "pattern" else 1
+
+    def block_part(self, layer: int, part: str) -> nn.Module | None:
+        check_choice_part(part)
+        spec = self.spec
+        if part == "post_attn_norm":
+            post = spec.attn_out_module
+            if post is None or post == spec.attn_out_proj:
+                return None
+            return submodule(self.root, self.layer_path(layer, post))
+        rel = spec.mlp if part == "mlp" else spec.attn_out_proj
+        return submodule(self.root, self.layer_path(layer, rel))
+
+    @property
+    def linear_head_tail(self) -> bool:
+        return not self.spec.sequential_residual(self.root) and self.spec.attn_out_module is None
+
     def slot_kinds(self) -> tuple[str, ...]:
         return self._kinds
 
@@ -174,9 +219,7 @@ class TransformerAdapter(Adapter):
         return int(d.n_heads) // int(d.n_kv_heads or d.n_heads)  # type: ignore[arg-type]
 
     def unit_index(self, slot: Slot, index: int) -> int:
-        if slot.kind in ("k", "v"):
-            return index // self.kv_group
-        return index
+        return unit_position(slot.kind, index, self.kv_group)
 
     # ------------------------------------------------------------------ the table
     def _tap(self, slot: Slot) -> Tap:

@@ -13,10 +13,13 @@
 """
 
 from hookscope.addresses.core import (
+    HEAD_KINDS,
     HEAD_SITES,
     KINDS,
+    NEURON_KINDS,
     NEURON_SITES,
     RESID_SITES,
+    SLOT_KINDS,
     SLOT_ORDER,
     Address,
     AttentionHead,
@@ -29,7 +32,10 @@ from hookscope.addresses.core import (
     Module,
     Residual,
     Slot,
+    SlotKind,
     slot_address,
+    slot_kind,
+    unit_position,
 )
 from hookscope.addresses.grammar import Dimensions, Selection, iter_addresses, parse
 
@@ -55,4 +61,10 @@ __all__ = [
     "HEAD_SITES",
     "NEURON_SITES",
     "SLOT_ORDER",
+    "SLOT_KINDS",
+    "SlotKind",
+    "slot_kind",
+    "unit_position",
+    "HEAD_KINDS",
+    "NEURON_KINDS",
 ]

@@ -323,12 +323,9 @@ def _batches(prepared: Prepared, shard: dict, batch_size: int) -> Iterator[tuple
 
 def _skip_unembedding(model: Any, sites: list[Site], scope: Any) -> None:
     """Run the unembedding as the identity when no site needs it (see the module docstring)."""
-    from hookscope.adapters.base import submodule
-
-    path = getattr(model.adapter, "unembed_path", None)
-    if not path or any(s.address.slot.kind in ("logits", "module") for s in sites):
+    head = model.adapter.unembed_module()
+    if head is None or any(s.address.slot.kind in ("logits", "module") for s in sites):
         return
-    head = submodule(model.model, path)
     if isinstance(head, nn.Linear):
         scope.replace_forward(head, _identity)
 
