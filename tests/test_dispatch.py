@@ -378,24 +378,6 @@ def test_ablation_and_attribution_equal_the_whole_model(pairs, arch):
         torch.testing.assert_close(got.scores, ref.scores, atol=ATOL, rtol=0)
 
 
-def _shortcuts(runner) -> set[str]:
-    """The shortcuts a sweep's runner has on (as tests/interventions/test_shortcuts.py)."""
-    on = set()
-    if runner.records is not None:
-        on.add("replay")
-    if runner.readout():
-        on.add("readout")
-    if runner.can_skip_prefix():
-        on.add("prefix")
-    if runner.tail_layer([Slot("z", 0)]) == 0:
-        on.add("linear_tail")
-    if runner.read_position is not None and runner._read_position_only([]):
-        on.add("read_position")
-    if runner.linears:
-        on.add("onednn")
-    return on
-
-
 @pytest.mark.parametrize("arch", list(MAPS))
 def test_only_onednn_is_off_on_a_dispatched_model(pairs, arch):
     """Every shortcut that goes through module calls (where accelerate's hooks run) stays
@@ -403,12 +385,12 @@ def test_only_onednn_is_off_on_a_dispatched_model(pairs, arch):
     whole, split = pairs[arch]
     clean, corrupted = _clean_corrupted(3)
     args = (clean, corrupted, iv.logit_diff(5, 9), "head.*.*", "denoise", None, False)
-    ref = Patcher(whole, *args).runner
-    got = Patcher(split, *args).runner
-    assert _shortcuts(got) == _shortcuts(ref) - {"onednn"}
-    assert {"replay", "readout", "prefix", "read_position"} <= _shortcuts(got)
+    ref = Patcher(whole, *args).engine
+    got = Patcher(split, *args).engine
+    assert got.shortcuts() == ref.shortcuts() - {"onednn"}
+    assert {"replay", "readout", "prefix", "read_position"} <= got.shortcuts()
     assert got.shortcuts_off == {"onednn": DISPATCHED_ONEDNN} and ref.shortcuts_off == {}
-    assert got.linears == {}
+    assert got.structure.linears == {}
 
 
 def test_no_hook_left_and_accelerate_hooks_untouched(pairs):

@@ -10,14 +10,8 @@ from tqdm.auto import tqdm
 
 from hookscope.addresses import Slot, slot_address
 from hookscope.errors import InputError
-from hookscope.interventions._inputs import (
-    as_tokens,
-    causal_only,
-    copies_per_forward,
-    paired_lengths,
-    tokens_of,
-)
-from hookscope.interventions._plan import position_axis
+from hookscope.inputs import as_tokens, causal_only, paired_lengths, tokens_of
+from hookscope.interventions._inputs import copies_per_forward
 from hookscope.model import HookedModel
 
 
@@ -30,6 +24,7 @@ class Values:
     ):  # fmt: skip
         self.method, self.n_draws = method, 1
         self.source: dict[Slot, Tensor] = {}
+        self._drawn: dict[tuple[Slot, int], Tensor] = {}
         if method == "zero":
             return
         if reference is None:
@@ -37,59 +32,12 @@ class Values:
                 f"method={method!r} needs reference inputs (reference=...); "
                 "method='zero' needs none"
             )
-        if method == "corrupted":  # aligned with the inputs: padded alike, if at all
-            ref_t, ref_lengths = tokens_of(model, reference)
-            if ref_t.shape == inputs_t.shape:
-                paired_lengths(model, inputs_t, lengths, ref_lengths, "the reference")
-        elif method == "mean":  # padded rows: only real tokens are averaged
-            ref_t, ref_lengths = tokens_of(model, reference)
-            causal_only(model, ref_lengths)
-        else:
-            ref_t = as_tokens(
-                model, reference, "a resampling reference",
-                "a drawn row shorter than an input row would lend it padding; use reference "
-                "prompts of one token length, or method='mean', which averages real tokens only",
-            )  # fmt: skip
+        ref_t, ref_lengths = _reference_tokens(model, method, reference, inputs_t, lengths)
         slots = list(dict.fromkeys(a.slot for a in addresses))
-        positional = position_axis(model, slots[0]) is not None
-        same = tuple(ref_t.shape[1:]) == tuple(inputs_t.shape[1:])
-        what = "positions" if positional and not inputs_t.is_floating_point() else "shape"
-        mismatch = f"inputs {tuple(inputs_t.shape)} and reference {tuple(ref_t.shape)}"
-        if method == "corrupted" and ref_t.shape != inputs_t.shape:
-            raise InputError(
-                f"method='corrupted' needs a reference aligned row by row with the inputs "
-                f"(the same shape); got {mismatch}"
-            )
-        if method == "resample" and not same:
-            raise InputError(
-                f"method='resample' needs reference inputs with the inputs' {what} "
-                f"(any number of rows); got {mismatch}. Use method='mean' for other lengths"
-            )
-        if method == "resample" and (not isinstance(n_draws, int) or n_draws < 1):
-            raise InputError(f"n_draws must be an int >= 1, got {n_draws!r}")
-        if per_position not in (None, True, False):
-            raise InputError(f"per_position must be None, True or False, got {per_position!r}")
-        if method == "mean" and not positional and (per_position or not same):
-            raise InputError(
-                f"{model.adapter.name} activations have no position axis: mean ablation needs "
-                f"per_position None or False and images of the inputs' shape; got {mismatch}"
-            )
-        if method == "mean" and per_position and not same:
-            raise InputError(
-                f"per_position=True needs a reference with the inputs' {what}; got {mismatch}. "
-                "Use per_position=None or False to average over positions too"
-            )
-        by_position = positional and (same if per_position is None else per_position)
-        if (
-            method == "mean"
-            and positional
-            and not by_position
-            and any(s.kind == "pattern" for s in slots)
-        ):
-            raise InputError(
-                "mean ablation of an attention pattern needs per-position means (a reference with "
-                f"the inputs' {what}): a pattern averaged over positions is no longer causal"
-            )
+        positional = model.adapter.position_axis(slots[0]) is not None
+        by_position = _check_shapes(
+            model, method, inputs_t, ref_t, slots, positional, per_position, n_draws
+        )
         if method == "mean":
             dims = [0, 1] if positional and not by_position else [0]
             self.source = _reference_means(model, ref_t, slots, dims, progress, ref_lengths)
@@ -111,9 +59,75 @@ class Values:
         if self.method == "zero":
             return None
         value = self.source[slot]
-        if self.method == "resample":
-            return value[self.rows[draw].to(value.device)]
-        return value
+        if self.method != "resample":
+            return value
+        key = (slot, draw)  # one tensor per slot and draw, however many jobs use it
+        if key not in self._drawn:
+            self._drawn[key] = value[self.rows[draw].to(value.device)]
+        return self._drawn[key]
+
+
+def _reference_tokens(model, method, reference, inputs_t, lengths):
+    """``(reference token ids, row lengths)`` after the checks ``method`` asks of them."""
+    ref_lengths = None
+    if method == "corrupted":  # aligned with the inputs: padded alike, if at all
+        ref_t, ref_lengths = tokens_of(model, reference)
+        if ref_t.shape == inputs_t.shape:
+            paired_lengths(model, inputs_t, lengths, ref_lengths, "the reference")
+    elif method == "mean":  # padded rows: only real tokens are averaged
+        ref_t, ref_lengths = tokens_of(model, reference)
+        causal_only(model, ref_lengths)
+    else:
+        ref_t = as_tokens(
+            model, reference, "a resampling reference",
+            "a drawn row shorter than an input row would lend it padding; use reference "
+            "prompts of one token length, or method='mean', which averages real tokens only",
+        )  # fmt: skip
+    return ref_t, ref_lengths
+
+
+def _check_shapes(model, method, inputs_t, ref_t, slots, positional, per_position, n_draws):
+    """Whether means are taken per position; InputError for a reference whose shape
+    ``method`` (and ``per_position``) cannot use."""
+    same = tuple(ref_t.shape[1:]) == tuple(inputs_t.shape[1:])
+    what = "positions" if positional and not inputs_t.is_floating_point() else "shape"
+    mismatch = f"inputs {tuple(inputs_t.shape)} and reference {tuple(ref_t.shape)}"
+    if method == "corrupted" and ref_t.shape != inputs_t.shape:
+        raise InputError(
+            f"method='corrupted' needs a reference aligned row by row with the inputs "
+            f"(the same shape); got {mismatch}"
+        )
+    if method == "resample" and not same:
+        raise InputError(
+            f"method='resample' needs reference inputs with the inputs' {what} "
+            f"(any number of rows); got {mismatch}. Use method='mean' for other lengths"
+        )
+    if method == "resample" and (not isinstance(n_draws, int) or n_draws < 1):
+        raise InputError(f"n_draws must be an int >= 1, got {n_draws!r}")
+    if per_position not in (None, True, False):
+        raise InputError(f"per_position must be None, True or False, got {per_position!r}")
+    if method == "mean" and not positional and (per_position or not same):
+        raise InputError(
+            f"{model.adapter.name} activations have no position axis: mean ablation needs "
+            f"per_position None or False and images of the inputs' shape; got {mismatch}"
+        )
+    if method == "mean" and per_position and not same:
+        raise InputError(
+            f"per_position=True needs a reference with the inputs' {what}; got {mismatch}. "
+            "Use per_position=None or False to average over positions too"
+        )
+    by_position = positional and (same if per_position is None else per_position)
+    if (
+        method == "mean"
+        and positional
+        and not by_position
+        and any(s.kind == "pattern" for s in slots)
+    ):
+        raise InputError(
+            "mean ablation of an attention pattern needs per-position means (a reference with "
+            f"the inputs' {what}): a pattern averaged over positions is no longer causal"
+        )
+    return by_position
 
 
 def _reference_means(
@@ -162,7 +176,7 @@ def _real_tokens(
     """1.0 where ``act``'s rows (reference rows ``start..``) hold a real token, 0.0 on
     padding; shaped to broadcast against ``act`` (batch and position axes only)."""
     shape = [act.shape[0]] + [1] * (act.ndim - 1)
-    axis = position_axis(model, slot)
+    axis = model.adapter.position_axis(slot)
     if lengths is None or axis is None:
         return torch.ones(shape, dtype=torch.float64, device=act.device)
     shape[axis] = act.shape[axis]

@@ -136,6 +136,16 @@ def check_finite(inputs: Any, what: str) -> None:
     )
 
 
+def check_gap(m_clean: float, m_corrupted: float) -> None:
+    """Normalised scores divide by ``m_clean - m_corrupted``: refuse equal baselines."""
+    if m_clean == m_corrupted:
+        raise InputError(
+            f"the metric is equal on clean and corrupted runs ({m_clean:.6g}); normalised "
+            "scores are undefined — use inputs that differ in the metric, or a plain callable "
+            "metric"
+        )
+
+
 def check_baselines(values: dict[str, float], causes: dict[str, str]) -> None:
     """Each baseline metric value (``{"clean": ..., "corrupted": ...}``) must be finite;
     ``causes[name]`` names the inputs of that run."""

@@ -1,5 +1,6 @@
-"""Inputs of interventions: token ids from tensors, texts and tokenizer dicts, and what
-prompts of different token lengths ask of the model and the metric.
+"""Inputs of interventions: the metric a sweep uses, and what prompts of different token
+lengths ask of the model and the metric. Token ids come from tensors, texts and tokenizer
+dicts through :mod:`hookscope.inputs` (``tokens_of``, ``paired_lengths``, ``causal_only``).
 
 Texts of different token lengths are right-padded (``HookedModel.to_tokens``), so position
 ``p`` is the ``p``-th token of every row. On a causal language model the padding after a
@@ -16,142 +17,18 @@ never patched silently.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from hookscope._checks import describe_signature, takes_positional
 from hookscope.adapters.base import submodule
-from hookscope.adapters.transformer import TransformerAdapter
 from hookscope.addresses import Slot
 from hookscope.errors import InputError
 from hookscope.interventions import metrics
 from hookscope.interventions.metrics import Metric
+from hookscope.interventions.result import metric_name
 from hookscope.model import HookedModel
-from hookscope.model_inputs import checked_input, is_int_nest, is_texts
-
-
-def tokens_of(model: HookedModel, inputs: Any) -> tuple[Tensor, Tensor | None]:
-    """``(inputs as a tensor, each row's length)``; lengths only where rows are padded
-    (texts of different token lengths, a tokenizer dict with padding), else None. The
-    tensor passed the model's input checks (no forward runs)."""
-    if is_texts(inputs):
-        enc = model._tokenize(inputs)
-        ids, mask = enc["input_ids"].to(model.device), enc["attention_mask"]
-    elif isinstance(inputs, Mapping):  # a tokenizer's output
-        if "input_ids" not in inputs:
-            raise InputError(f"a dict input needs 'input_ids'; got keys {sorted(inputs)}")
-        ids, mask = _as_ids(inputs["input_ids"]), inputs.get("attention_mask")
-        ids = checked_input(model, ids).to(model.device)  # a row [pos] becomes [1, pos]
-        if mask is not None:
-            mask = torch.as_tensor(mask)
-            mask = mask[None] if mask.ndim == 1 and ids.shape[0] == 1 else mask
-            if mask.shape != ids.shape:
-                raise InputError(
-                    f"attention_mask has shape {tuple(mask.shape)} but input_ids has shape "
-                    f"{tuple(ids.shape)}; they must be equal (one entry per token)"
-                )
-    else:
-        ids = checked_input(model, _as_ids(inputs))
-        return ids, None
-    if mask is None:
-        return ids, None
-    mask = torch.as_tensor(mask).bool().cpu()
-    if bool(mask.all()):
-        return ids, None
-    lengths = mask.sum(-1)
-    if not torch.equal(mask, torch.arange(mask.shape[-1]) < lengths[:, None]):
-        raise InputError(
-            "the attention_mask pads rows on the left or has gaps; interventions read "
-            "right-padded rows (padding after each row's last token), as to_tokens builds them"
-        )
-    return ids, lengths.to(ids.device)
-
-
-def _as_ids(inputs: Any) -> Tensor:
-    """A tensor input as it is; a list of equal-length lists of token ids as a LongTensor."""
-    if isinstance(inputs, Tensor):
-        return inputs
-    if isinstance(inputs, (list, tuple)) and is_int_nest(inputs):
-        return torch.tensor(inputs, dtype=torch.long)
-    raise InputError(
-        "inputs must be a tensor (token ids [batch, pos], or images for a vision model), a "
-        "string, a list of strings, a list of equal-length lists of token ids, or a tokenizer's "
-        f"dict; got {type(inputs).__name__}"
-    )
-
-
-def as_tokens(model: HookedModel, inputs: Any, what: str, advice: str) -> Tensor:
-    """Inputs as a tensor, refusing padded rows (``what`` names who needs them unpadded,
-    ``advice`` what to do instead)."""
-    ids, lengths = tokens_of(model, inputs)
-    if lengths is not None:
-        raise InputError(
-            f"{what} needs prompts of equal token length; these rows are {lengths.tolist()} "
-            f"tokens long ({advice})"
-        )
-    return ids
-
-
-def is_causal_lm(model: HookedModel) -> bool:
-    """A language model whose position ``t`` sees tokens ``<= t`` only."""
-    adapter = model.adapter
-    return (
-        isinstance(adapter, TransformerAdapter)
-        and adapter.spec.token_input
-        and bool(getattr(adapter.attention_module(0), "is_causal", False))
-    )
-
-
-def paired_lengths(
-    model: HookedModel,
-    ids: Tensor,
-    lengths: Tensor | None,
-    other: Tensor | None,
-    what: str,
-    other_ids: Tensor | None = None,
-    this: str = "the inputs",
-) -> Tensor | None:
-    """The row lengths shared by two aligned inputs (``lengths``, ``other``; None for an
-    unpadded one, whose rows are as long as its ``ids`` / ``other_ids``), or None when
-    neither is padded. ``this`` and ``what`` name the two inputs in messages."""
-    if lengths is None and other is None and (other_ids is None or other_ids.shape == ids.shape):
-        return None
-    other_ids = ids if other_ids is None else other_ids
-    a = torch.full((ids.shape[0],), ids.shape[1], device=ids.device) if lengths is None else lengths
-    b = (
-        torch.full((ids.shape[0],), other_ids.shape[1], device=a.device)
-        if other is None
-        else other.to(a.device)
-    )
-    if not torch.equal(a, b):
-        rows = (a != b).nonzero().flatten().tolist()
-        mixed = (lengths is None) != (other is None)
-        raise InputError(
-            f"rows {rows} differ in token length between {this} and {what} "
-            f"({a[rows].tolist()} vs {b[rows].tolist()} tokens); aligned rows must have the "
-            "same length (pair prompts of one template"
-            + (
-                "; a tensor of ids counts every column as a token: pass both as texts)"
-                if mixed
-                else ")"
-            )
-        )
-    return causal_only(model, a)
-
-
-def causal_only(model: HookedModel, lengths: Tensor | None) -> Tensor | None:
-    """``lengths``, after checking that padding after each row cannot reach its tokens."""
-    if lengths is not None and not is_causal_lm(model):
-        raise InputError(
-            f"prompts of different token lengths ({lengths.tolist()}) are right-padded, and "
-            f"{model.adapter.name} is not a causal language model: its positions see the "
-            "padding. Use prompts of equal token length"
-        )
-    return lengths
-
 
 #: what a sweep's ``metric`` may be (for messages)
 METRIC_CHOICES = (
@@ -205,8 +82,8 @@ def output_shape(model: HookedModel, inputs: Tensor) -> tuple[int, ...] | None:
     width = int(head.out_features) if isinstance(head, nn.Linear) else None
     if width is None or inputs.ndim == 0:
         return None
-    if isinstance(adapter, TransformerAdapter):
-        if adapter.spec.token_input:
+    if adapter.blocks() is not None:  # a transformer: a language model or a ViT (CLS)
+        if adapter.token_input:
             return (inputs.shape[0], inputs.shape[-1], width) if inputs.ndim == 2 else None
         return (inputs.shape[0], width)
     flattens = any(
@@ -237,7 +114,7 @@ def fit_metric(
         return metric
     fitted = metric.for_lengths(lengths) if isinstance(metric, Metric) else None
     if fitted is None:
-        name = getattr(metric, "name", getattr(metric, "__name__", type(metric).__name__))
+        name = metric_name(metric)
         raise InputError(
             f"prompts of different token lengths ({lengths.tolist()}) are right-padded, so the "
             "metric must read each row at its own tokens: logit_diff, logit and prob do (a "

@@ -33,8 +33,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from hookscope.addresses import Address, Slot, slot_address
+from hookscope.addresses import Address
 from hookscope.errors import InputError, format_choices
+from hookscope.inputs import causal_only, tokens_of
 from hookscope.interventions._ablation_values import Values
 from hookscope.interventions._arguments import (
     check_baselines,
@@ -47,13 +48,8 @@ from hookscope.interventions._arguments import (
     resolve_sites,
 )
 from hookscope.interventions._forward_edits import forward_replaced, model_linears, shortcuts_off
-from hookscope.interventions._inputs import (
-    causal_only,
-    copies_per_forward,
-    fit_metric,
-    tokens_of,
-)
-from hookscope.interventions._stacked import StackedRunner
+from hookscope.interventions._inputs import copies_per_forward, fit_metric
+from hookscope.interventions.engine import Engine, Write, Writer, needs_logits
 from hookscope.interventions.metrics import Metric
 from hookscope.interventions.result import PatchingResult, metric_name, sweep_result
 from hookscope.model import HookedModel
@@ -94,31 +90,10 @@ def _checked(
     return inputs_t, lengths, addresses
 
 
-def _ablation_hooks(model: HookedModel, part: list[Job], values: Values, batch: int):
-    """One hook per slot: overwrite each job's addressed unit in that job's rows."""
-    by_slot: dict[Slot, list[tuple[int, Address, int]]] = {}
-    for i, (addresses, draw) in enumerate(part):
-        for address in addresses:
-            by_slot.setdefault(address.slot, []).append((i, address, draw))
-    hooks = []
-    for slot, entries in by_slot.items():
-        has_units = slot.kind in model.adapter.unit_axes or slot.kind.startswith("neuron_")
-        unit_axis = model.adapter.unit_axis(slot) if has_units else None
-
-        def write(act: Tensor, _address: Address, entries=entries, slot=slot, unit_axis=unit_axis):
-            out = act.clone()
-            for i, address, draw in entries:
-                index: list[Any] = [slice(None)] * act.ndim
-                if address.index is not None:
-                    axis = unit_axis % act.ndim  # type: ignore[operator]
-                    index[axis] = model.adapter.unit_index(slot, address.index)
-                rows = (slice(i * batch, (i + 1) * batch), *index[1:])
-                value = values.get(slot, draw)
-                out[rows] = 0.0 if value is None else value[tuple(index)]
-            return out
-
-        hooks.append((slot_address(slot), write))
-    return hooks
+def _writes(values: Values, job: Job) -> tuple[Write, ...]:
+    """An ablation job as the writes of one copy: each address takes its ablation value."""
+    addresses, draw = job
+    return tuple(Write(a, None, values.get(a.slot, draw)) for a in addresses)
 
 
 def _run_jobs(
@@ -126,30 +101,31 @@ def _run_jobs(
     inputs_t: Tensor,
     values: Values,
     jobs: list[Job],
-    reduce: Callable[[Any], Any],
     chunk_size: int | None = None,
     progress: bool = False,
 ) -> list[Any]:
-    """``reduce(output rows of the job)`` for each job, ``chunk_size`` jobs per forward."""
+    """The output of each job's ablated copy of the inputs, ``chunk_size`` jobs per forward."""
     k = copies_per_forward(inputs_t, chunk_size)
     batch = inputs_t.shape[0]
     found: list[Any] = []
     chunks = range(0, len(jobs), k)
     linears, _ = model_linears(model.model)  # (the output is a tensor: nothing to report)
+    writer = Writer(model.adapter, {})
     for start in tqdm(chunks, desc="ablation", disable=not progress or len(chunks) < 2):
-        part = jobs[start : start + k]
+        part = [_writes(values, job) for job in jobs[start : start + k]]
         stacked = inputs_t.repeat(len(part), *([1] * (inputs_t.ndim - 1)))
+        hooks = writer.hooks(list(enumerate(part)), batch)
         with torch.no_grad(), forward_replaced(linears):
-            out = model.run_with_hooks(stacked, hooks=_ablation_hooks(model, part, values, batch))
+            out = model.run_with_hooks(stacked, hooks=hooks)
         if len(part) == 1:
-            found.append(reduce(out))
+            found.append(out)
             continue
         if not isinstance(out, Tensor):
             raise InputError(
                 f"stacking ablated runs needs a tensor output, got {type(out).__name__}; "
                 "pass chunk_size=1"
             )
-        found += [reduce(out[i * batch : (i + 1) * batch]) for i in range(len(part))]
+        found += [out[i * batch : (i + 1) * batch] for i in range(len(part))]
     return found
 
 
@@ -162,44 +138,16 @@ def _metric_jobs(
     chunk_size: int | None = None,
     progress: bool = False,
 ) -> tuple[float, list[float]]:
-    """``(the unablated metric, each job's metric)``. Runs through the patching sweeps'
-    :class:`StackedRunner`: one forward of the inputs records every block; an ablated copy
-    joins the batch at its first ablated block (the blocks below are replayed), and a
-    structured metric reads only its own logits at its own positions. Jobs are ordered by
-    that block, ``chunk_size`` copies per forward."""
+    """``(the unablated metric, each job's metric)``, through the intervention
+    :class:`~hookscope.interventions.engine.Engine` (``chunk_size`` copies per forward)."""
     k = copies_per_forward(inputs_t, chunk_size)
-    batch = inputs_t.shape[0]
-    runner = StackedRunner(model, inputs_t, metric)
+    engine = Engine(model, inputs_t, metric)
     slots = list(dict.fromkeys(a.slot for addresses, _ in jobs for a in addresses))
-    uses_logits = any(s.kind in ("logits", "module") for s in slots)
-    out, _ = runner.baseline(inputs_t, slice(0, batch), [], uses_logits)
-    clean = runner.values(out, 1, hidden=runner.readout(uses_logits))[0]
+    uses_logits = needs_logits(slots)
+    (clean,), _ = engine.baseline(inputs_t, slice(0, inputs_t.shape[0]), slots, uses_logits)
     check_baselines({"unablated": clean}, {"unablated": "the inputs"})
-    starts = []
-    for addresses, _ in jobs:
-        first = [runner.start(a.slot) for a in addresses]
-        starts.append(None if None in first else min(first))  # type: ignore[type-var]
-    plain = [i for i, s in enumerate(starts) if s is None]
-    stacked = sorted((i for i, s in enumerate(starts) if s is not None), key=lambda i: starts[i])  # type: ignore[arg-type, return-value]
-    parts = [plain[j : j + k] for j in range(0, len(plain), k)]
-    parts += [stacked[j : j + k] for j in range(0, len(stacked), k)]
-    found = [0.0] * len(jobs)
-    with tqdm(total=len(jobs), desc="ablation", disable=not progress or len(parts) < 2) as bar:
-        for idx in parts:
-            part = [jobs[i] for i in idx]
-            groups: list[tuple[int | None, int, None]] = []
-            for i in idx:
-                if groups and groups[-1][0] == starts[i]:
-                    groups[-1] = (starts[i], groups[-1][1] + 1, None)
-                else:
-                    groups.append((starts[i], 1, None))
-            hooks = _ablation_hooks(model, part, values, batch)
-            part_slots = [a.slot for addresses, _ in part for a in addresses]
-            got = runner.run(hooks, groups, uses_logits, slots=part_slots)
-            for i, value in zip(idx, got, strict=True):
-                found[i] = value
-            bar.update(len(idx))
-    return clean, found
+    writes = [_writes(values, job) for job in jobs]
+    return clean, engine.run(writes, k, clean, progress, "ablation")
 
 
 def ablate(
@@ -265,7 +213,7 @@ def _ablate(
     draws = range(values.n_draws)
     if metric is None:
         jobs: list[Job] = [(tuple(addresses), d) for d in draws]
-        outs = _run_jobs(model, inputs_t, values, jobs, lambda o: o, chunk_size, progress)
+        outs = _run_jobs(model, inputs_t, values, jobs, chunk_size, progress)
         return outs[0] if len(outs) == 1 else torch.stack(outs).mean(0)
     jobs = [((a,), d) for a in addresses for d in draws]
     clean, raw = _metric_jobs(model, inputs_t, values, jobs, metric, chunk_size, progress)

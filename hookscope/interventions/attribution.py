@@ -27,17 +27,12 @@ from tqdm.auto import tqdm
 
 from hookscope.addresses import Slot, slot_address
 from hookscope.errors import InputError
-from hookscope.interventions._arguments import check_baselines, check_model
+from hookscope.interventions._arguments import check_baselines, check_gap, check_model
 from hookscope.interventions._forward_edits import Probe, forward_replaced
 from hookscope.interventions._inputs import fit_metric
-from hookscope.interventions._stacked import StackedRunner
+from hookscope.interventions.engine import Engine, metric_value, needs_logits
 from hookscope.interventions.metrics import Metric
-from hookscope.interventions.patching import (
-    _metric_value,
-    check_inputs,
-    position_axis,
-    resolve_positions,
-)
+from hookscope.interventions.patching import check_inputs, resolve_positions
 from hookscope.interventions.result import PatchingResult, sweep_result
 from hookscope.model import HookedModel
 from hookscope.modes import EvalMode
@@ -99,22 +94,10 @@ def _attribution_patching(
     slot_names = list(dict.fromkeys(slot_address(a.slot) for a in addresses))
     base_t, source_t = (corrupted_t, clean_t) if direction == "denoise" else (clean_t, corrupted_t)
 
-    unembed = StackedRunner(model, base_t, metric).unembed
-    if any(a.slot.kind in ("logits", "module") for a in addresses):
+    unembed = Engine(model, base_t, metric).unembed
+    if needs_logits(a.slot for a in addresses):
         unembed = None  # the logits themselves are a site: keep the full unembedding
-    # the source run computes a few logit columns only; if the model returns exactly those
-    # (nothing follows the unembedding), the metric is read from the unembedding's input
-    probe = Probe(unembed.module) if unembed is not None else None
-    with forward_replaced({probe.module: probe} if probe is not None else {}):
-        source_out, source_cache = model.run_with_cache(source_t, names=slot_names)
-    if probe is not None and probe.matches(source_out):
-        with torch.no_grad():
-            m_source = float(metric.per_example_hidden(probe.hidden, unembed).mean())  # type: ignore[union-attr, arg-type]
-    else:
-        if probe is not None:  # post-processed logits (e.g. soft-capped): the full forward
-            unembed = None
-            source_out, source_cache = model.run_with_cache(source_t, names=slot_names)
-        m_source = _metric_value(metric, source_out)
+    m_source, source_cache, unembed = _source_run(model, source_t, slot_names, metric, unembed)
     base_cache = _base_run(model, base_t, slot_names, metric, unembed)
     m_base = float(base_cache.backward_value)  # type: ignore[arg-type]
     m_clean, m_corrupted = (m_source, m_base) if direction == "denoise" else (m_base, m_source)
@@ -123,16 +106,42 @@ def _attribution_patching(
         {"clean": "the clean inputs", "corrupted": "the corrupted inputs"},
     )
     normalised = isinstance(metric, Metric)
-    if normalised and m_clean == m_corrupted:
-        raise InputError(
-            f"the metric is equal on clean and corrupted runs ({m_clean:.6g}); normalised scores are "
-            "undefined — use inputs that differ in the metric, or a plain callable metric"
-        )
+    if normalised:
+        check_gap(m_clean, m_corrupted)
 
-    acts = {name: source_cache[name] for name in slot_names}
+    acts = {a.slot: source_cache[slot_address(a.slot)] for a in addresses}
     pos_list = resolve_positions(model, addresses, positions, acts, lengths)
 
-    # per address, the estimated change at each requested position: [address, position]
+    deltas = _deltas(model, addresses, pos_list, base_cache, source_cache, progress)
+    flat = m_base + deltas.reshape(-1)
+    if normalised:
+        flat = (flat - m_corrupted) / (m_clean - m_corrupted)
+    baselines = {"clean": m_clean, "corrupted": m_corrupted}
+    return sweep_result(
+        sites, addresses, pos_list, flat, metric, "attribution_patching", direction, normalised,
+        baselines,
+    )  # fmt: skip
+
+
+def _source_run(model: HookedModel, source_t: Tensor, slot_names: list, metric, unembed):
+    """``(metric, cache, unembed)`` of the source run. It computes a few logit columns only;
+    if the model returns exactly those (nothing follows the unembedding), the metric is
+    read from the unembedding's input, else (soft-capped logits) the run is repeated with
+    full logits and ``unembed`` becomes None."""
+    probe = Probe(unembed.module) if unembed is not None else None
+    with forward_replaced({probe.module: probe} if probe is not None else {}):
+        source_out, source_cache = model.run_with_cache(source_t, names=slot_names)
+    if probe is not None and probe.matches(source_out):
+        with torch.no_grad():
+            m_source = float(metric.per_example_hidden(probe.hidden, unembed).mean())  # type: ignore[union-attr, arg-type]
+        return m_source, source_cache, unembed
+    if probe is not None:  # post-processed logits (e.g. soft-capped): the full forward
+        source_out, source_cache = model.run_with_cache(source_t, names=slot_names)
+    return metric_value(metric, source_out), source_cache, None
+
+
+def _deltas(model, addresses, pos_list, base_cache, source_cache, progress) -> Tensor:
+    """Per address, the estimated change at each requested position: [address, position]."""
     deltas = torch.zeros(len(addresses), len(pos_list), dtype=torch.float64)
     by_slot: dict[Slot, list[int]] = {}
     for i, address in enumerate(addresses):
@@ -155,15 +164,7 @@ def _attribution_patching(
             for i in members
         ]
         deltas[members] = table[rows]
-
-    flat = m_base + deltas.reshape(-1)
-    if normalised:
-        flat = (flat - m_corrupted) / (m_clean - m_corrupted)
-    baselines = {"clean": m_clean, "corrupted": m_corrupted}
-    return sweep_result(
-        sites, addresses, pos_list, flat, metric, "attribution_patching", direction, normalised,
-        baselines,
-    )  # fmt: skip
+    return deltas
 
 
 def _base_run(model: HookedModel, base_t: Tensor, slot_names: list[str], metric, unembed):
@@ -222,7 +223,7 @@ def _unit_table(
     if per_unit:
         keep.append(model.adapter.unit_axis(slot) % ndim)
     if pos_list != [None]:
-        keep.append(position_axis(model, slot) % ndim)  # type: ignore[operator]
+        keep.append(model.adapter.position_axis(slot) % ndim)  # type: ignore[operator]
     summed = [d for d in range(ndim) if d not in keep]
     reduced = product.sum(summed) if summed else product
     if len(keep) == 2 and keep[0] > keep[1]:

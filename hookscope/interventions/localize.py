@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from hookscope._choices import CRITERIA, LOCALIZE_METHODS
 from hookscope.addresses import Address
 from hookscope.errors import InputError, format_choices
 from hookscope.interventions._arguments import (
@@ -62,8 +63,7 @@ from hookscope.modes import EvalMode
 
 __all__ = ["CircuitResult", "localize_circuit"]
 
-METHODS = ("attribution", "exact")
-CRITERIA = ("patch", "faithfulness")
+METHODS = LOCALIZE_METHODS
 Component = tuple[Address, int | None]
 
 
@@ -276,47 +276,12 @@ def _localize(
     jobs: list[Component] = screen.jobs
     _refuse_nan(screen.effects, jobs, f"the {screen.method} screening score")
     k = min(len(jobs), candidates or 20)
-    picked = [jobs[i] for i in rank(screen.effects)[:k]]
-    if method == "exact":
-        exact = dict(zip(jobs, screen.flat.tolist(), strict=True))
-        raw = [exact[c] for c in picked]
-        fractions = torch.tensor(raw, dtype=torch.float64)
-        if not screen.normalised:
-            fractions = patcher.fraction(fractions)
-    else:
-        fractions = patcher.fraction(torch.tensor(patcher.run(picked), dtype=torch.float64))
-    confirmed = PatchingResult(
-        scores=fractions.clone(),
-        dims=("candidate",),
-        jobs=picked,
-        flat=fractions,
-        method="activation_patching",
-        direction=direction,
-        metric=metric_name(metric),
-        normalised=True,
-        baselines={"clean": patcher.m_clean, "corrupted": patcher.m_corrupted},
-    )
-    _refuse_nan(confirmed.effects, picked, "the exact (confirmed) score")
-    ranking = [picked[i] for i in rank(confirmed.effects)]
+    confirmed = _confirm(patcher, screen, k, method, direction, metric)
+    ranking = [confirmed.jobs[i] for i in rank(confirmed.effects)]
 
     set_score = _set_scorer(model, clean, corrupted, metric, sites, patcher, jobs, criterion,
                             chunk_size, progress)  # fmt: skip
-    curve = set_score([ranking[:n] for n in range(1, k + 1)])
-    _refuse_nan(torch.tensor(curve), [f"top {n}" for n in range(1, k + 1)], "the set score", "sets")
-    size = next((n for n, s in enumerate(curve, 1) if s >= threshold), None)
-    reached = size is not None
-    circuit = ranking[: size or k]
-    score = curve[(size or k) - 1]
-    if reached:
-        for member in reversed(list(circuit)):  # drop members the threshold does not need
-            if len(circuit) == 1:
-                break
-            trial = [c for c in circuit if c != member]
-            value = set_score([trial])[0]
-            _refuse_nan(torch.tensor([value]), [f"circuit without {_label(member)}"],
-                        "the set score", "sets")  # fmt: skip
-            if value >= threshold:
-                circuit, score = trial, value
+    curve, circuit, score, reached = _smallest_circuit(set_score, ranking, k, threshold)
 
     faithfulness = knockout(
         model,
@@ -343,6 +308,57 @@ def _localize(
         curve=curve,
         baselines={"clean": patcher.m_clean, "corrupted": patcher.m_corrupted},
     )
+
+
+def _confirm(patcher: Patcher, screen: PatchingResult, k: int, method: str, direction: str,
+             metric) -> PatchingResult:  # fmt: skip
+    """The exact (normalised) patching score of the screen's top ``k`` components: read
+    from an exact screen, else one patched run each."""
+    jobs: list[Component] = screen.jobs
+    picked = [jobs[i] for i in rank(screen.effects)[:k]]
+    if method == "exact":
+        exact = dict(zip(jobs, screen.flat.tolist(), strict=True))
+        fractions = torch.tensor([exact[c] for c in picked], dtype=torch.float64)
+        if not screen.normalised:
+            fractions = patcher.fraction(fractions)
+    else:
+        fractions = patcher.fraction(torch.tensor(patcher.run(picked), dtype=torch.float64))
+    confirmed = PatchingResult(
+        scores=fractions.clone(),
+        dims=("candidate",),
+        jobs=picked,
+        flat=fractions,
+        method="activation_patching",
+        direction=direction,
+        metric=metric_name(metric),
+        normalised=True,
+        baselines={"clean": patcher.m_clean, "corrupted": patcher.m_corrupted},
+    )
+    _refuse_nan(confirmed.effects, picked, "the exact (confirmed) score")
+    return confirmed
+
+
+def _smallest_circuit(set_score, ranking: list, k: int, threshold: float):
+    """``(curve, circuit, score, reached)``: the set score of each top-``n`` prefix of
+    ``ranking``, the shortest prefix reaching ``threshold`` (else all ``k``) with members
+    the threshold does not need dropped, its score, and whether it reached it."""
+    curve = set_score([ranking[:n] for n in range(1, k + 1)])
+    _refuse_nan(torch.tensor(curve), [f"top {n}" for n in range(1, k + 1)], "the set score", "sets")
+    size = next((n for n, s in enumerate(curve, 1) if s >= threshold), None)
+    reached = size is not None
+    circuit = ranking[: size or k]
+    score = curve[(size or k) - 1]
+    if reached:
+        for member in reversed(list(circuit)):  # drop members the threshold does not need
+            if len(circuit) == 1:
+                break
+            trial = [c for c in circuit if c != member]
+            value = set_score([trial])[0]
+            _refuse_nan(torch.tensor([value]), [f"circuit without {_label(member)}"],
+                        "the set score", "sets")  # fmt: skip
+            if value >= threshold:
+                circuit, score = trial, value
+    return curve, circuit, score, reached
 
 
 def _refuse_nan(values: Tensor, items: list, what: str, kind: str = "components") -> None:

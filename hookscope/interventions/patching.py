@@ -22,46 +22,28 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from hookscope.adapters.transformer import TransformerAdapter
-from hookscope.addresses import Address, Slot, parse, slot_address
+from hookscope._choices import DIRECTIONS
+from hookscope.addresses import Address, Slot
 from hookscope.errors import InputError
-from hookscope.interventions import _plan as plan
+from hookscope.inputs import paired_lengths, tokens_of
 from hookscope.interventions._arguments import (
     check_baselines,
     check_choice,
     check_finite,
+    check_gap,
     check_model,
     check_positions,
     resolve_sites,
 )
-from hookscope.interventions._inputs import (
-    copies_per_forward,
-    fit_metric,
-    paired_lengths,
-    tokens_of,
-)
-from hookscope.interventions._plan import position_axis, unit_index
-from hookscope.interventions._stacked import StackedRunner
+from hookscope.interventions._inputs import copies_per_forward, fit_metric
+from hookscope.interventions.engine import Engine, Write, needs_logits
 from hookscope.interventions.metrics import Metric
 from hookscope.interventions.result import PatchingResult, sweep_jobs, sweep_result
 from hookscope.model import HookedModel
 from hookscope.modes import EvalMode
 
 __all__ = ["activation_patching"]
-
-DIRECTIONS = ("denoise", "noise")
-
-
-def _metric_value(metric: Callable[[Tensor], Tensor] | Metric, output: Tensor) -> float:
-    value = metric(output)
-    if not isinstance(value, Tensor) or value.numel() != 1:
-        raise InputError(
-            f"metric must return a scalar tensor, got "
-            f"{tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__}"
-        )
-    return float(value)
 
 
 def activation_patching(
@@ -136,7 +118,7 @@ def check_inputs(
         model, clean_t, clean_len, corrupted_len, "the corrupted inputs", this="the clean"
     )
     adapter = model.adapter
-    if positions != "all" and isinstance(adapter, TransformerAdapter) and adapter.spec.token_input:
+    if positions != "all" and adapter.token_input:
         _position_list(positions, int(clean_t.shape[-1]), lengths)  # one position per token
     return clean_t, corrupted_t, addresses, lengths
 
@@ -147,7 +129,7 @@ def check_position_axis(
     """``positions`` is ``"all"``, ``"each"`` or a list of ints, and a sweep over positions
     has sites with a position axis."""
     check_positions(positions)
-    if positions != "all" and any(position_axis(model, a.slot) is None for a in addresses):
+    if positions != "all" and any(model.adapter.position_axis(a.slot) is None for a in addresses):
         raise InputError(
             f"{model.adapter.name} activations have no position axis; use positions='all'"
         )
@@ -157,7 +139,7 @@ def resolve_positions(
     model: HookedModel,
     addresses: list[Address],
     positions: str | Sequence[int],
-    acts: dict[str, Tensor],
+    acts: dict[Slot, Tensor],
     lengths: Tensor | None = None,
 ) -> list[int | None]:
     """``positions`` ("all", "each" or a list) as a list (``[None]``: all at once); the
@@ -170,8 +152,8 @@ def resolve_positions(
     if positions == "all":
         return [None]
     address = addresses[0]
-    axis = position_axis(model, address.slot)
-    n_pos = int(acts[slot_address(address.slot)].shape[axis])  # type: ignore[index]
+    axis = model.adapter.position_axis(address.slot)
+    n_pos = int(acts[address.slot].shape[axis])  # type: ignore[index]
     return _position_list(positions, n_pos, lengths)
 
 
@@ -219,27 +201,18 @@ class Patcher:
         self.model, self.metric, self.direction, self.progress = model, metric, direction, progress
         self.sites = sites
         self.clean_t, self.corrupted_t = clean_t, corrupted_t
-        slot_names = list(dict.fromkeys(slot_address(a.slot) for a in self.addresses))
         base_t = corrupted_t if direction == "denoise" else clean_t
         self.chunk_size = copies_per_forward(base_t, chunk_size)  # (checked before any run)
-        self.runner = StackedRunner(model, base_t, metric)
-        self.m_clean, self.m_corrupted, clean_acts, corrupted_acts = _baseline_runs(
-            model, self.runner, clean_t, corrupted_t, slot_names, metric, direction
+        self.engine = Engine(model, base_t, metric)
+        self.m_clean, self.m_corrupted, self.source = _baseline_runs(
+            self.engine, clean_t, corrupted_t, [a.slot for a in self.addresses], direction
         )
-        self.source = clean_acts if direction == "denoise" else corrupted_acts
-        self.base_acts = corrupted_acts if direction == "denoise" else clean_acts
         check_baselines(
             {"clean": self.m_clean, "corrupted": self.m_corrupted},
             {"clean": "the clean inputs", "corrupted": "the corrupted inputs"},
         )
-        if (isinstance(metric, Metric) if require_gap is None else require_gap) and (
-            self.m_clean == self.m_corrupted
-        ):
-            raise InputError(
-                f"the metric is equal on clean and corrupted runs ({self.m_clean:.6g}); normalised "
-                "scores are undefined — use inputs that differ in the metric, or a plain callable "
-                "metric"
-            )
+        if isinstance(metric, Metric) if require_gap is None else require_gap:
+            check_gap(self.m_clean, self.m_corrupted)
         self.n_pos = clean_t.shape[1] if clean_t.ndim >= 2 else 0
 
     def sweep(self, positions: str | Sequence[int]) -> PatchingResult:
@@ -251,7 +224,7 @@ class Patcher:
             self.sites, self.addresses, pos_list, self.fraction(flat) if normalised else flat,
             self.metric, "activation_patching", self.direction, normalised,
             {"clean": self.m_clean, "corrupted": self.m_corrupted},
-            shortcuts_off=self.runner.shortcuts_off,
+            shortcuts_off=self.engine.shortcuts_off,
         )  # fmt: skip
 
     def positions(self, positions: str | Sequence[int]) -> list[int | None]:
@@ -259,127 +232,35 @@ class Patcher:
         return resolve_positions(self.model, self.addresses, positions, self.source, self.lengths)
 
     def run(self, jobs: list) -> list[float]:
-        """The raw metric of each job (an ``(address, position)`` or a list of them).
-
-        A job whose source values equal the base run's values bit for bit (e.g. a residual
-        position before the first corrupted token) would reproduce the base run exactly, so
-        it is not run: its metric is the base run's.
-        """
-        todo = [i for i, job in enumerate(jobs) if not self._is_noop(job)]
+        """The raw metric of each job (an ``(address, position)`` or a list of them, patched
+        together). A job whose source values equal the base run's bit for bit (e.g. a
+        residual position before the first corrupted token) is not run: its metric is the
+        base run's."""
         base = self.m_corrupted if self.direction == "denoise" else self.m_clean
-        raw = [base] * len(jobs)
-        values = _run_jobs(
-            self.model, self.runner, [jobs[i] for i in todo], self.source, self.base_acts,
-            self.chunk_size, self.progress,
-        )  # fmt: skip
-        for i, value in zip(todo, values, strict=True):
-            raw[i] = value
-        return raw
-
-    def _is_noop(self, job: Any) -> bool:
-        for address, pos in job if isinstance(job, list) else [job]:
-            name = slot_address(address.slot)
-            source, base = self.source[name], self.base_acts[name]
-            index = tuple(unit_index(self.model, address, pos, source.ndim))
-            if not torch.equal(source[index], base[index]):
-                return False
-        return True
+        writes = [
+            tuple(Write(a, pos, self.source[a.slot]) for a, pos in _pairs(job)) for job in jobs
+        ]
+        return self.engine.run(writes, self.chunk_size, base, self.progress, "patching")
 
     def fraction(self, raw: Tensor) -> Tensor:
         """Raw metric values as (m - m_corrupted) / (m_clean - m_corrupted)."""
         return (raw - self.m_corrupted) / (self.m_clean - self.m_corrupted)
 
 
+def _pairs(job: Any) -> list[tuple[Address, int | None]]:
+    return job if isinstance(job, list) else [job]
+
+
 def _baseline_runs(
-    model: HookedModel,
-    runner: StackedRunner,
-    clean_t: Tensor,
-    corrupted_t: Tensor,
-    slot_names: list[str],
-    metric: Metric | Callable[[Tensor], Tensor],
-    direction: str,
-) -> tuple[float, float, dict[str, Tensor], dict[str, Tensor]]:
-    """Clean and corrupted runs as one forward of both batches: their metrics and the
-    activations of ``slot_names`` (the runner records the base half's block outputs)."""
+    engine: Engine, clean_t: Tensor, corrupted_t: Tensor, slots: list[Slot], direction: str
+) -> tuple[float, float, dict[Slot, Tensor]]:
+    """Clean and corrupted runs as one forward of both batches: their metrics and the source
+    run's activations of ``slots`` (the engine records the base half)."""
     batch = clean_t.shape[0]
-    uses_logits = any(parse(name).slot.kind in ("logits", "module") for name in slot_names)
+    uses_logits = needs_logits(slots)
     rows = slice(batch, None) if direction == "denoise" else slice(0, batch)
-    out, cache = runner.baseline(torch.cat([clean_t, corrupted_t]), rows, slot_names, uses_logits)
-    m_clean, m_corrupted = runner.values(out, 2, hidden=runner.readout(uses_logits))
-    clean_acts = {name: cache[name][:batch] for name in slot_names}
-    corrupted_acts = {name: cache[name][batch:] for name in slot_names}
-    return m_clean, m_corrupted, clean_acts, corrupted_acts
-
-
-def _run_jobs(
-    model: HookedModel,
-    runner: StackedRunner,
-    jobs: list,
-    source: dict[str, Tensor],
-    base: dict[str, Tensor],
-    k: int,
-    progress: bool,
-) -> list[float]:
-    """The metric of each job's patched copy of the base batch (a job is one ``(address,
-    position)`` or a list of them), at most ``k`` copies per forward."""
-    raw = [0.0] * len(jobs)
-    chunks = plan.chunks(model, jobs, k, runner, source, base)
-    bar = tqdm(total=len(jobs), desc="patching", disable=not progress or len(chunks) < 2)
-    with bar:
-        for prefix, idx in chunks:
-            part = [jobs[i] for i in idx]
-            pairs = [pair for job in part for pair in plan.pairs(job)]
-            groups: list[tuple[int | None, int, Tensor | None]] = []
-            hooked: list[tuple[int, Any]] = []
-            i = 0
-            for (start, tail), members in plan.groups(runner, part):
-                if tail is not None:
-                    delta = plan.tail_delta(model, members, source, base, runner.batch)
-                    groups.append((tail + 1, len(members), delta))
-                else:
-                    groups.append((start, len(members), None))
-                    hooked += [(i + j, job) for j, job in enumerate(members)]
-                i += len(members)
-            hooks = _patch_hooks(model, hooked, source, runner.batch, prefix)
-            uses_logits = any(a.slot.kind in ("logits", "module") for a, _ in pairs)
-            slots = [a.slot for a, _ in pairs]
-            values = runner.run(hooks, groups, uses_logits, slots=slots, prefix=prefix)
-            for i, value in zip(idx, values, strict=True):
-                raw[i] = value
-            bar.update(len(idx))
-    return raw
-
-
-def _patch_hooks(model: HookedModel, part: list, source, batch: int, prefix: int = 0):
-    """One hook per slot: write the source value of each job's unit/position into its rows.
-
-    ``part``: ``(copy index, job)`` pairs; a job is one ``(address, position)`` or a list of
-    them (patched together in its copy).
-    ``prefix``: the forward runs positions ``prefix..`` only (the activations' position
-    axis starts there; ``source`` holds every position).
-    """
-    by_slot: dict[Slot, list[tuple[int, Address, int | None]]] = {}
-    for i, job in part:
-        for address, pos in plan.pairs(job):
-            by_slot.setdefault(address.slot, []).append((i, address, pos))
-    hooks = []
-    for slot, entries in by_slot.items():
-        value = source[slot_address(slot)]  # [batch, ...]
-        axis = position_axis(model, slot)
-
-        def write(act: Tensor, _address: Address, entries=entries, value=value, axis=axis):
-            out = act.clone()
-            for i, address, pos in entries:
-                src = unit_index(model, address, pos, act.ndim)
-                dst = list(src)
-                if prefix and axis is not None:
-                    if pos is None:
-                        src[axis] = slice(prefix, None)
-                    else:
-                        dst[axis] = pos % value.shape[axis] - prefix
-                dst[0] = slice(i * batch, (i + 1) * batch)
-                out[tuple(dst)] = value[tuple(src)].to(out.device)
-            return out
-
-        hooks.append((slot_address(slot), write))
-    return hooks
+    (m_clean, m_corrupted), acts = engine.baseline(
+        torch.cat([clean_t, corrupted_t]), rows, slots, uses_logits
+    )
+    source = slice(0, batch) if direction == "denoise" else slice(batch, None)
+    return m_clean, m_corrupted, {slot: act[source] for slot, act in acts.items()}

@@ -10,9 +10,9 @@ from torch import nn
 
 import hookscope as hs
 from hookscope import interventions as iv
-from hookscope.addresses import AttentionHead, slot_address
+from hookscope.addresses import AttentionHead
 from hookscope.interventions import _forward_edits as edits
-from hookscope.interventions import _plan as plan
+from hookscope.interventions.engine import Write, Writer
 from hookscope.interventions.metrics import Unembed
 
 import builders
@@ -165,16 +165,20 @@ def test_first_change_per_unit_and_for_the_whole_slot():
         if at < 9:
             source[1, at, head, 5] = 1.0  # one row, one feature: enough to differ
     source[0, 8, 1, 0] = 1.0  # a later difference in another row changes nothing
-    sources, bases = {slot_address(slot): source}, {slot_address(slot): base}
-    memo: dict = {}
+    writer = Writer(model.adapter, {slot: base})
     for head, at in first.items():
-        job = (AttentionHead(1, head, "z"), None)
-        assert plan._first_change(model, job, sources, bases, memo) == at
-    whole_layer = (AttentionHead(1, None, "z"), None)
-    assert plan._first_change(model, whole_layer, sources, bases, memo) == 2
-    assert plan._first_change(model, (AttentionHead(1, 0, "z"), 5), sources, bases, memo) == 5
-    together = [(AttentionHead(1, 0, "z"), None), (AttentionHead(1, 3, "z"), None)]
-    assert plan._first_change(model, together, sources, bases, memo) == 4
+        assert writer.first_change((Write(AttentionHead(1, head, "z"), None, source),)) == at
+    assert writer.first_change((Write(AttentionHead(1, None, "z"), None, source),)) == 2
+    assert writer.first_change((Write(AttentionHead(1, 0, "z"), 5, source),)) == 5
+    together = (
+        Write(AttentionHead(1, 0, "z"), None, source),
+        Write(AttentionHead(1, 3, "z"), None, source),
+    )
+    assert writer.first_change(together) == 4
+    # zeros (an ablation) differ where the base is non-zero: from position 3 here
+    base[0, 3, 2, 1] = 1.0
+    zeros = Writer(model.adapter, {slot: base})
+    assert zeros.first_change((Write(AttentionHead(1, 2, "z")),)) == 3
 
 
 @pytest.mark.parametrize("kind", ["logit_diff", "logit"])

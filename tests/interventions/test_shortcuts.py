@@ -13,7 +13,6 @@ import torch
 
 import hookscope as hs
 import hookscope.interventions as iv
-from hookscope.addresses import Slot
 from hookscope.interventions._forward_edits import _onednn_linear
 from hookscope.interventions.patching import Patcher
 
@@ -52,23 +51,6 @@ CASES = {
 }
 
 
-def _state(runner) -> set[str]:
-    on = set()
-    if runner.records is not None:
-        on.add("replay")
-    if runner.readout():
-        on.add("readout")
-    if runner.can_skip_prefix():
-        on.add("prefix")
-    if runner.tail_layer([Slot("z", 0)]) == 0:
-        on.add("linear_tail")
-    if runner.read_position is not None and runner._read_position_only([]):
-        on.add("read_position")
-    if runner.linears:
-        on.add("onednn")
-    return on
-
-
 @pytest.mark.parametrize("arch", list(CASES))
 def test_every_shortcut_is_on_where_it_applies(arch):
     build, off = CASES[arch]
@@ -83,8 +65,8 @@ def test_every_shortcut_is_on_where_it_applies(arch):
     expected = ALL - set(off)
     if _onednn_linear() is None:  # this build or CPU has no usable oneDNN kernel
         expected.discard("onednn")
-    assert _state(patcher.runner) == expected, {
-        "missing": expected - _state(patcher.runner),
+    assert patcher.engine.shortcuts() == expected, {
+        "missing": expected - patcher.engine.shortcuts(),
         "why off": off,
     }
 

@@ -8,8 +8,8 @@ import torch
 import hookscope as hs
 from hookscope import hf_compat
 from hookscope import interventions as iv
-from hookscope.addresses import slot_address
-from hookscope.interventions._stacked import StackedRunner
+from hookscope.addresses import Slot, slot_address
+from hookscope.interventions.engine import Engine
 
 import builders
 
@@ -255,17 +255,14 @@ def test_readout_falls_back_when_logits_are_post_processed():
     metric = iv.logit_diff(5, 9)
     for softcap, kept in ((0.5, False), (None, True)):
         m = hs.HookedModel.wrap(builders.tiny_gemma3(softcap=softcap))
-        runner = StackedRunner(m, corrupted, metric)
-        assert runner.unembed is not None
+        engine = Engine(m, corrupted, metric)
+        assert engine.readout()
         both = torch.cat([clean, corrupted])
-        out, _ = runner.baseline(both, slice(2, None), ["resid_pre.0"], uses_logits=False)
-        assert (runner.unembed is not None) is kept
-        assert out.shape[-1] == (m.cfg.d_model if kept else 300)  # hidden states or logits
+        values, _ = engine.baseline(both, slice(2, None), [Slot("resid_pre", 0)])
+        assert engine.readout() is kept  # hidden states or full logits
         with torch.no_grad():
             expected = [float(metric(m(clean))), float(metric(m(corrupted)))]
-        torch.testing.assert_close(
-            runner.values(out, 2, hidden=kept), expected, rtol=1e-5, atol=1e-5
-        )
+        torch.testing.assert_close(values, expected, rtol=1e-5, atol=1e-5)
     res = iv.activation_patching(
         model, clean, corrupted, metric, sites="resid_pre.*", positions="each", progress=False
     )
@@ -389,7 +386,7 @@ def test_overlapping_head_patches_in_one_job_are_not_added_twice():
         hooks = []
         for address, pos in job:
             name = slot_address(address.slot)
-            value = patcher.source[name]
+            value = patcher.source[address.slot]
 
             def write(act, _a, value=value, pos=pos, address=address):
                 act = act.clone()
@@ -438,9 +435,10 @@ def test_a_model_that_ignores_the_cache_object_keeps_every_position():
     torch.testing.assert_close(
         res.flat * (b["clean"] - b["corrupted"]) + b["corrupted"], reference, atol=2e-6, rtol=1e-5
     )
-    runner = StackedRunner(model, clean, metric)
-    runner.baseline(torch.cat([clean, corrupted]), slice(0, 1), ["resid_pre.0"], False)
-    assert not runner.can_skip_prefix() and runner.records is not None
+    engine = Engine(model, clean, metric)
+    engine.baseline(torch.cat([clean, corrupted]), slice(0, 1), [Slot("resid_pre", 0)])
+    facts = engine.facts()
+    assert not facts.skip_prefix and facts.n_blocks is not None  # blocks still replayed
     # the patched instance forward is not remembered for the class
     assert hf_compat.kv_cache_candidates(builders.tiny_gpt2())
 
