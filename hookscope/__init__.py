@@ -56,6 +56,7 @@ _LAZY = (
     "dispatch",
     "experiments",
     "hooks",
+    "inputs",
     "interventions",
     "model",
     "models",

@@ -63,6 +63,7 @@ from hookscope._checks import takes_positional
 from hookscope.errors import InputError, format_choices, suggestion
 from hookscope.hf_compat import KV_KEYWORDS
 from hookscope.hooks import Run, installed, wire
+from hookscope.inputs import call_arguments
 from hookscope.model_inputs import check_hooks, short
 from hookscope.scope import Scope
 
@@ -315,7 +316,7 @@ def _prompt(model: HookedModel, inputs: Any, pad_id: int) -> tuple[Tensor, Tenso
                 f"{short(extra)}"
             )
         inputs = {k: v for k, v in inputs.items() if k != "position_ids"}
-    args, kwargs = model._prepare(inputs, {})
+    args, kwargs = call_arguments(model, inputs, {})
     ids = args[0]
     if ids.is_floating_point() or ids.ndim != 2:
         raise InputError(
@@ -372,7 +373,7 @@ def generate(
     pad_id = _pad_id(model, generate_kwargs.get("pad_token_id"))
     hf = model.model
     tracker = _Tracker(0, None)
-    plans = model._plans(_bind_context(hooks, tracker))
+    plans = model.planner.plans(_bind_context(hooks, tracker))
     ids, mask = _prompt(model, inputs, pad_id)
     tracker.prompt_length = ids.shape[1]
     kwargs = dict(generate_kwargs)

@@ -1,7 +1,8 @@
 """Hook registration with guaranteed removal.
 
 A call plans, per :class:`~hookscope.addresses.Slot`, which user hooks run there, whether
-the value is cached, stashed (for a derived site) or needs its gradient. Slots are grouped
+the value is cached, stashed (for a derived site) or needs its gradient (the plans come from
+:class:`hookscope.planning.HookPlanner`). Slots are grouped
 by the module event they live on (one module's output, or its input), and each group gets
 exactly one torch hook, so a full cache of a 6-layer model costs a few dozen Python calls.
 :class:`installed` registers those hooks through a :class:`~hookscope.scope.Scope` and

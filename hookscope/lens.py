@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from hookscope.errors import InputError
+from hookscope.inputs import call_arguments
 
 __all__ = ["logit_lens", "LogitLens"]
 
@@ -167,7 +168,7 @@ def logit_lens(model: Any, inputs: Any, *, k: int = 5, **kwargs: Any) -> LogitLe
     weights = model.weights  # a clear error on models without a readout
     vocab = weights.W_U.shape[1]
     k = min(k, vocab)
-    args, _ = model._prepare(inputs, dict(kwargs))
+    args, _ = call_arguments(model, inputs, dict(kwargs))
     tokens = args[0]
     _, cache = model.run_with_cache(inputs, names=["resid_pre.0", "resid_post.*"], **kwargs)
     resid, labels = cache.accumulated_resid(return_labels=True)

@@ -11,74 +11,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from hookscope._checks import (
-    DTYPES,
-    as_device,
-    as_dtype,
-    describe_signature,
-    takes_positional,
-)
+from hookscope._checks import as_device, as_dtype, describe_signature, takes_positional
 from hookscope.adapters import make_adapter
 from hookscope.adapters.base import Adapter
-from hookscope.adapters.transformer import TransformerAdapter
-from hookscope.addresses import (
-    KINDS,
-    Address,
-    AttentionHead,
-    MLPNeuron,
-    Selection,
-    Slot,
-    iter_addresses,
-    parse,
-    slot_address,
-)
-from hookscope.cache import ActivationCache, Layout
-from hookscope.errors import (
-    AddressError,
-    AddressParseError,
-    InputError,
-    format_choices,
-    suggestion,
-)
-from hookscope.hooks import HookFn, Run, SlotPlan, Wiring, installed, wire
-from hookscope.model_inputs import (
-    aligned,
-    check_hooks,
-    check_keywords,
-    checked_input,
-    is_int_nest,
-    is_texts,
-    short,
-    token_ids,
-)
+from hookscope.addresses import Address
+from hookscope.cache import ActivationCache
+from hookscope.errors import InputError
+from hookscope.hooks import Run, installed, wire
+from hookscope.inputs import call_arguments, need_tokenizer, tokenize
+from hookscope.model_inputs import token_ids
 from hookscope.model_weights import WeightAccess
+from hookscope.planning import HookPlanner, HookSpec
 
 __all__ = ["HookedModel"]
-
-HookSpec = tuple[Any, HookFn]
-#: slot kinds cached when run_with_cache gets names=None (per-head 'result' is opt-in)
-_DEFAULT_EXCLUDED = ("result", "module")
-_DTYPES = DTYPES  # the dtype names every dtype= argument accepts
-
-
-class _Dims:
-    def __init__(self, adapter: Adapter):
-        self.adapter = adapter
-        self.n_layers = adapter.n_layers
-
-    def n_heads(self, layer: int, site: str) -> int:
-        self.adapter.check_slot(Slot(site, layer))
-        return self.adapter.n_heads(layer, site)
-
-    def n_neurons(self, layer: int, site: str) -> int:
-        self.adapter.check_slot(Slot(f"neuron_{site}", layer))
-        return self.adapter.n_neurons(layer, site)
 
 
 class HookedModel(WeightAccess):
@@ -89,8 +40,8 @@ class HookedModel(WeightAccess):
         self.model = model
         self.adapter = adapter
         self.tokenizer = tokenizer
-        self._dims = _Dims(adapter)
-        self._plan_memo: dict[tuple, tuple] = {}
+        #: plans hooks and caches against the adapter (and memoises cache plans)
+        self.planner = HookPlanner(adapter)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -161,12 +112,8 @@ class HookedModel(WeightAccess):
         ...                                     max_memory={0: "10GiB", "cpu": "30GiB"},
         ...                                     offload_folder="offload")
 
-        On such a model caching (every address kind), hooks, gradients, patching, ablation
-        and attribution patching give the values of the model loaded whole; cached tensors
-        stay on the device their module ran on (``cache.to("cpu")`` gathers them);
-        accelerate's own hooks are never changed. Sweeps run without their oneDNN matrix
-        products (reported in the result's ``shortcuts_off``); see :mod:`hookscope.loading`
-        for the details and limits.
+        On such a model caching, hooks, gradients and the interventions give the values of
+        the model loaded whole; :mod:`hookscope.loading` says what works and its limits.
         """
         from hookscope.loading import load_pretrained
 
@@ -210,78 +157,29 @@ class HookedModel(WeightAccess):
         ``units=True`` every head and neuron as well. ``kind`` filters by the grammar's first
         word: embed, resid_pre, resid_mid, resid_post, attn_out, mlp_out, head, neuron, logits.
         """
-        if kind is not None and kind not in KINDS:
-            raise AddressError(
-                f"unknown kind {kind!r}; choose one of {format_choices(KINDS)}."
-                + suggestion(kind, KINDS)
-            )
-        found: list[Address] = []
-        for slot in self._all_slots():
-            base = slot_address(slot)
-            name = str(base).split(".")[0]
-            if kind is not None and name != kind:
-                continue
-            found.append(base)
-            if units and isinstance(base, AttentionHead):
-                n = self.adapter.n_heads(slot.layer, slot.kind)
-                found += [AttentionHead(slot.layer, h, base.site) for h in range(n)]
-            elif units and isinstance(base, MLPNeuron):
-                n = self.adapter.n_neurons(slot.layer, base.site)
-                found += [MLPNeuron(slot.layer, i, base.site) for i in range(n)]
-        return sorted(found)
+        return self.planner.addresses(kind, units=units)
 
     def resolve(self, spec: Any) -> list[Address]:
         """Expand addresses / strings / selections (or a list of them) and check each exists."""
-        return list(iter_addresses(spec, self._dims, allow=self.adapter.check))
+        return self.planner.resolve(spec)
 
     # ------------------------------------------------------------------ tokens
-    def _need_tokenizer(self) -> Any:
-        if self.tokenizer is None:
-            raise InputError(
-                "this model has no tokenizer; pass token ids (a LongTensor [batch, pos])"
-            )
-        return self.tokenizer
-
-    def _tokenize(self, text: str | Sequence[str]) -> dict[str, Tensor]:
-        if not is_texts(text):
-            what = type(text).__name__ if not isinstance(text, (list, tuple)) else "a list"
-            raise InputError(
-                f"text input must be a string or a non-empty list of strings, got {what} "
-                f"{short(text)}; token ids go to the model directly (a LongTensor [batch, pos])"
-            )
-        tok = self._need_tokenizer()
-        text = [text] if isinstance(text, str) else list(text)
-        rows = tok(list(text))["input_ids"]  # padded here, on the right, whatever the
-        # tokenizer's own padding side, so positions mean the same in every row; with its
-        # pad token, else its eos token, else 0 (the mask marks padding either way)
-        empty = [i for i, r in enumerate(rows) if not r]
-        if empty:
-            raise InputError(
-                f"text {text[empty[0]]!r} (row {empty[0]}) gives no tokens; every row needs at "
-                "least one token"
-            )
-        width = max(len(r) for r in rows)
-        pad = next((p for p in (tok.pad_token_id, tok.eos_token_id) if p is not None), 0)
-        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long)
-        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-        return {"input_ids": ids, "attention_mask": mask}
-
     def to_tokens(self, text: str | Sequence[str]) -> Tensor:
         """Token ids [batch, pos]; strings of different lengths are right-padded (whatever the
         tokenizer's own padding side), so position p is the p-th token of every row."""
-        return self._tokenize(text)["input_ids"].to(self.device)
+        return tokenize(self.tokenizer, text)["input_ids"].to(self.device)
 
     def to_string(self, tokens: Tensor | Sequence[int]) -> str | list[str]:
         """Decode ids: [pos] -> str, [batch, pos] -> list of str."""
         t = token_ids(tokens, "to_string")
-        tok = self._need_tokenizer()
+        tok = need_tokenizer(self.tokenizer)
         if t.ndim == 2:
             return [tok.decode(row) for row in t.tolist()]
         return tok.decode(t.tolist())
 
     def to_str_tokens(self, text: str | Tensor | Sequence[int]) -> list[str]:
         """Each token of one sequence as a string (a text, or ids [pos] / [1, pos])."""
-        tok = self._need_tokenizer()
+        tok = need_tokenizer(self.tokenizer)
         if isinstance(text, str):
             ids = self.to_tokens(text)[0]
         else:
@@ -304,47 +202,8 @@ class HookedModel(WeightAccess):
         return int(TokenText((text,), True).ids(self.tokenizer, "text", "to_single_token"))
 
     # ------------------------------------------------------------------ forward
-    def _prepare(self, inputs: Any, kwargs: dict) -> tuple[tuple, dict]:
-        """The module's ``(args, kwargs)`` for ``inputs``; every check runs here, before the
-        module is called. Floating inputs (images) are cast to the model's parameter dtype
-        (float64 images into a float32 CNN just work); token ids are never changed. A
-        keyword the module's forward does not take raises InputError (a Hugging Face model
-        would ignore it); an attention mask must have the input ids' shape."""
-        is_hf = hasattr(self.model, "config") and hasattr(self.model.config, "model_type")
-        kwargs = dict(kwargs)
-        if is_texts(inputs):
-            enc = self._tokenize(inputs)
-            kwargs = {**{k: v.to(self.device) for k, v in enc.items()}, **kwargs}
-            inputs = kwargs.pop("input_ids")
-        elif isinstance(inputs, Mapping):
-            kwargs = {**{k: v for k, v in inputs.items() if k != "input_ids"}, **kwargs}
-            if "input_ids" not in inputs:
-                raise InputError(
-                    f"a dict input needs 'input_ids' (and may hold attention_mask); got keys "
-                    f"{sorted(inputs)}"
-                )
-            inputs = inputs["input_ids"]
-        if isinstance(inputs, (list, tuple)) and is_int_nest(inputs):
-            inputs = torch.tensor(inputs, dtype=torch.long)
-        if not isinstance(inputs, Tensor):
-            raise InputError(
-                "model input must be a tensor, a string or a list of strings, got "
-                f"{type(inputs).__name__} {short(inputs)} (token ids may also be a list of "
-                "equal-length lists of ints)"
-            )
-        inputs = checked_input(self, inputs)
-        check_keywords(self.model, kwargs, is_hf)
-        for key in ("attention_mask", "token_type_ids"):
-            if key in kwargs:
-                kwargs[key] = aligned(key, kwargs[key], inputs).to(self.device)
-        cast = self.dtype if inputs.is_floating_point() and self.dtype.is_floating_point else None
-        inputs = inputs.to(device=self.device, dtype=cast)
-        if is_hf:
-            kwargs.setdefault("use_cache", False)
-        return (inputs,), kwargs
-
     def _forward(self, inputs: Any, kwargs: dict) -> Any:
-        args, kw = self._prepare(inputs, kwargs)
+        args, kw = call_arguments(self, inputs, kwargs)
         out = self.model(*args, **kw)
         logits = getattr(out, "logits", None)
         return logits if isinstance(logits, Tensor) else out
@@ -354,129 +213,6 @@ class HookedModel(WeightAccess):
         return self._forward(inputs, kwargs)
 
     forward = __call__
-
-    # ------------------------------------------------------------------ planning
-    def _all_slots(self) -> list[Slot]:
-        slots = []
-        for kind in self.adapter.slot_kinds():
-            if kind in ("embed", "final_norm", "logits"):
-                slots.append(Slot(kind))
-            elif kind != "module":
-                slots += [Slot(kind, layer) for layer in range(self.n_layers)]
-        return slots
-
-    def _slots_of(self, item: Address | Selection) -> list[Slot]:
-        if isinstance(item, Address):
-            self.adapter.check(item)
-            return [item.slot]
-        layers = item.layers.values(self.n_layers, "layer")
-        out = []
-        for layer in layers:
-            if item.kind in ("head", "neuron"):
-                kind = item.site if item.kind == "head" else f"neuron_{item.site}"
-                slot = Slot(kind, layer)
-                self.adapter.check_slot(slot)
-                if item.units is not None and not item.units.is_all:
-                    n = (
-                        self._dims.n_heads(layer, item.site)
-                        if item.kind == "head"
-                        else self._dims.n_neurons(layer, item.site)
-                    )
-                    item.units.values(n, item.kind)  # range check
-            else:
-                slot = Slot(item.kind, layer)
-                self.adapter.check_slot(slot)
-            out.append(slot)
-        return out
-
-    def _cache_request(self, names: Any) -> tuple[list[Slot], list[Address | Selection] | None]:
-        if names is None:
-            return [s for s in self._all_slots() if s.kind not in _DEFAULT_EXCLUDED], None
-        if isinstance(names, (str, Address, Selection)):
-            specs = [names]
-        elif isinstance(names, Iterable):
-            specs = list(names)
-        else:
-            raise AddressParseError(
-                f"expected an address, a selection string or a list of them, got {type(names).__name__}"
-            )
-        requested: list[Address | Selection] = []
-        slots: list[Slot] = []
-        for spec in specs:
-            item = parse(spec)
-            requested.append(item)
-            slots += self._slots_of(item)
-        return list(dict.fromkeys(slots)), requested
-
-    def _plans(
-        self, hooks: Sequence[HookSpec], record: Sequence[Slot] = (), grad: Sequence[Slot] = ()
-    ) -> list[SlotPlan]:
-        plans: dict[Slot, SlotPlan] = {}
-
-        def plan_for(slot: Slot) -> SlotPlan:
-            plan = plans.get(slot)
-            if plan is None:
-                tap = self.adapter.tap(slot)
-                plan = SlotPlan(slot, tap)
-                if slot.kind in self.adapter.unit_axes or slot.kind.startswith("neuron_"):
-                    plan.axis = self.adapter.unit_axis(slot)
-                if tap.special == "result":
-                    plan.w_o = lambda layer=slot.layer: self.adapter.w_o(layer)  # type: ignore[attr-defined]
-                    plan.n_heads = int(self.adapter.dims.n_heads)  # type: ignore[arg-type]
-                plans[slot] = plan
-            return plan
-
-        for entry in check_hooks(hooks):
-            spec, fn = entry
-            for address in iter_addresses(spec, self._dims, allow=self.adapter.check):
-                pos = (
-                    None
-                    if address.index is None
-                    else self.adapter.unit_index(address.slot, address.index)
-                )
-                plan_for(address.slot).hooks.append((address, pos, fn))
-        for slot in record:
-            plan_for(slot).record = True
-        for slot in grad:
-            plan_for(slot).grad = True
-        for plan in list(plans.values()):
-            if plan.tap.stash is not None:
-                plan_for(plan.tap.stash).stash = True
-        return list(plans.values())
-
-    def _layout(self, slots: Sequence[Slot]) -> Layout:
-        axes, units = {}, {}
-        for s in slots:
-            if s.kind in ("q", "k", "v", "z", "result", "pattern"):
-                axes[s], units[s] = self.adapter.unit_axis(s), self.adapter.n_heads(s.layer, s.kind)
-            elif s.kind.startswith("neuron_"):
-                axes[s], units[s] = (
-                    self.adapter.unit_axis(s),
-                    self.adapter.n_neurons(s.layer, s.kind[7:]),
-                )
-        group = self.adapter.kv_group if isinstance(self.adapter, TransformerAdapter) else 1
-        return Layout(self.n_layers, axes, units, group)
-
-    def _prepare_cache(
-        self, names: Any, hooks: Sequence[HookSpec], backward: bool
-    ) -> tuple[list[Slot], list[Address | Selection] | None, Wiring, Layout]:
-        """Plan a cached run; without user hooks the plan is memoised per (names, backward)."""
-        key = None
-        if not hooks:
-            try:
-                key = (_names_key(names), backward)
-            except TypeError:
-                key = None
-            if key is not None and key in self._plan_memo:
-                return self._plan_memo[key]
-        slots, requested = self._cache_request(names)
-        plans = self._plans(hooks, record=slots, grad=slots if backward else ())
-        prepared = (slots, requested, wire(plans), self._layout(slots))
-        if key is not None:
-            if len(self._plan_memo) >= 64:
-                self._plan_memo.clear()
-            self._plan_memo[key] = prepared
-        return prepared
 
     # ------------------------------------------------------------------ public runs
     def run_with_cache(
@@ -501,39 +237,23 @@ class HookedModel(WeightAccess):
         dtype as for ``from_pretrained``: float32, float16, bfloat16, float64).
         """
         device, dtype = as_device(device), as_dtype(dtype)
-        if backward is not None and not (callable(backward) and takes_positional(backward, 1)):
-            raise InputError(
-                "backward must be a callable output -> scalar tensor (e.g. a Metric from "
-                f"hookscope.interventions, or lambda logits: logits[0, -1, 5]), got "
-                f"{describe_signature(backward) if callable(backward) else repr(backward)}"
-            )
-        slots, requested, wiring, layout = self._prepare_cache(names, hooks, backward is not None)
+        _check_backward(backward)
+        plan = self.planner.cache_plan(names, hooks, backward is not None)
         run = Run()
-        value = None
-        grads = None
-        grad_mode = torch.enable_grad() if backward is not None else torch.no_grad()
-        with grad_mode:
-            with installed(self.model, wiring, run):
+        value = grads = None
+        with torch.enable_grad() if backward is not None else torch.no_grad():
+            with installed(self.model, plan.wiring, run):
                 out = self._forward(inputs, kwargs)
             if backward is not None:
-                value = backward(out)
-                if not isinstance(value, Tensor) or value.numel() != 1:
-                    raise InputError(
-                        f"backward must return a scalar tensor, got "
-                        f"{tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__}"
-                    )
-                if run.grad_targets and not value.requires_grad:
-                    raise InputError(
-                        "backward's value does not depend differentiably on the model output "
-                        "(computed under no_grad, detached, or through .item()/argmax?); return "
-                        "a scalar computed from the output, e.g. lambda logits: logits[0, -1, 42]"
-                    )
+                value = _scalar_of(backward, out, run)
                 grads = run.gradients(value.reshape(()))
-        grad_cache = ActivationCache(grads, layout, requested) if grads is not None else None
+        grad_cache = (
+            ActivationCache(grads, plan.layout, plan.requested) if grads is not None else None
+        )
         cache = ActivationCache(
             run.acts,
-            layout,
-            requested,
+            plan.layout,
+            plan.requested,
             grad_cache,
             value.detach() if value is not None else None,
             model=self,
@@ -548,13 +268,13 @@ class HookedModel(WeightAccess):
         """Run with ``hooks = [(address_or_selection, fn), ...]``; ``fn(activation, address)``
         may return a replacement of the same shape (or None to leave it). Hooks are removed
         when the call returns or raises."""
-        with installed(self.model, wire(self._plans(hooks)), Run()):
+        with installed(self.model, wire(self.planner.plans(hooks)), Run()):
             return self._forward(inputs, kwargs)
 
     def hooks(self, hooks: Sequence[HookSpec]) -> installed:
         """Keep ``hooks`` on the model for the ``with`` block (every call inside, in this
         thread, uses them): ``with model.hooks([...]) as m: m(tokens)``."""
-        return installed(self.model, wire(self._plans(hooks)), Run(), value=self)
+        return installed(self.model, wire(self.planner.plans(hooks)), Run(), value=self)
 
     def generate(
         self,
@@ -587,12 +307,28 @@ class HookedModel(WeightAccess):
         )
 
 
-def _names_key(names: Any) -> tuple:
-    """A hashable key for a ``names`` argument (raises TypeError for unhashable input)."""
-    if names is None:
-        return (None,)
-    if isinstance(names, (str, Address, Selection)):
-        return (str(names),)
-    if isinstance(names, (list, tuple)):
-        return tuple(str(n) if isinstance(n, (str, Address, Selection)) else hash(n) for n in names)
-    raise TypeError("not memoisable")
+def _check_backward(backward: Any) -> None:
+    """InputError unless ``backward`` is None or a callable of one argument."""
+    if backward is not None and not (callable(backward) and takes_positional(backward, 1)):
+        raise InputError(
+            "backward must be a callable output -> scalar tensor (e.g. a Metric from "
+            f"hookscope.interventions, or lambda logits: logits[0, -1, 5]), got "
+            f"{describe_signature(backward) if callable(backward) else repr(backward)}"
+        )
+
+
+def _scalar_of(backward: Callable[[Any], Tensor], out: Any, run: Run) -> Tensor:
+    """``backward(out)``, checked to be a scalar tensor the gradients can flow from."""
+    value = backward(out)
+    if not isinstance(value, Tensor) or value.numel() != 1:
+        raise InputError(
+            f"backward must return a scalar tensor, got "
+            f"{tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__}"
+        )
+    if run.grad_targets and not value.requires_grad:
+        raise InputError(
+            "backward's value does not depend differentiably on the model output "
+            "(computed under no_grad, detached, or through .item()/argmax?); return "
+            "a scalar computed from the output, e.g. lambda logits: logits[0, -1, 42]"
+        )
+    return value

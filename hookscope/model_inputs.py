@@ -15,7 +15,6 @@ import torch
 from torch import Tensor, nn
 
 from hookscope._checks import describe_signature, takes_positional
-from hookscope.adapters.transformer import TransformerAdapter
 from hookscope.errors import InputError, format_choices, suggestion
 from hookscope.hooks import HookFn
 
@@ -23,27 +22,6 @@ HookSpec = tuple[Any, HookFn]
 
 if TYPE_CHECKING:
     from hookscope.model import HookedModel
-
-
-def is_texts(x: Any) -> bool:
-    """A string, or a sized sequence of strings (list, tuple, a datasets column, ...)."""
-    if isinstance(x, str):
-        return True
-    if isinstance(x, (Tensor, Mapping)) or not hasattr(x, "__len__") or not hasattr(x, "__iter__"):
-        return False
-    return len(x) > 0 and all(isinstance(t, str) for t in x)
-
-
-def is_int_nest(x: Any) -> bool:
-    """A non-empty list of ints, or of equal-length lists of ints (token ids)."""
-    if not x:
-        return False
-    if all(isinstance(i, int) and not isinstance(i, bool) for i in x):
-        return True
-    return (
-        all(isinstance(r, (list, tuple)) and r and is_int_nest(r) for r in x)
-        and len({len(r) for r in x}) == 1
-    )
 
 
 def check_hooks(hooks: Any, *, context: bool = False) -> list[HookSpec]:
@@ -126,7 +104,7 @@ def checked_input(model: HookedModel, inputs: Tensor) -> Tensor:
     """``inputs`` after the adapter's checks (a token row [pos] becomes [1, pos]); InputError
     for an empty batch."""
     adapter = model.adapter
-    if isinstance(adapter, TransformerAdapter) and adapter.spec.token_input and inputs.ndim == 1:
+    if adapter.token_input and inputs.ndim == 1:
         inputs = inputs.unsqueeze(0)
     if inputs.ndim >= 1 and inputs.shape[0] == 0:
         raise InputError(

@@ -59,6 +59,7 @@ __all__ = [
     "cka_matrix",
     "cka_report",
     "CKAMatrix",
+    "without_pc1",
 ]
 
 KINDS = ("linear", "debiased", "rbf")
@@ -342,7 +343,7 @@ def _matrix(mats: list[Tensor], kind: str, threshold: float, progress: bool) -> 
     return out
 
 
-def _remove_pc1(m: Tensor) -> Tensor:
+def without_pc1(m: Tensor) -> Tensor:
     """``m`` centred, with its first principal component projected out."""
     c = centred(m)
     top = pca(c, k=1, center=False).components  # [1, p]
@@ -380,7 +381,7 @@ def _layer_matrix(
     threshold = in_range(threshold, "threshold", 0.0, math.inf, closed_low=False)
     found, mats = as_layers(activations, names, sample_dims=sample_dims)
     if remove_pc1:
-        mats = [_remove_pc1(m) for m in mats]
+        mats = [without_pc1(m) for m in mats]
     return found, _matrix(mats, kind, threshold, progress)
 
 

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from hookscope.errors import AnalysisError
 
 from ._validate import as_layers, as_matrix, as_vector, centred, choice, in_range, same_rows
-from .cka import KINDS, _remove_pc1, debiased_cka, linear_cka, rbf_cka
+from .cka import KINDS, debiased_cka, linear_cka, rbf_cka, without_pc1
 from .geometry import pca
 
 if TYPE_CHECKING:
@@ -126,7 +126,7 @@ def pc1_diagnostic(
     same_rows(x, y)
     return PC1Diagnostic(
         cka=fn(x, y),
-        cka_without_pc1=fn(_remove_pc1(x), _remove_pc1(y)),
+        cka_without_pc1=fn(without_pc1(x), without_pc1(y)),
         pc1_fraction_x=_pc1_fraction(centred(x)),
         pc1_fraction_y=_pc1_fraction(centred(y)),
         kind=kind,
@@ -244,12 +244,12 @@ def collapse_report(
     found, mats = as_layers(activations, names, sample_dims=sample_dims)
     _, (ref,) = as_layers([reference], ["reference"], sample_dims=sample_dims)
     same_rows(mats[0], ref, (f"layer {found[0]!r}", "reference"))
-    ref_wo = _remove_pc1(ref) if pc1 else None
+    ref_wo = without_pc1(ref) if pc1 else None
     curve, curve_wo, frac = [], [], []
     for m in tqdm(mats, desc="collapse", unit="layer", disable=not progress):
         curve.append(fn(m, ref))
         if pc1:
-            curve_wo.append(fn(_remove_pc1(m), ref_wo))
+            curve_wo.append(fn(without_pc1(m), ref_wo))
             frac.append(_pc1_fraction(centred(m)))
     as_t = partial(torch.tensor, dtype=torch.float64)
     return CollapseReport(

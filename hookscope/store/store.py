@@ -663,7 +663,9 @@ def _pad_id(model: Any) -> int:
     tok = model.tokenizer
     if tok is None:
         return 0
-    return next((p for p in (tok.pad_token_id, tok.eos_token_id) if p is not None), 0)
+    from hookscope.inputs import pad_token
+
+    return pad_token(tok)
 
 
 def _images(table: pa.Table, column: str, lo: int, hi: int) -> torch.Tensor:

@@ -284,7 +284,7 @@ class Tracker:
 
             self._slots = [a.slot for a in self.sites]
             self._run = Run(grad_only=True)
-            plans = self.model._plans((), record=self._slots)
+            plans = self.model.planner.plans((), record=self._slots)
             hooks = installed(self.module, wire(plans), self._run)
             hooks.__enter__()  # removes what it registered itself if interrupted
             self._installed = hooks

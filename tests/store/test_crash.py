@@ -28,6 +28,7 @@ import pytest
 import torch
 
 import hookscope as hs
+from hookscope.inputs import tokenize
 from hookscope.store import ActivationStore, StoredActivations, StoreError
 from hookscope.store import extract as store_extract
 from hookscope.store import files as store_files
@@ -490,7 +491,7 @@ def test_no_unembedding_unless_a_site_needs_it(tmp_path, model):
         handle.remove()
     vocab, width = head.out_features, head.in_features
     assert calls == [vocab] + [width] * 8 + [vocab] + [vocab] * 8  # the probes run it in full
-    enc = model._tokenize(TEXTS[:3])
+    enc = tokenize(model.tokenizer, TEXTS[:3])
     _, cache = model.run_with_cache(enc, names=["resid_post.1", "logits"])
     mask = enc["attention_mask"].bool()
     for got in (acts, logits):

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import hookscope as hs
+from hookscope.inputs import tokenize
 from hookscope.store import ActivationStore, StoreError
 from hookscope.store import files as store_files
 
@@ -120,7 +121,7 @@ def test_storage_dtypes_round_trip_exactly(store, model, data, dtype):
     acts = _extract(store, model, data, positions="last", dtype=dtype, batch_size=len(TEXTS))
     x = acts["head.1.2"]
     assert x.dtype == getattr(torch, dtype) and x.shape == (len(TEXTS), 16)
-    enc = model._tokenize(TEXTS)  # the same padded batch the extraction ran
+    enc = tokenize(model.tokenizer, TEXTS)  # the same padded batch the extraction ran
     _, cache = model.run_with_cache(enc, names="head.1.2")
     last = enc["attention_mask"].sum(1) - 1
     ref = cache["head.1.2"][torch.arange(len(TEXTS)), last].to(getattr(torch, dtype))

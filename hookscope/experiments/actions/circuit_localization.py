@@ -62,6 +62,7 @@ from hookscope.experiments.actions.feature_detection import (
     sweep_options,
     table_json,
 )
+from hookscope.inputs import pad_token
 
 __all__ = ["CircuitLocalization", "CIRCUIT_EXPLAIN"]
 
@@ -475,7 +476,7 @@ def _dataset_batches(context: Any, policy: Any, p: Any) -> _Data:
         if policy.kind == "mean"
         else np.asarray([int(r[0]) for r in policy.positions(lengths, column)])
     )
-    pad = next((q for q in (tok.pad_token_id, tok.eos_token_id) if q is not None), 0)
+    pad = pad_token(tok)
     for lo in range(0, n, bs):
         rows = np.arange(lo, min(n, lo + bs))
         width = int(lengths[rows].max())
