@@ -19,8 +19,10 @@ Definitions (``A[b, h, t, s]`` is head h's attention pattern, dest t, src s):
   about ``ln(vocab_size)``, the loss of a uniform guess (zero-ablation, being off the
   training distribution, can push it somewhat above).
 
-Heads are ablated by zeroing their z (``head.L.H``, the input of the output projection):
-the head then writes only the output projection's shared bias.
+Heads are ablated by zeroing their z (``head.L.H``, the input of the output projection)
+with :func:`hookscope.interventions.ablate` (``method="zero"``): the head then writes only
+the output projection's shared bias. Scores read the attention patterns from
+:meth:`~hookscope.model.HookedModel.run_with_cache`; this module adds no hooks of its own.
 
 >>> batch = induction_tensors(500, vocab_size=64, prefix_len=(4, 20), seed=1234)
 >>> scores = induction_scores(model, batch)          # [n_layers, n_heads]
@@ -31,22 +33,26 @@ the head then writes only the output projection's shared bias.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hookscope.addresses import AttentionHead
+from hookscope import interventions as iv
+from hookscope.addresses import Address, AttentionHead
 from hookscope.data.induction import InductionBatch
 from hookscope.errors import InputError
+from hookscope.modes import EvalMode
 
 __all__ = [
     "InductionCircuit",
     "chance_scores",
     "head_scores",
+    "head_zeroed_losses",
     "induction_circuit",
     "induction_scores",
     "previous_token_scores",
@@ -77,6 +83,11 @@ def _induction_pairs(batch: InductionBatch) -> tuple[Tensor, Tensor, Tensor]:
     return rows, dest, src
 
 
+def _chunks(batch: InductionBatch, batch_size: int) -> Iterator[InductionBatch]:
+    for start in range(0, len(batch), batch_size):
+        yield batch[start : start + batch_size]
+
+
 def head_scores(model: Any, batch: InductionBatch, batch_size: int = 256) -> tuple[Tensor, Tensor]:
     """``(induction, previous_token)`` scores, each float64 [n_layers, n_heads], in one pass.
 
@@ -88,8 +99,7 @@ def head_scores(model: Any, batch: InductionBatch, batch_size: int = 256) -> tup
     prev_sum = torch.zeros(n_layers, n_heads, dtype=torch.float64)
     n_ind = n_prev = 0
     names = [str(AttentionHead(layer, None, "pattern")) for layer in range(n_layers)]
-    for start in range(0, len(batch), batch_size):
-        part = batch[start : start + batch_size]
+    for part in _chunks(batch, batch_size):
         _, cache = model.run_with_cache(part.tokens, names=names)
         # [layer, batch, head, dest, src]
         pattern = torch.stack([cache[name] for name in names]).double()
@@ -122,33 +132,82 @@ def chance_scores(batch: InductionBatch) -> tuple[float, float]:
     return induction, (1.0 / (pos + 1)).mean().item()
 
 
-def zero_heads(heads: Sequence[Head]) -> list[tuple[AttentionHead, Callable]]:
-    """Hooks zeroing the z of each ``(layer, head)`` (for ``run_with_hooks`` / repeat_loss)."""
+def zero_heads(heads: Sequence[Head]) -> list[AttentionHead]:
+    """The z address (``head.L.H``) of each ``(layer, head)``: sites for :func:`repeat_loss`."""
+    return [AttentionHead(int(layer), int(head)) for layer, head in heads]
 
-    def zero(act: Tensor, address: Any) -> Tensor:
-        return torch.zeros_like(act)
 
-    return [(AttentionHead(int(layer), int(head)), zero) for layer, head in heads]
+def _sites(zeroed: Sequence) -> list:
+    """``zeroed`` as ablation sites: ``(layer, head)`` pairs become their z addresses."""
+    if isinstance(zeroed, (str, Address)):
+        return [zeroed]
+    return [
+        AttentionHead(*map(int, s))
+        if isinstance(s, tuple) and len(s) == 2 and all(isinstance(i, int) for i in s)
+        else s
+        for s in zeroed
+    ]
+
+
+def _predicted(batch: InductionBatch) -> tuple[Tensor, Tensor]:
+    """(row, pos) of every position predicting a repeated token from the one before."""
+    pos = torch.arange(batch.tokens.shape[1] - 1)
+    mask = (pos >= batch.repeat_start[:, None]) & (pos < batch.repeat_end[:, None] - 1)
+    return mask.nonzero(as_tuple=True)
+
+
+def _repeat_nll(logits: Tensor, part: InductionBatch) -> Tensor:
+    """Summed next-token cross-entropy (float64, nats) on ``part``'s repeated positions."""
+    rows, t = (i.to(logits.device) for i in _predicted(part))
+    logp = F.log_softmax(logits[rows, t].double(), dim=-1)
+    return -logp.gather(1, part.tokens.to(logits.device)[rows, t + 1][:, None]).sum()
+
+
+def _n_predicted(batch: InductionBatch) -> int:
+    """How many positions the repeat loss averages over (an InputError if none)."""
+    n = len(_predicted(batch)[0])
+    if n == 0:
+        raise InputError("the batch has no repeated tokens to predict (prefix_len must be >= 2)")
+    return n
 
 
 def repeat_loss(
-    model: Any, batch: InductionBatch, hooks: Sequence = (), batch_size: int = 256
+    model: Any, batch: InductionBatch, zeroed: Sequence = (), batch_size: int = 256
 ) -> float:
-    """Mean cross-entropy (nats) on the repeated part, under ``hooks`` (module docstring)."""
+    """Mean cross-entropy (nats) on the repeated part (module docstring), in eval mode.
+
+    ``zeroed``: heads zero-ablated together, through :func:`hookscope.interventions.ablate`
+    (``method="zero"``): ``(layer, head)`` pairs (:func:`zero_heads`) or any of its sites.
+    """
     _check(model, batch)
-    total, count = 0.0, 0
-    for start in range(0, len(batch), batch_size):
-        part = batch[start : start + batch_size]
-        with torch.no_grad():
-            logits = model.run_with_hooks(part.tokens, hooks=list(hooks))
-        pos = torch.arange(part.tokens.shape[1] - 1)
-        mask = (pos >= part.repeat_start[:, None]) & (pos < part.repeat_end[:, None] - 1)
-        rows, t = mask.nonzero(as_tuple=True)
-        logp = F.log_softmax(logits[rows, t].double(), dim=-1)
-        total += -logp.gather(1, part.tokens[rows, t + 1][:, None]).sum().item()
-        count += len(rows)
-    if count == 0:
-        raise InputError("the batch has no repeated tokens to predict (prefix_len must be >= 2)")
+    count, sites, total = _n_predicted(batch), _sites(zeroed), 0.0
+    for part in _chunks(batch, batch_size):
+        if sites:
+            logits = iv.ablate(model, part.tokens, sites, method="zero", progress=False)
+        else:
+            with torch.no_grad(), EvalMode(model.model):
+                logits = model(part.tokens)
+        total += _repeat_nll(logits, part).item()
+    return total / count
+
+
+def head_zeroed_losses(model: Any, batch: InductionBatch, batch_size: int = 256) -> Tensor:
+    """Repeat loss with each head zeroed alone, float64 [n_layers, n_heads]: one
+    :func:`hookscope.interventions.ablate` sweep of ``head.*.*`` (``method="zero"``) per
+    ``batch_size`` sequences, its metric the summed cross-entropy, pooled over the sweeps."""
+    _check(model, batch)
+    count, total = _n_predicted(batch), None
+    for part in _chunks(batch, batch_size):
+        result = iv.ablate(
+            model,
+            part.tokens,
+            "head.*.*",
+            method="zero",
+            metric=partial(_repeat_nll, part=part),
+            progress=False,
+        )
+        sums = result.scores.double()
+        total = sums if total is None else total + sums
     return total / count
 
 
@@ -271,13 +330,7 @@ def induction_circuit(
     circuit = set(prev_heads + ind_heads)
     others = [h for h in heads if h not in circuit]
     control = min(others, key=lambda h: max(prev[h], induction[h]).item()) if others else None
-    per_head = torch.tensor(
-        [
-            [repeat_loss(model, batch, zero_heads([(la, he)]), batch_size) for he in range(n_heads)]
-            for la in range(n_layers)
-        ],
-        dtype=torch.float64,
-    )
+    per_head = head_zeroed_losses(model, batch, batch_size)
     ind_chance, prev_chance = chance_scores(batch)
     return InductionCircuit(
         induction=induction,
@@ -288,7 +341,7 @@ def induction_circuit(
         induction_heads=ind_heads,
         control_head=control,
         clean_loss=repeat_loss(model, batch, (), batch_size),
-        circuit_loss=repeat_loss(model, batch, zero_heads(sorted(circuit)), batch_size),
+        circuit_loss=repeat_loss(model, batch, sorted(circuit), batch_size),
         control_loss=None if control is None else float(per_head[control]),
         per_head_loss=per_head,
         uniform_loss=math.log(batch.vocab_size),

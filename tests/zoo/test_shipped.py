@@ -22,6 +22,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 import hookscope as hs
+from hookscope.addresses import AttentionHead
 from hookscope.data.induction import induction_tensors
 from hookscope.errors import InputError, ModelLoadError
 from hookscope.zoo import induction as zi
@@ -341,6 +342,44 @@ def test_per_head_ablation_table(ind_model, ind_batch, ind_card):
     one = zi.repeat_loss(ind_model, ind_batch, zi.zero_heads([(layer, head)]))
     assert one == pytest.approx(float(table[layer, head]), abs=1e-6)
     assert table.shape == (2, 4) and float(table.max()) == float(table[layer, head])
+
+
+def test_measurements_equal_plain_torch(hf_eager, ind_model, ind_batch, ind_card):
+    """zoo.induction measures through the library (patterns from run_with_cache, zero
+    ablation from interventions.ablate, also as a sweep over head.*.*): equal to the plain
+    torch references above to 1e-6, pooled over uneven chunks."""
+    m = ind_card["metrics"]
+    circuit = _heads(m["previous_token_heads"] + m["induction_heads"])
+    batch = ind_batch[:300]
+    ind_ref, prev_ref = _brute_force_scores(hf_eager, batch)
+    ind, prev = zi.head_scores(ind_model, batch, batch_size=128)
+    torch.testing.assert_close(ind, ind_ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(prev, prev_ref, atol=1e-6, rtol=0)
+    for heads in ([], circuit):
+        expected = _repeat_loss_by_hand(hf_eager, batch, heads)
+        got = zi.repeat_loss(ind_model, batch, heads, batch_size=128)
+        assert got == pytest.approx(expected, abs=1e-6), heads
+    table = zi.head_zeroed_losses(ind_model, batch, batch_size=128)
+    by_hand = [
+        [_repeat_loss_by_hand(hf_eager, batch, [(la, he)]) for he in range(4)] for la in range(2)
+    ]
+    torch.testing.assert_close(table, torch.tensor(by_hand, dtype=torch.float64), atol=1e-6, rtol=0)
+
+
+def test_repeat_loss_sites(ind_model, ind_batch):
+    """Heads to zero as (layer, head) pairs, zero_heads' addresses or a selection agree."""
+    batch = ind_batch[:64]
+    layer_1 = [(1, h) for h in range(4)]
+    pairs = zi.repeat_loss(ind_model, batch, layer_1)
+    assert zi.zero_heads(layer_1) == [AttentionHead(1, h) for h in range(4)]
+    assert zi.repeat_loss(ind_model, batch, zi.zero_heads(layer_1)) == pairs
+    assert zi.repeat_loss(ind_model, batch, "head.1.*") == pairs
+    assert zi.repeat_loss(ind_model, batch) < pairs
+    short = induction_tensors(4, 10, (1, 1), seq_len=6)
+    with pytest.raises(InputError, match="no repeated tokens to predict"):
+        zi.repeat_loss(ind_model, short)
+    with pytest.raises(InputError, match="no repeated tokens to predict"):
+        zi.head_zeroed_losses(ind_model, short)
 
 
 def test_induction_circuit_report(ind_model, ind_batch, ind_card):
