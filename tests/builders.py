@@ -6,6 +6,9 @@ fixed seed, and the tokenizer is a byte-level BPE trained on a few sentences.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -183,3 +186,138 @@ def tiny_gemma3(seed: int = 0, softcap: float | None = None):
         final_logit_softcapping=softcap,
     )
     return Gemma3ForCausalLM(cfg).eval()
+
+
+def with_random_biases(model: nn.Module, seed: int = 11, scale: float = 0.1) -> nn.Module:
+    """``model`` with every 1-D ``bias`` parameter (linear and norm layers) set to seeded
+    noise: Hugging Face initialises biases to zero, which would hide a read or a shortcut
+    that drops or doubles one."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            bias = getattr(module, "bias", None)
+            if isinstance(bias, nn.Parameter) and bias.ndim == 1:
+                bias.copy_(scale * torch.randn(bias.shape, generator=g))
+    return model
+
+
+def with_scaled_weights(model: nn.Module, factor: float = 5.0) -> nn.Module:
+    """``model`` with every parameter of two or more dimensions (projections, embeddings)
+    multiplied by ``factor``: Hugging Face's initialisation (std 0.02) leaves a tiny model
+    nearly linear and a patch's effect on the logits near rounding, so a test comparing
+    patched runs could not tell a right answer from a slightly wrong one."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2:
+                p.mul_(factor)
+    return model
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One tiny model of an architecture family, and what kind of transformer it is.
+
+    ``build()`` returns the seeded model in eval mode; ``adapter`` is the hookscope adapter
+    that must be detected for it. Flags: ``causal`` (a position sees
+    only earlier ones), ``gqa`` (fewer k/v heads than query heads), ``parallel_residual``
+    (attention and MLP both read the block input), ``has_resid_mid`` (a residual stream
+    between attention and MLP exists), ``token_input`` (token ids in, [batch, pos, vocab]
+    logits out; else images in, [batch, classes] out), ``vision``, ``softcap`` (final
+    logit soft-capping). ``tests/test_contract.py`` checks the flags against each model.
+    """
+
+    name: str
+    build: Callable[[], nn.Module]
+    adapter: str
+    causal: bool
+    gqa: bool
+    parallel_residual: bool
+    has_resid_mid: bool
+    token_input: bool = True
+    vision: bool = False
+    softcap: bool = False
+
+    def __str__(self) -> str:
+        return self.name
+
+
+ARCHITECTURES = [
+    Architecture(
+        "gpt2",
+        tiny_gpt2,
+        "gpt2",
+        causal=True,
+        gqa=False,
+        parallel_residual=False,
+        has_resid_mid=True,
+    ),
+    Architecture(
+        "llama_gqa",
+        tiny_llama_gqa,
+        "llama",
+        causal=True,
+        gqa=True,
+        parallel_residual=False,
+        has_resid_mid=True,
+    ),
+    Architecture(
+        "neox_parallel",
+        partial(tiny_neox, parallel=True),
+        "gpt_neox",
+        causal=True,
+        gqa=False,
+        parallel_residual=True,
+        has_resid_mid=False,
+    ),
+    Architecture(
+        "neox_sequential",
+        partial(tiny_neox, parallel=False),
+        "gpt_neox",
+        causal=True,
+        gqa=False,
+        parallel_residual=False,
+        has_resid_mid=True,
+    ),
+    Architecture(
+        "bert",
+        tiny_bert,
+        "bert",
+        causal=False,
+        gqa=False,
+        parallel_residual=False,
+        has_resid_mid=True,
+    ),
+    Architecture(
+        "gemma3",
+        tiny_gemma3,
+        "gemma3",
+        causal=True,
+        gqa=True,
+        parallel_residual=False,
+        has_resid_mid=True,
+    ),
+    Architecture(
+        "gemma3_softcap",
+        partial(tiny_gemma3, softcap=30.0),
+        "gemma3",
+        causal=True,
+        gqa=True,
+        parallel_residual=False,
+        has_resid_mid=True,
+        softcap=True,
+    ),
+    Architecture(
+        "vit",
+        tiny_vit,
+        "vit",
+        causal=False,
+        gqa=False,
+        parallel_residual=False,
+        has_resid_mid=True,
+        token_input=False,
+        vision=True,
+    ),
+]
+
+#: the same entries by name
+ARCHITECTURES_BY_NAME = {a.name: a for a in ARCHITECTURES}

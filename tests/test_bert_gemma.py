@@ -32,14 +32,10 @@ def gemma():
 
 
 def test_bert_residual_stream_is_post_layernorm(bert):
+    # (each site against Hugging Face's hidden states and modules: tests/test_contract.py)
     hf, model = bert
-    assert model.adapter.name == "bert"
-    with torch.no_grad():
-        ref = hf(TOKS, output_hidden_states=True)
-    logits, cache = model.run_with_cache(TOKS, names=ALL)
-    assert torch.equal(logits, ref.logits)
+    _, cache = model.run_with_cache(TOKS, names=ALL)
     for layer in range(2):
-        assert torch.equal(cache[f"resid_pre.{layer}"], ref.hidden_states[layer])
         block = hf.bert.encoder.layer[layer]
         with torch.no_grad():
             mid = block.attention.output.LayerNorm(
@@ -48,16 +44,12 @@ def test_bert_residual_stream_is_post_layernorm(bert):
             post = block.output.LayerNorm(cache[f"mlp_out.{layer}"] + cache[f"resid_mid.{layer}"])
         assert torch.equal(mid, cache[f"resid_mid.{layer}"])
         assert torch.equal(post, cache[f"resid_post.{layer}"])
-    assert torch.equal(cache["resid_post.1"], ref.hidden_states[2])
 
 
 def test_bert_pattern_is_bidirectional(bert):
-    hf, model = bert
-    with torch.no_grad():
-        ref = builders.eager_copy(hf)(TOKS, output_attentions=True)
-    logits, cache = model.run_with_cache(TOKS, names="head.*.pattern")
-    assert torch.equal(logits, ref.logits)
-    assert torch.equal(cache["head.1.pattern"], ref.attentions[1])
+    # (patterns against eager attention: tests/test_contract.py)
+    _, model = bert
+    _, cache = model.run_with_cache(TOKS, names="head.*.pattern")
     assert (cache["head.0.2.pattern"].triu(1) > 0).any()  # attends forwards too
 
 
@@ -74,14 +66,13 @@ def test_bert_resid_mid_write_is_a_module_output(bert):
 
 
 def test_gemma3_sites(gemma):
+    # (each site against Hugging Face's hidden states and modules: tests/test_contract.py)
     hf, model = gemma
-    assert model.adapter.name == "gemma3" and model.cfg.n_kv_heads == 2
+    assert model.cfg.n_kv_heads == 2
     with torch.no_grad():
         ref = hf(TOKS, output_hidden_states=True, use_cache=False)
-    logits, cache = model.run_with_cache(TOKS, names=ALL + ["embed"])
-    assert torch.equal(logits, ref.logits)
+    _, cache = model.run_with_cache(TOKS, names=ALL + ["embed"])
     for layer in range(3):
-        assert torch.equal(cache[f"resid_pre.{layer}"], ref.hidden_states[layer])
         # attn_out / mlp_out are what joins the residual: the post-norm outputs
         mid = cache[f"resid_pre.{layer}"] + cache[f"attn_out.{layer}"]
         assert torch.equal(cache[f"resid_mid.{layer}"], mid)
@@ -90,13 +81,9 @@ def test_gemma3_sites(gemma):
 
 
 def test_gemma3_sliding_window_pattern(gemma):
-    hf, model = gemma
-    with torch.no_grad():
-        ref = builders.eager_copy(hf)(TOKS, output_attentions=True, use_cache=False)
-    logits, cache = model.run_with_cache(TOKS, names="head.*.pattern")
-    assert torch.equal(logits, ref.logits)
-    for layer in range(3):
-        assert torch.equal(cache[f"head.{layer}.pattern"], ref.attentions[layer])
+    # (patterns against eager attention: tests/test_contract.py)
+    _, model = gemma
+    _, cache = model.run_with_cache(TOKS, names="head.*.pattern")
     window = cache["head.0.1.pattern"][0]
     assert torch.all(window.tril(-4) == 0) and (window.diagonal(-3) > 0).all()
     assert (cache["head.2.1.pattern"][0].tril(-4) > 0).any()  # the full-attention layer

@@ -222,22 +222,11 @@ def test_resid_mid_does_not_exist_on_pythia(pythia):
         pythia.run_with_cache(torch.zeros(1, 3, dtype=torch.long), names="resid_mid.0")
 
 
-def test_sequential_neox_has_exact_resid_mid():
+def test_sequential_neox_resid_mid_write():
+    # (reading resid_mid against the model's own tensor: tests/test_contract.py)
     hf = builders.tiny_neox(parallel=False)
     model = hs.HookedModel.wrap(hf)
     toks = torch.randint(0, 500, (2, 7), generator=torch.Generator().manual_seed(0))
-    seen = {}
-    handle = hf.gpt_neox.layers[1].post_attention_layernorm.register_forward_hook(
-        lambda m, args, out: seen.setdefault("mid", args[0])
-    )
-    try:
-        with torch.no_grad():
-            ref = hf(toks).logits
-        logits, cache = model.run_with_cache(toks, names=["resid_mid.1"])
-    finally:
-        handle.remove()
-    assert torch.equal(logits, ref)
-    assert torch.equal(cache["resid_mid.1"], seen["mid"])
     # writing resid_mid moves the block output by the same amount (through attention's output)
     delta = torch.randn(64, generator=torch.Generator().manual_seed(2))
     _, a = model.run_with_cache(toks, names=["resid_mid.1", "mlp_out.1", "resid_post.1"])

@@ -145,10 +145,9 @@ def test_cnn_gradient_before_an_inplace_relu(frozen):
 
 def test_vit_values_by_hand(vit):
     net, model = vit
-    logits, cache = model.run_with_cache(X_FLAT, names=None)
-    assert torch.equal(logits, net(X_FLAT))
+    # (logits and embed against the model itself: tests/test_contract.py)
+    _, cache = model.run_with_cache(X_FLAT, names=None)
     tokens = net.patch_embed(X_FLAT)
-    torch.testing.assert_close(cache["embed"], tokens)
     x0 = torch.cat([net.cls_token.expand(3, -1, -1), tokens], 1) + net.pos_embed
     torch.testing.assert_close(cache["resid_pre.0"], x0)
     blk = net.blocks[0]
