@@ -224,6 +224,27 @@ def _ablate(
     )  # fmt: skip
 
 
+def _check_shared_units(model: HookedModel, kept: list[Address], removed: tuple) -> None:
+    """InputError when a kept address shares its tensor slice with an ablated one (with
+    grouped-query attention, the query heads of one group share their k and v head): the
+    kept one would be ablated too."""
+    kept_at = {(a.slot, _unit(model, a)): a for a in kept}
+    for a in removed:
+        other = kept_at.get((a.slot, _unit(model, a)))
+        if other is not None:
+            raise InputError(
+                f"{other} is kept but shares its values with {a}, which is ablated (their "
+                f"query heads share one key/value head); keep or ablate both"
+            )
+
+
+def _unit(model: HookedModel, address: Address) -> int | None:
+    """Where ``address`` lies on its slot's unit axis (None: the whole slot)."""
+    if address.index is None:
+        return None
+    return model.adapter.unit_index(address.slot, address.index)
+
+
 @dataclass
 class Knockout:
     """A circuit's faithfulness: the metric with only ``kept`` of the sites left intact.
@@ -310,6 +331,7 @@ def _knockout(
             f"({format_choices(addresses)})"
         )
     removed = tuple(a for a in addresses if a not in kept_set)
+    _check_shared_units(model, kept, removed)
     values = Values(
         model, addresses, method, inputs_t, reference, per_position, n_draws, seed, False, lengths
     )

@@ -10,6 +10,8 @@ import torch
 
 import hookscope as hs
 from hookscope import interventions as iv
+from hookscope.addresses import Slot
+from hookscope.errors import InputError
 
 import builders
 
@@ -432,3 +434,21 @@ def test_mean_over_a_padded_reference_counts_real_tokens_only(neox):
     assert abs(expected_pos - expected_pooled) > 1e-4  # the padding-aware means differ
     with pytest.raises(hs.HookscopeError, match="resampling reference needs prompts of equal"):
         iv.ablate(model, inputs, "head.1.2", "resample", reference=reference, metric=metric)
+
+
+def test_knockout_refuses_a_kept_kv_head_shared_with_an_ablated_one():
+    """GQA: query heads 0 and 1 share key/value head 0, so keeping head.1.0.k while
+    ablating head.1.1.k would ablate the kept one too."""
+    model = hs.HookedModel.wrap(builders.tiny_llama_gqa())
+    tokens = torch.randint(1, 300, (2, 6), generator=torch.Generator().manual_seed(0))
+    metric = iv.logit_diff(5, 9)
+    assert model.adapter.unit_index(Slot("k", 1), 0) == model.adapter.unit_index(Slot("k", 1), 1)
+    with pytest.raises(
+        InputError, match=r"head\.1\.0\.k is kept but shares its values with head\.1\.1\.k"
+    ):
+        iv.knockout(model, tokens, ["head.1.0.k", "head.1.1.k"], metric, keep=["head.1.0.k"],
+                    method="zero")  # fmt: skip
+    # heads of different groups are separate: keeping one of them is fine
+    res = iv.knockout(model, tokens, ["head.1.0.k", "head.1.2.k"], metric, keep=["head.1.0.k"],
+                      method="zero")  # fmt: skip
+    assert res.removed == 1
