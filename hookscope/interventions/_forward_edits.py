@@ -1,6 +1,6 @@
 """Edits to one forward of a Hugging Face model, as hooks and temporary ``forward``
-replacements: what :class:`~hookscope.interventions._stacked.StackedRunner` uses to join
-patched copies to the batch, replay recorded blocks and stop at the unembedding."""
+replacements: what the intervention engine (:mod:`hookscope.interventions.engine`) uses to
+join patched copies to the batch, replay recorded blocks and stop at the unembedding."""
 
 from __future__ import annotations
 

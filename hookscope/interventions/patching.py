@@ -7,12 +7,12 @@ forward, each a copy of the input batch), so a sweep of N jobs costs about N / c
 forwards instead of N. The per-job metric is computed on that job's rows only.
 
 On transformers a forward skips everything a job's patch cannot change or the metric does
-not read (:mod:`hookscope.interventions._stacked`): blocks below the patch are replayed from
+not read (:mod:`hookscope.interventions.engine`): blocks below the patch are replayed from
 the baseline run, each copy joins the batch at the block it patches, causal models skip the
 positions before the first changed one, a head's ``z``/``result`` patch in a parallel block
 (GPT-NeoX) is added to the block output instead of recomputing the block, and structured
 metrics read only their own logits at their own position. Every shortcut is exact: results
-equal one plain patched forward per job (``tests/interventions/test_stacked.py``).
+equal one plain patched forward per job (``tests/test_contract.py``).
 """
 
 from __future__ import annotations
