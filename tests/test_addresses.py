@@ -215,19 +215,22 @@ def test_parse_rejects_non_strings():
 
 
 def test_the_address_modules_import_in_one_direction():
-    """grammar imports core; core imports nothing of the grammar (no import cycle)."""
+    """kinds (the slot-kind table) imports nothing of hookscope; core imports only kinds;
+    grammar imports core; no import cycle."""
     import ast
     from pathlib import Path
 
     import hookscope.addresses as package
 
     folder = Path(package.__file__).parent
-    imported = {
-        node.module
-        for node in ast.walk(ast.parse((folder / "core.py").read_text()))
-        if isinstance(node, ast.ImportFrom)
-    }
-    assert not any(m and m.startswith("hookscope.addresses") for m in imported)
+
+    def imports(name: str) -> set:
+        tree = ast.parse((folder / name).read_text())
+        return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+
+    assert not any(m.startswith("hookscope") for m in imports("kinds.py"))
+    ours = {m for m in imports("core.py") if m.startswith("hookscope.addresses")}
+    assert ours == {"hookscope.addresses.kinds"}
     grammar = {
         node.module
         for node in ast.walk(ast.parse((folder / "grammar.py").read_text()))
