@@ -257,25 +257,57 @@ def _forward_hook(plans: list[SlotPlan], run: Run, module: nn.Module, args: tupl
     return _replace_output(output, ev.tensor) if ev.changed else None
 
 
+def _input_event(plans: list[SlotPlan], module: nn.Module, args: tuple, kwargs: dict) -> _Event:
+    tap = plans[0].tap
+    if len(args) > tap.arg:
+        return _Event(args[tap.arg])
+    if tap.kwarg is not None and tap.kwarg in kwargs:
+        return _Event(kwargs[tap.kwarg])
+    raise HookError(
+        f"{type(module).__name__} was called without its input {tap.kwarg or tap.arg!r}; "
+        f"cannot read {', '.join(str(p.slot.kind) for p in plans)}"
+    )
+
+
 def _pre_hook(plans: list[SlotPlan], run: Run, module: nn.Module, args: tuple, kwargs: dict):
     if run.grad_only and not torch.is_grad_enabled():
         return None
     tap = plans[0].tap
-    if len(args) > tap.arg:
-        ev = _Event(args[tap.arg])
-    elif tap.kwarg is not None and tap.kwarg in kwargs:
-        ev = _Event(kwargs[tap.kwarg])
-    else:
-        raise HookError(
-            f"{type(module).__name__} was called without its input {tap.kwarg or tap.arg!r}; "
-            f"cannot read {', '.join(str(p.slot.kind) for p in plans)}"
-        )
+    ev = _input_event(plans, module, args, kwargs)
     _process_group(plans, ev, run, args)
     if not ev.changed:
         return None
     if len(args) > tap.arg:
         return (*args[: tap.arg], ev.tensor, *args[tap.arg + 1 :]), kwargs
     return args, {**kwargs, tap.kwarg: ev.tensor}
+
+
+def _records_only(event: str, plans: list[SlotPlan]) -> bool:
+    """A group that only records plain module tensors (what a training-loop tracker wants)."""
+    return event in ("output", "input") and all(
+        p.record and not (p.hooks or p.stash or p.grad) and p.tap.special == "" for p in plans
+    )
+
+
+def _recorder(plans: list[SlotPlan], run: Run, module: nn.Module, event: str) -> Callable:
+    """A wrapped forward (:meth:`Scope.wrap_forward`) recording ``plans`` at ``event``: the
+    same values as the torch hooks, without torch's hook dispatch on every call."""
+    views = [(plan, plan.tap.view or _identity) for plan in plans]
+
+    def forward(below: Callable, *args: object, **kwargs: object) -> object:
+        wanted = not (run.grad_only and not torch.is_grad_enabled())
+        if wanted and event == "input":
+            ev = _input_event(plans, module, args, kwargs)
+            for plan, view in views:
+                _record(plan, ev, run, view)
+        output = below(*args, **kwargs)
+        if wanted and event == "output":
+            ev = _Event(output_tensor(output))
+            for plan, view in views:
+                _record(plan, ev, run, view)
+        return output
+
+    return forward
 
 
 def _pattern_handler(plans: list[SlotPlan], run: Run, pattern: Tensor) -> Tensor:
@@ -301,10 +333,23 @@ class installed:
     """``with installed(root, wiring, run):`` one torch hook per module event of ``wiring``
     (and, for pattern sites, hookscope's attention routing) for the block, acting in this
     thread only; exactly those are removed on exit, however the block ends (see
-    :mod:`hookscope.scope`). The block gets ``value`` if given, else ``run``."""
+    :mod:`hookscope.scope`). The block gets ``value`` if given, else ``run``.
 
-    def __init__(self, root: nn.Module, wiring: Wiring, run: Run, value: object = None):
+    ``wrap_recorders``: a module event that only records (no user hook, no gradient) is read
+    by a wrapped ``forward`` instead of a torch hook, which keeps the module on torch's fast
+    call path; it records the module's own input/output, before other forward hooks run
+    (the training-loop tracker's choice: its recording runs on every training step)."""
+
+    def __init__(
+        self,
+        root: nn.Module,
+        wiring: Wiring,
+        run: Run,
+        value: object = None,
+        wrap_recorders: bool = False,
+    ):
         self.root, self.wiring, self.run = root, wiring, run
+        self.wrap_recorders = wrap_recorders
         self.value = run if value is None else value
         self.scope = Scope()
 
@@ -323,7 +368,9 @@ class installed:
         pattern: dict[nn.Module, Callable[[Tensor], Tensor]] = {}
         for path, event, group in self.wiring:
             module = submodule(self.root, path)
-            if event == "output":
+            if self.wrap_recorders and _records_only(event, group):
+                scope.wrap_forward(module, _recorder(group, self.run, module, event))
+            elif event == "output":
                 scope.forward_hook(module, partial(_forward_hook, group, self.run))
             elif event == "input":
                 scope.pre_hook(module, partial(_pre_hook, group, self.run), with_kwargs=True)
@@ -341,8 +388,9 @@ class installed:
         return False
 
     def suspend(self) -> None:
-        """Take the block's torch hooks off the modules until :meth:`resume` (hookscope's
-        attention routing, where wired, stays); the block's end removes them either way."""
+        """Take the block's torch hooks and wrapped recorders off the modules until
+        :meth:`resume` (hookscope's attention routing, where wired, stays); the block's end
+        removes them either way."""
         self.scope.suspend_hooks()
 
     def resume(self) -> None:

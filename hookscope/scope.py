@@ -202,6 +202,10 @@ class _Forward:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.active and threading.get_ident() == self.owner:
             return self.fn(*args, **kwargs)
+        return self.below(*args, **kwargs)
+
+    def below(self, *args: Any, **kwargs: Any) -> Any:
+        """The forward this one replaced (read at call time: a replacement below may go)."""
         if self.original is not None:
             return self.original(*args, **kwargs)
         return type(self.module).forward(self.module, *args, **kwargs)
@@ -277,6 +281,7 @@ class Scope:
         self.owner = threading.get_ident()
         self._undo: list[Callable[[], None]] = []
         self._hooks: list[tuple[nn.Module, _ThreadHook, Callable, dict]] = []  # to resume
+        self._wrapped: list[tuple[nn.Module, _Forward]] = []  # wrapped forwards, to suspend
         self._finalizer: weakref.finalize | None = None
 
     # ------------------------------------------------------------------ lifetime
@@ -342,24 +347,50 @@ class Scope:
         module.register_forward_pre_hook(hook, **options)
 
     def suspend_hooks(self) -> None:
-        """Take this scope's torch hooks off their modules for now (a module without hooks
-        runs on torch's fast path: for a scope kept open across many forwards of which few
-        need the hooks). Nothing else of the scope changes; closing removes the hooks
-        whether suspended or not."""
+        """Take this scope's torch hooks and wrapped forwards (:meth:`wrap_forward`) off their
+        modules for now (a module without hooks runs on torch's fast path: for a scope kept
+        open across many forwards of which few need the hooks). Nothing else of the scope
+        changes; closing removes them whether suspended or not."""
         for module, hook, _, _ in self._hooks:
             _remove_hook(module, hook)
+        for module, wrapper in self._wrapped:
+            if module.__dict__.get("forward") is wrapper:  # on top: off the module
+                _restore_forward(module, wrapper)
+            wrapper.active = False  # under a later replacement: passes through
 
     def resume_hooks(self) -> None:
         """Put the suspended hooks back (after the module's other hooks, or before them for
-        ``prepend=True``, as when they were first registered)."""
+        ``prepend=True``, as when they were first registered), and the wrapped forwards
+        (on top of what the module has then)."""
         for module, hook, register, options in self._hooks:
             if not _is_registered(module, hook):
                 register(hook, **options)
+        for module, wrapper in self._wrapped:
+            if wrapper.active:
+                continue
+            node = module.__dict__.get("forward")
+            while isinstance(node, _Forward) and node is not wrapper:
+                node = node.original
+            if node is not wrapper:  # taken off by suspend_hooks: back on top
+                wrapper.original = module.__dict__.get("forward")
+                module.__dict__["forward"] = wrapper
+            wrapper.active = True
 
     def replace_forward(self, module: nn.Module, fn: Callable) -> None:
         """Give ``module`` the instance ``forward`` ``fn`` in this thread (hooks still run)."""
         wrapper = _Forward(self.owner, fn, module)
         self._undo.append(partial(_restore_forward, module, wrapper))
+        module.__dict__["forward"] = wrapper
+
+    def wrap_forward(self, module: nn.Module, fn: Callable) -> None:
+        """Give ``module`` the instance ``forward`` ``fn(below, *args, **kwargs)`` in this
+        thread, ``below`` being the forward it replaced. Unlike a torch hook it keeps the
+        module on torch's fast call path (no hook dispatch: what a recorder called on
+        every training step wants); hooks still run. :meth:`suspend_hooks` takes it off."""
+        wrapper = _Forward(self.owner, fn, module)
+        wrapper.fn = partial(fn, wrapper.below)
+        self._undo.append(partial(_restore_forward, module, wrapper))
+        self._wrapped.append((module, wrapper))
         module.__dict__["forward"] = wrapper
 
     def attach(self, module: nn.Module, attr: str, entry: Any) -> None:

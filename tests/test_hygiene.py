@@ -277,3 +277,77 @@ def test_suspended_hooks_are_off_the_module_and_resume_in_their_place():
         scope.suspend_hooks()
     assert len(lin._forward_hooks) == 1
     user.remove()
+
+
+def test_wrapped_forwards_suspend_resume_nest_and_act_in_their_thread_only():
+    import threading
+
+    from hookscope.scope import Scope
+
+    lin = nn.Linear(3, 3)
+    x = torch.randn(2, 3)
+    plain = lin(x).detach()
+    seen: list[str] = []
+
+    def outer(below, inp):
+        seen.append("outer")
+        return below(inp) * 2
+
+    with Scope() as scope:
+        scope.wrap_forward(lin, outer)
+        assert torch.allclose(lin(x), 2 * plain)
+        other: list[torch.Tensor] = []
+        thread = threading.Thread(target=lambda: other.append(lin(x).detach()))
+        thread.start()
+        thread.join()
+        assert torch.equal(other[0], plain) and seen == ["outer"]  # not in another thread
+        scope.suspend_hooks()
+        assert "forward" not in lin.__dict__ and torch.equal(lin(x), plain)
+        scope.resume_hooks()
+        scope.resume_hooks()  # idempotent: wrapped once
+        assert torch.allclose(lin(x), 2 * plain)
+        with Scope() as inner:  # a later replacement on top: suspend lets it through
+            inner.replace_forward(lin, lambda inp: type(lin).forward(lin, inp) + 1)
+            scope.suspend_hooks()
+            assert torch.allclose(lin(x), plain + 1)
+            scope.resume_hooks()  # still under the later one: switched back on in place
+            assert torch.allclose(lin(x), plain + 1)  # the top one calls the class forward
+        assert torch.allclose(lin(x), 2 * plain)
+        scope.suspend_hooks()
+        user = lambda inp: type(lin).forward(lin, inp) - 1  # noqa: E731
+        lin.forward = user  # the user's own instance forward, set meanwhile
+        scope.resume_hooks()
+        assert torch.allclose(lin(x), 2 * (plain - 1))
+    assert lin.__dict__["forward"] is user  # closing restores what was there
+    del lin.forward
+    with Scope() as scope:  # closed while suspended: nothing comes back
+        scope.wrap_forward(lin, outer)
+        scope.suspend_hooks()
+    assert "forward" not in lin.__dict__
+
+
+def test_wrapped_recorders_record_what_torch_hooks_record():
+    from hookscope.hooks import Run, installed, wire
+
+    model = nn.Sequential(
+        nn.Linear(4, 6), nn.ReLU(inplace=True), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2)
+    )
+    hm = hs.HookedModel.wrap(model)
+    slots = [a.slot for a in hm.resolve(["neuron.0", "neuron.1"])]
+    x = torch.randn(5, 4, requires_grad=True)
+    plans = hm.planner.plans((), record=slots)
+    runs = {}
+    for wrapped in (False, True):
+        run = Run(grad_only=True)
+        with installed(model, wire(plans), run, wrap_recorders=wrapped):
+            assert ("forward" in model[1].__dict__) == wrapped
+            model(x).sum().backward()  # the in-place ReLU still gets a gradient
+            with torch.no_grad():
+                model(x + 1)  # not recorded: an evaluation forward
+        runs[wrapped] = run.acts
+        assert "forward" not in model[1].__dict__ and not model[1]._forward_hooks
+    assert set(runs[True]) == set(runs[False]) == set(slots)
+    for slot in slots:
+        assert torch.equal(runs[True][slot], runs[False][slot])
+        assert not runs[True][slot].requires_grad
+    assert torch.equal(runs[True][slots[0]], torch.relu(model[0](x)).detach())

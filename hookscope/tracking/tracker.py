@@ -3,10 +3,12 @@
 Two ways to get the activations it measures at a logged step ``s`` (``s % every == 0`` or
 ``log(s, force=True)``):
 
-* ``inputs=None``: the training forward itself. While the tracker is entered, one hook per
-  tracked layer records the layer's tensor (detached: no autograd graph is kept) on the
-  forwards before a due ``log``; for the other forwards the hooks are taken off the model
-  (a hooked module call takes torch's slower path) and put back before the next due step,
+* ``inputs=None``: the training forward itself. While the tracker is entered, a recorder
+  per tracked layer (a wrapped ``forward``, which unlike a torch hook keeps the module on
+  torch's fast call path; :meth:`hookscope.scope.Scope.wrap_forward`) records the layer's
+  own tensor, before any forward hooks of others (detached: no autograd graph is kept) on
+  the forwards before a due ``log``; for the other forwards the recorders are taken off the
+  model and put back before the next due step,
   and forwards under ``torch.no_grad`` (an evaluation pass) are never recorded. The activations of step ``s`` come from the forward of step ``s``, i.e. from
   the weights before that step's update, while the checkpoint of step ``s`` is the state
   after it: the state that produced a jump's first new value is the checkpoint one step
@@ -247,10 +249,8 @@ class Tracker:
         # no checkpoint work at any step: log() of a step that is not due has nothing to do
         self._plain = self.ring is None and not self.save_steps
         # results
-        self._steps: list[float] = []
-        self._loss: list[float] = []
-        self._grad: list[float] = []
-        self._values: list[np.ndarray] = []  # per logged step: [sites x metrics]
+        # per measured step: (step, its sites x metrics values, (loss, grad_norm))
+        self._measured: list[tuple[int, Any, tuple]] = []
         self._group_norms: list[dict[str, float]] = []
         self._jumps: list[TrackedJump] = []
         self._handled = 0  # jumps handed to the checkpoint folder
@@ -285,12 +285,16 @@ class Tracker:
             self._slots = [a.slot for a in self.sites]
             self._run = Run(grad_only=True)
             plans = self.model.planner.plans((), record=self._slots)
-            hooks = installed(self.module, wire(plans), self._run)
+            hooks = installed(self.module, wire(plans), self._run, wrap_recorders=True)
             hooks.__enter__()  # removes what it registered itself if interrupted
             self._installed = hooks
             self._armed = True  # the first forward may be step 0's
         try:
-            self._worker = make_worker(self.backend, self._spec, self._record, self.queue_size)
+            # logged steps far apart go to the worker one by one (it would idle otherwise)
+            batch = max(1, (self.queue_size // 2) // self.every)
+            self._worker = make_worker(
+                self.backend, self._spec, self._record, self.queue_size, batch
+            )
         except BaseException:
             self.close(raise_errors=False)
             raise
@@ -449,20 +453,18 @@ class Tracker:
     # ------------------------------------------------------------------ the worker
     def _record(self, step: int, row: list[float], jumps: list[TrackedJump], extra: tuple) -> None:
         """A measured step from the worker (any thread): keep it, log it, take its jumps."""
-        loss, grad = float(extra[0]), extra[1]
-        values = np.asarray(row, dtype=float).reshape(len(self.names), len(self.metrics))
+        loss = float(extra[0])  # a loss tensor is not kept past its step's result
         with self._lock:
-            self._steps.append(step)
-            self._loss.append(loss)
-            self._grad.append(grad)
-            self._values.append(values)
+            self._measured.append((step, row, (loss, extra[1])))
         if self._writer is not None:
+            values = np.asarray(row, dtype=float).reshape(len(self.names), len(self.metrics))
             for i, name in enumerate(self.names):
                 for j, metric in enumerate(self.metrics):
                     self._writer.add_scalar(f"{metric}/{name}", values[i, j], step)
             if not math.isnan(loss):
                 self._writer.add_scalar("loss", loss, step)
-        self._accept(jumps)
+        if jumps:
+            self._accept(jumps)
 
     def _accept(self, found: list[TrackedJump]) -> None:
         if not found:
@@ -510,13 +512,12 @@ class Tracker:
         """Long frame: step, site, metric, value, loss, grad_norm (one row per value)."""
         self.flush()
         with self._lock:
-            steps, loss, grad = list(self._steps), list(self._loss), list(self._grad)
-            values = (
-                np.stack(self._values)
-                if self._values
-                else np.empty((0, len(self.names), len(self.metrics)))
-            )
+            measured = list(self._measured)
         n_s, n_m = len(self.names), len(self.metrics)
+        steps = [m[0] for m in measured]
+        values = np.asarray([m[1] for m in measured], dtype=float).reshape(len(steps), n_s, n_m)
+        loss = [m[2][0] for m in measured]
+        grad = [m[2][1] for m in measured]
         frame = pd.DataFrame(
             {
                 "step": np.repeat(np.asarray(steps, dtype=np.int64), n_s * n_m),
@@ -642,7 +643,7 @@ class Tracker:
 
     def __repr__(self) -> str:
         with self._lock:
-            n, n_jumps = len(self._steps), len(self._jumps)
+            n, n_jumps = len(self._measured), len(self._jumps)
         mode = "training forward" if self.inputs is None else "probe batch"
         head = (
             f"Tracker({len(self.names)} sites: {', '.join(self.names)}; every {self.every} steps "

@@ -8,11 +8,12 @@ path) and one push to the online jump detector. Three places to run it:
   forked by the first tracker of a Python session and reused by the later ones (it ends
   after :data:`IDLE_TIMEOUT` seconds without a tracker, with the interpreter, or at
   :func:`shutdown_workers`). At a logged step the training thread copies each layer's matrix
-  once, into a shared-memory ring, and hands the steps over a few at a time (a few bytes
-  each, saying where); the worker measures with one BLAS thread and sends the values back,
-  which the training thread reads when it hands over the next few (no thread of its own: a
-  Python thread takes the interpreter lock that the training loop's many small torch calls
-  wait on). Nothing is pickled.
+  once, into a shared-memory ring, and hands the step over (a few bytes saying where: in
+  the ring's mailbox on x86-64, which the polling worker reads without any system call;
+  elsewhere a few steps at a time over a socket); the worker measures with one BLAS thread
+  and sends the values back, which the training thread reads once half the ring is in
+  flight (no thread of its own: a Python thread takes the interpreter lock that the
+  training loop's many small torch calls wait on). Nothing is pickled.
 * ``"thread"``: a background thread (where there is no fork).
 * ``"inline"`` (``background=False``): in the training thread, at ``log``.
 
@@ -31,6 +32,7 @@ import math
 import mmap
 import multiprocessing as mp
 import os
+import platform
 import queue
 import select
 import signal
@@ -91,10 +93,14 @@ class Measurer:
         return [] if self.detector is None else self.detector.finish()
 
 
-def make_worker(backend: str, spec: dict, on_result: Callable, queue_size: int) -> Any:
-    """The worker for ``backend``; ``on_result(step, row, jumps, extra)`` gets each result."""
+def make_worker(
+    backend: str, spec: dict, on_result: Callable, queue_size: int, batch: int | None = None
+) -> Any:
+    """The worker for ``backend``; ``on_result(step, row, jumps, extra)`` gets each result.
+    ``batch``: logged steps the process worker hands over at once (default
+    ``queue_size // 2``; 1 when logged steps are far apart)."""
     if backend == "process" and "fork" in mp.get_all_start_methods():
-        return _ProcessWorker(spec, on_result, queue_size)
+        return _ProcessWorker(spec, on_result, queue_size, batch)
     if backend in ("process", "thread"):
         return _ThreadWorker(spec, on_result, queue_size)
     return _InlineWorker(spec, on_result)
@@ -165,8 +171,11 @@ class _ThreadWorker(_InlineWorker):
 # One socket pair per worker process carries frames: a 4-byte length, a 1-byte kind, a body
 # (structs for the per-step messages, JSON for the rare ones; nothing is pickled).
 #   parent -> child  B {spec}               a tracker begins (a new Measurer)
-#                    M <size> + an fd       the shared memory the activations are written to
-#                    S <step, offset, arrays: dtype, shape>   one logged step
+#                    M <size, mailboxes, mailbox bytes> + an fd   the shared memory the
+#                                           activations (and, on x86-64, the S bodies) go to
+#                    S <step, offset, arrays: dtype, shape>   one logged step (not on x86-64:
+#                                           there the body goes to the slot's mailbox, then
+#                                           the step counter at offset 0 is bumped)
 #                    E                      the tracker ends (the buffer is dropped)
 #   child -> parent  V <step, json length, values, jumps json>   one step's metrics
 #                    X {error, type}        a measuring error (then the child exits)
@@ -185,10 +194,13 @@ def _frame(kind: bytes, body: bytes = b"") -> bytes:
 
 
 class _Frames:
-    """Frames read from a socket (with any file descriptors sent along)."""
+    """Frames read from a socket (with any file descriptors sent along, where ``fds``)."""
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, fds: bool = True):
         self.sock, self.data, self.fds = sock, bytearray(), []
+        # a side that gets no file descriptors reads into one reused buffer: a fresh 64 KiB
+        # bytes object per read costs ~90 us of page faults on a virtual machine (measured)
+        self.scratch = None if fds else bytearray(1 << 16)
 
     def _take(self) -> tuple[bytes, bytes] | None:
         if len(self.data) < 4:
@@ -213,6 +225,18 @@ class _Frames:
     def fill(self, wait: bool) -> bool:
         """Read what has arrived into the buffer (waiting for something if ``wait``);
         False if nothing had."""
+        flags = 0 if wait else socket.MSG_DONTWAIT
+        if self.scratch is not None:
+            try:
+                n = self.sock.recv_into(self.scratch, len(self.scratch), flags)
+            except BlockingIOError:
+                return False
+            except ConnectionError as err:
+                raise EOFError(str(err)) from None
+            if not n:
+                raise EOFError("the other side closed the socket")
+            self.data += memoryview(self.scratch)[:n]
+            return True
         try:  # (socket.recv_fds ignores its flags before Python 3.12: recvmsg directly)
             data, ancillary, _, _ = self.sock.recvmsg(
                 1 << 16, _FD_SPACE, 0 if wait else socket.MSG_DONTWAIT
@@ -249,6 +273,94 @@ _AFTER_INTERRUPT = 10.0  # seconds close() waits for a worker after an interrupt
 IDLE_TIMEOUT = 300.0
 
 
+#: seconds a worker with a tracker polls every 0.1 ms, then every 0.5 ms until
+#: POLL_WINDOW; later every 5 ms (mailboxes) or blocked on the socket (frames)
+POLL_WINDOW = 0.05
+_NAPS = ((0.01, 1e-4), (POLL_WINDOW, 5e-4), (math.inf, 5e-3))
+
+# Where stores become visible to another core in program order (x86-64's total store order),
+# the training thread hands a step over through the shared buffer itself: it writes the
+# step's frame into the slot's mailbox, then bumps a counter that the polling worker reads;
+# no system call. Elsewhere (ARM, whose stores may be seen out of order) steps go as frames
+# over the socket.
+MAILBOX = platform.machine().lower() in ("x86_64", "amd64")
+_COUNTER = struct.Struct("<q")  # steps handed over through the mailboxes (buffer offset 0)
+_MAIL = 64  # the first mailbox's offset
+_M = struct.Struct("<QQQ")  # buffer size, number of mailboxes, bytes per mailbox (0: none)
+
+
+class _Ring:
+    """The worker's view of one shared buffer: the mailboxes' layout and the steps read."""
+
+    def __init__(self, buffer: mmap.mmap, slots: int, mail: int):
+        self.buffer, self.slots, self.mail, self.seen = buffer, slots, mail, 0
+
+    def next_step(self) -> bytes | None:
+        """The next step's frame body from the mailboxes, or None."""
+        if not self.mail or _COUNTER.unpack_from(self.buffer, 0)[0] <= self.seen:
+            return None
+        at = _MAIL + (self.seen % self.slots) * self.mail
+        (n,) = _LEN.unpack_from(self.buffer, at)
+        self.seen += 1
+        return bytes(self.buffer[at + 4 : at + 4 + n])
+
+
+def _next_frame(frames: _Frames, ring: _Ring | None, polling: bool) -> tuple[bytes, bytes]:
+    """The next step from the mailboxes, else the next frame from the parent.
+
+    With ``polling`` (a tracker is running) the worker looks for either every 0.1 ms, then
+    less often (:data:`_NAPS`), instead of blocking on the socket: handing a step to a process
+    blocked in ``recv`` must wake it, which costs the training thread ~40 us per step on a
+    virtual machine (measured), against ~7 us for a send to a worker that is not waiting
+    there and nothing for a mailbox. Polling costs the worker's core a few per cent. Without
+    mailboxes the worker blocks on the socket after :data:`POLL_WINDOW`.
+    """
+    start = None
+    while True:
+        body = ring.next_step() if ring is not None else None
+        if body is not None:
+            return b"S", body
+        frame = frames.next(wait=False)
+        if frame is not None:
+            return frame
+        now = time.monotonic()
+        start = now if start is None else start
+        idle = now - start
+        if not polling or (idle > POLL_WINDOW and (ring is None or not ring.mail)):
+            return frames.next()
+        time.sleep(next(nap for until, nap in _NAPS if idle < until))
+
+
+def _measure_step(body: bytes, buffer: mmap.mmap, measurer: Measurer, sock: socket.socket) -> bool:
+    """Measure one step frame; send its values (True) or the error (False: the worker ends)."""
+    step, offset, n = _STEP.unpack_from(body)
+    at, mats = _STEP.size, []
+    for _ in range(n):
+        code, ndim = _ARRAY.unpack_from(body, at)
+        shape = struct.unpack_from(f"<{ndim}q", body, at + _ARRAY.size)
+        at += _ARRAY.size + 8 * ndim
+        dtype = _CODES[code]
+        count = int(np.prod(shape))
+        mats.append(np.frombuffer(buffer, dtype, count, offset).reshape(shape))
+        offset += count * dtype.itemsize
+    try:
+        row, jumps = measurer.measure(step, mats)
+    except Exception as err:  # sent to the training thread, which raises it
+        error = (
+            {"error": str(err), "type": type(err).__name__}
+            if isinstance(err, errors.HookscopeError)
+            else {"error": f"step {step}: {type(err).__name__}: {err}", "type": "HookError"}
+        )
+        sock.sendall(_frame(b"X", json.dumps(error).encode()))
+        return False
+    finally:
+        del mats  # views of the buffer, which a later M frame may replace
+    found = json.dumps([asdict(j) for j in jumps]).encode() if jumps else b""
+    values = np.asarray(row, dtype=np.float64).tobytes()
+    sock.sendall(_frame(b"V", _RESULT.pack(step, len(found)) + values + found))
+    return True
+
+
 def _child(sock: socket.socket, inherited: list[Any]) -> None:
     """The forked worker: measure the steps of one tracker after another; numpy only."""
     for obj in inherited:  # the parent's end of this socket, other workers' sockets/buffers
@@ -263,58 +375,38 @@ def _child(sock: socket.socket, inherited: list[Any]) -> None:
         pass
     frames = _Frames(sock)
     measurer: Measurer | None = None
-    buffer: mmap.mmap | None = None
+    ring: _Ring | None = None
     timeout: float | None = None
     while True:
         if timeout != (IDLE_TIMEOUT if measurer is None else None):
             timeout = IDLE_TIMEOUT if measurer is None else None
             sock.settimeout(timeout)
         try:
-            kind, body = frames.next()
+            kind, body = _next_frame(frames, ring, polling=measurer is not None)
         except (EOFError, TimeoutError):
             return  # the parent is gone, or idle too long (the next tracker forks a new one)
         if kind == b"S":
-            step, offset, n = _STEP.unpack_from(body)
-            at, mats = _STEP.size, []
-            for _ in range(n):
-                code, ndim = _ARRAY.unpack_from(body, at)
-                shape = struct.unpack_from(f"<{ndim}q", body, at + _ARRAY.size)
-                at += _ARRAY.size + 8 * ndim
-                dtype = _CODES[code]
-                count = int(np.prod(shape))
-                mats.append(np.frombuffer(buffer, dtype, count, offset).reshape(shape))
-                offset += count * dtype.itemsize
-            try:
-                row, jumps = measurer.measure(step, mats)
-            except Exception as err:  # sent to the training thread, which raises it
-                error = (
-                    {"error": str(err), "type": type(err).__name__}
-                    if isinstance(err, errors.HookscopeError)
-                    else {"error": f"step {step}: {type(err).__name__}: {err}", "type": "HookError"}
-                )
-                sock.sendall(_frame(b"X", json.dumps(error).encode()))
+            if not _measure_step(body, ring.buffer, measurer, sock):
                 return
-            finally:
-                del mats  # views of the buffer, which a later M frame may replace
-            found = json.dumps([asdict(j) for j in jumps]).encode() if jumps else b""
-            values = np.asarray(row, dtype=np.float64).tobytes()
-            sock.sendall(_frame(b"V", _RESULT.pack(step, len(found)) + values + found))
         elif kind == b"B":
             measurer = Measurer(json.loads(body)["spec"])
         elif kind == b"M":
-            (size,) = struct.unpack("<Q", body)
+            size, slots, mail = _M.unpack(body)
             fd = frames.fds.pop(0)
-            if buffer is not None:
-                buffer.close()
-            buffer = mmap.mmap(fd, size)
+            if ring is not None:
+                ring.buffer.close()
+            ring = _Ring(mmap.mmap(fd, size), slots, mail)
             os.close(fd)
-        elif kind == b"E":
+        elif kind == b"E":  # sent after the last step was handed over: the mailboxes first
+            while ring is not None and (body := ring.next_step()) is not None:
+                if not _measure_step(body, ring.buffer, measurer, sock):
+                    return
             final = [asdict(j) for j in measurer.finish()] if measurer is not None else []
             sock.sendall(_frame(b"F", json.dumps(final).encode()))
             measurer = None
-            if buffer is not None:  # each tracker gets a ring of its own size
-                buffer.close()
-                buffer = None
+            if ring is not None:  # each tracker gets a ring of its own size
+                ring.buffer.close()
+                ring = None
 
 
 class _Child:
@@ -323,7 +415,7 @@ class _Child:
     def __init__(self) -> None:
         ctx = mp.get_context("fork")
         self.sock, child_sock = socket.socketpair()
-        self.frames = _Frames(self.sock)
+        self.frames = _Frames(self.sock, fds=False)
         self.buffer: mmap.mmap | None = None
         inherited: list[Any] = [self.sock]
         for other in _LIVE:  # a fork copies every open socket and mapping: the child drops them
@@ -351,14 +443,13 @@ class _Child:
                 if readable:
                     self.frames.fill(wait=False)
 
-    def ensure_buffer(self, size: int) -> None:
-        """A shared buffer of at least ``size`` bytes (call with no step in flight)."""
-        if self.buffer is not None and len(self.buffer) >= size:
-            return
+    def new_buffer(self, size: int, slots: int, mail: int) -> None:
+        """A new shared buffer of ``size`` bytes with ``slots`` mailboxes of ``mail`` bytes
+        (0: steps go as frames), zeroed; call with no step in flight."""
         fd = _shared_file(size)
         try:
             buffer = mmap.mmap(fd, size)
-            socket.send_fds(self.sock, [_frame(b"M", struct.pack("<Q", size))], [fd])
+            socket.send_fds(self.sock, [_frame(b"M", _M.pack(size, slots, mail))], [fd])
         finally:
             os.close(fd)
         self.drop_buffer()
@@ -436,22 +527,27 @@ def worker_processes() -> list[int]:
 
 
 class _ProcessWorker:
-    """The training thread's side: write each step into the shared ring at once, hand the
-    steps over and read back the results that have arrived in batches of ``queue_size // 2``
-    (two system calls per batch; no thread); ``submit`` waits for the worker only when
+    """The training thread's side: write each step into the shared ring at once and hand
+    it over (mailbox, or socket frames in batches of ``batch``), read back the results once
+    half the ring is in flight (no thread); ``submit`` waits for the worker only when
     ``queue_size`` steps are in flight."""
 
-    def __init__(self, spec: dict, on_result: Callable, queue_size: int):
+    def __init__(self, spec: dict, on_result: Callable, queue_size: int, batch: int | None = None):
         self.on_result, self.queue_size = on_result, queue_size
         self.n_values = len(spec["names"]) * len(spec["metrics"])
         self.error: BaseException | None = None
         self.final: list[TrackedJump] | None = None
         self.pending: deque[tuple[int, tuple]] = deque()  # (step, extra) in flight, in order
         self.unsent: list[bytes] = []  # step frames written to the ring, not yet handed over
-        self.batch = max(1, queue_size // 2)
+        self.batch = max(1, min(queue_size, batch or queue_size // 2))
+        # the last step's (dtype, shape) per array -> (layout, its arrays' frame bytes)
+        self.described: tuple[tuple, tuple, bytes] | None = None
         self.interrupted = False
         self.slot_bytes = 0
         self.next_slot = 0
+        self.mail = 0  # bytes per mailbox (0: steps go as socket frames)
+        self.data_base = 0  # offset of the first slot's arrays
+        self.handed = 0  # steps handed over through the mailboxes of this buffer
         self.views: dict[int, tuple[tuple, list[Tensor]]] = {}  # slot -> (layout, tensors)
         self.child = _acquire(spec)
         self.proc = self.child.proc
@@ -534,7 +630,7 @@ class _ProcessWorker:
         cached = self.views.get(slot)
         if cached is not None and cached[0] == layout:
             return cached[1]
-        views, offset = [], slot * self.slot_bytes
+        views, offset = [], self.data_base + slot * self.slot_bytes
         for dtype, shape in layout:
             n = math.prod(shape)
             if n == 0:  # nothing to copy (frombuffer refuses a count of 0); the worker says why
@@ -552,32 +648,67 @@ class _ProcessWorker:
             self._exchange(self.queue_size)
         if self.error is not None:
             return
-        layout = tuple(
-            (r.dtype if r.dtype in _CODE else torch.float32, tuple(r.shape)) for r in rows
-        )
-        need = sum(math.prod(shape) * dtype.itemsize for dtype, shape in layout)
-        if need > self.slot_bytes or self.child.buffer is None:  # first or larger: a new ring
-            self._exchange(1)
-            if self.error is not None:
+        key = tuple((r.dtype, r.shape) for r in rows)
+        described = self.described
+        if described is None or described[0] != key:  # a new layout (usually only the first)
+            described = self._describe(key)
+            if described is None:
                 return
-            self.views.clear()
-            self.slot_bytes = max(64, need + (-need) % 64)
-            self.child.ensure_buffer(self.slot_bytes * self.queue_size)
-            self.next_slot = 0
+        layout, arrays = described[1], described[2]
         # the slot's last step was queue_size steps ago; fewer are in flight: it is done
         slot = self.next_slot
         self.next_slot = (slot + 1) % self.queue_size
-        body = [_STEP.pack(step, slot * self.slot_bytes, len(rows))]
-        for view, r, (dtype, shape) in zip(
-            self._slot_views(slot, layout), rows, layout, strict=True
-        ):
+        for view, r in zip(self._slot_views(slot, layout), rows, strict=True):
             view.copy_(r.detach())
-            body.append(_ARRAY.pack(_CODE[dtype], len(shape)))
-            body.append(struct.pack(f"<{len(shape)}q", *shape))
-        self.unsent.append(_frame(b"S", b"".join(body)))
+        body = _STEP.pack(step, self.data_base + slot * self.slot_bytes, len(rows)) + arrays
+        if self.mail:  # the frame into the slot's mailbox, then the counter (module comment)
+            buffer, at = self.child.buffer, _MAIL + slot * self.mail
+            buffer[at + 4 : at + 4 + len(body)] = body
+            _LEN.pack_into(buffer, at, len(body))
+            self.handed += 1
+            _COUNTER.pack_into(buffer, 0, self.handed)
+        else:
+            self.unsent.append(_frame(b"S", body))
         self.pending.append((step, extra))
-        if len(self.unsent) >= self.batch:
-            self._exchange(self.queue_size)
+        if len(self.unsent) >= self.batch or (
+            self.mail and len(self.pending) >= max(self.batch, self.queue_size // 2)
+        ):
+            try:
+                self._send_unsent()
+                # results are read once half the ring is in flight (each read costs the
+                # training thread a system call; its jumps wait that long)
+                if len(self.pending) >= max(self.batch, self.queue_size // 2):
+                    self._receive_until(self.queue_size)
+            except BaseException:
+                self.interrupted = True
+                raise
+
+    def _describe(self, key: tuple) -> tuple[tuple, tuple, bytes] | None:
+        """Layout and frame bytes of the arrays ``key`` describes; a larger ring first if
+        they need it (None after a worker error)."""
+        layout = tuple(
+            (dtype if dtype in _CODE else torch.float32, tuple(shape)) for dtype, shape in key
+        )
+        need = sum(math.prod(shape) * dtype.itemsize for dtype, shape in layout)
+        arrays = b"".join(
+            _ARRAY.pack(_CODE[dtype], len(shape)) + struct.pack(f"<{len(shape)}q", *shape)
+            for dtype, shape in layout
+        )
+        mail = 4 + _STEP.size + len(arrays) if MAILBOX else 0
+        if need > self.slot_bytes or mail > self.mail or self.child.buffer is None:
+            self._exchange(1)  # first or larger: a new ring, once every step is measured
+            if self.error is not None:
+                return None
+            self.views.clear()
+            self.slot_bytes = max(64, need + (-need) % 64)
+            self.mail = mail + (-mail) % 64
+            self.data_base = _MAIL + self.queue_size * self.mail
+            self.child.new_buffer(
+                self.data_base + self.slot_bytes * self.queue_size, self.queue_size, self.mail
+            )
+            self.next_slot = self.handed = 0
+        self.described = (key, layout, arrays)
+        return self.described
 
     def flush(self) -> None:
         self._exchange(1)

@@ -62,7 +62,11 @@ def _train(model, tracker, X, y, steps, switch=None, lr=3e-3, after_step=None):
 
 
 def _hooks_left(module: nn.Module) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
+    """Torch hooks and replaced ``forward`` methods (the tracker's recorders) on ``module``."""
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + ("forward" in m.__dict__)
+        for m in module.modules()
+    )
 
 
 # ------------------------------------------------------------------------- values

@@ -115,12 +115,37 @@ def test_the_worker_process_is_reused_with_a_ring_of_each_trackers_size(digits):
     assert len(set(pids)) == 1 and pids[0] in worker.worker_processes()
 
 
-def test_a_larger_step_gets_a_larger_ring_and_half_precision_travels_as_float32(digits):
+@pytest.fixture(params=[True, False], ids=["mailbox", "frames"])
+def handover(request, monkeypatch):
+    """Steps handed over through the shared buffer's mailboxes (x86-64) or as socket frames
+    (elsewhere); the frames the worker is sent are counted by kind."""
+    if request.param and not worker.MAILBOX:
+        pytest.skip("mailboxes are used on x86-64 only")
+    monkeypatch.setattr(worker, "MAILBOX", request.param)
+    kinds: list[bytes] = []
+    send = worker._Child.send
+
+    def counted(self, data):
+        at = 0
+        while at < len(data):  # the frames of a batch, one by one
+            (n,) = worker._LEN.unpack_from(data, at)
+            kinds.append(bytes(data[at + 4 : at + 5]))
+            at += 4 + n
+        send(self, data)
+
+    monkeypatch.setattr(worker._Child, "send", counted)
+    return request.param, kinds
+
+
+def test_a_larger_step_gets_a_larger_ring_and_half_precision_travels_as_float32(digits, handover):
+    mailbox, kinds = handover
     X, y = digits
     model = _model("mlp")
     tracker = hs.Tracker(model, every=1, metrics=METRICS4, jumps=False, queue_size=2)
     captured = _train(model, tracker, X, y, 7, sizes=(8, 32, 128))
     _check(tracker.results(), captured)
+    assert kinds.count(b"S") == (0 if mailbox else 7)  # mailboxes: no system call per step
+    assert kinds.count(b"E") == 1
     assert tracker._worker.slot_bytes == 128 * (64 + 32) * 4  # grown twice, to the largest
     assert len(tracker._worker.views) <= tracker.queue_size  # one layout kept per slot
     model = _model("mlp").to(torch.bfloat16)
@@ -227,7 +252,7 @@ def test_an_interrupt_while_talking_to_the_worker_ends_it(digits, monkeypatch):
     _check(again.results(), captured)
 
 
-def test_a_worker_killed_mid_run_is_an_error_at_the_next_log(digits):
+def test_a_worker_killed_mid_run_is_an_error_at_the_next_log(digits, handover):
     X, y = digits
     model = _model("mlp")
     tracker = hs.Tracker(model, every=1, jumps=False)
@@ -269,7 +294,7 @@ def test_sending_while_the_worker_waits_to_send_does_not_deadlock():
 
 
 @pytest.mark.parametrize("bad", ["nan", "empty"])
-def test_the_workers_own_error_is_raised_not_a_lost_worker(digits, bad):
+def test_the_workers_own_error_is_raised_not_a_lost_worker(digits, bad, handover):
     """The worker sends its error and exits; the steps handed over after it fail to send.
     The error raised must be the worker's (which step, which site, what), for a NaN batch
     and for an empty one."""
