@@ -2,8 +2,8 @@
 
 Run from the repository root:
 
-    .venv/bin/python benchmarks/bench_tracking.py                  # MLP + CNN, 300 steps, 15 rounds
-    .venv/bin/python benchmarks/bench_tracking.py --steps 1000     # the recipes' full length
+    .venv/bin/python benchmarks/bench_tracking.py                  # MLP + CNN, the recipes' 1000 steps
+    .venv/bin/python benchmarks/bench_tracking.py --steps 300      # shorter runs (start and close weigh more)
     .venv/bin/python benchmarks/bench_tracking.py --quick          # 60 steps, 2 rounds (smoke run)
 
 Training (both models): ``hookscope.zoo.train_digits.RECIPES[model]`` built by
@@ -326,18 +326,21 @@ def main() -> None:
         "--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn", "vit"]
     )
     parser.add_argument(
-        "--steps", type=int, default=None, help="training steps per run (default 300)"
+        "--steps",
+        type=int,
+        default=None,
+        help="training steps per run (default: the recipes' 1000)",
     )
     parser.add_argument("--rounds", type=int, default=None, help="paired rounds (default 10)")
     parser.add_argument(
-        "--whole-rounds", type=int, default=None, help="whole-run rounds (default 5)"
+        "--whole-rounds", type=int, default=None, help="whole-run rounds (default 3)"
     )
     parser.add_argument("--quick", action="store_true", help="60 steps, 2 rounds of each")
     parser.add_argument("--out", default=str(ROOT / "results" / "bench_tracking.json"))
     args = parser.parse_args()
-    steps = args.steps or (60 if args.quick else 300)
+    steps = args.steps or (60 if args.quick else min(RECIPES[m].steps for m in args.models))
     rounds = args.rounds or (2 if args.quick else 10)
-    whole_rounds = args.whole_rounds or (2 if args.quick else 5)
+    whole_rounds = args.whole_rounds or (2 if args.quick else 3)
     torch.set_num_threads(1)
     from importlib.metadata import version
 

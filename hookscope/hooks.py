@@ -292,19 +292,24 @@ def _records_only(event: str, plans: list[SlotPlan]) -> bool:
 def _recorder(plans: list[SlotPlan], run: Run, module: nn.Module, event: str) -> Callable:
     """A wrapped forward (:meth:`Scope.wrap_forward`) recording ``plans`` at ``event``: the
     same values as the torch hooks, without torch's hook dispatch on every call."""
-    views = [(plan, plan.tap.view or _identity) for plan in plans]
+    # what _record does for these plans, unrolled (this runs on every training step)
+    specs = [(plan.slot, plan.tap.view, plan.tap.clone_on_record) for plan in plans]
+    grad_enabled = torch.is_grad_enabled
+
+    def keep(t: Tensor) -> None:
+        acts = run.acts
+        for slot, view, clone in specs:
+            value = t if view is None else view(t)
+            if clone:
+                value = value.clone()
+            acts[slot] = value.detach() if (run.detach and value.requires_grad) else value
 
     def forward(below: Callable, *args: object, **kwargs: object) -> object:
-        wanted = not (run.grad_only and not torch.is_grad_enabled())
-        if wanted and event == "input":
-            ev = _input_event(plans, module, args, kwargs)
-            for plan, view in views:
-                _record(plan, ev, run, view)
+        if event == "input" and (grad_enabled() or not run.grad_only):
+            keep(_input_event(plans, module, args, kwargs).tensor)
         output = below(*args, **kwargs)
-        if wanted and event == "output":
-            ev = _Event(output_tensor(output))
-            for plan, view in views:
-                _record(plan, ev, run, view)
+        if event == "output" and (grad_enabled() or not run.grad_only):
+            keep(output if type(output) is Tensor else output_tensor(output))
         return output
 
     return forward

@@ -212,14 +212,14 @@ class _Frames:
         del self.data[: 4 + n]
         return frame[:1], frame[1:]
 
-    def next(self, wait: bool = True) -> tuple[bytes, bytes] | None:
-        """The next frame; None if ``wait`` is False and none has fully arrived. EOFError when
-        the other side is gone."""
+    def next(self, wait: bool = True, read: bool = True) -> tuple[bytes, bytes] | None:
+        """The next frame; None if ``wait`` is False and none has fully arrived (or, with
+        ``read=False``, none is in the buffer already). EOFError when the other side is gone."""
         while True:
             frame = self._take()
             if frame is not None:
                 return frame
-            if not self.fill(wait):
+            if not (wait or read) or not self.fill(wait):
                 return None
 
     def fill(self, wait: bool) -> bool:
@@ -569,10 +569,11 @@ class _ProcessWorker:
         self._lost()
 
     # -------------------------------------------------------------- results
-    def _receive(self, wait: bool) -> bool:
-        """Handle one frame from the worker; False if none was waiting (``wait=False``)."""
+    def _receive(self, wait: bool, read: bool = True) -> bool:
+        """Handle one frame from the worker; False if none was waiting (``wait=False``; with
+        ``read=False`` only a frame already read from the socket counts)."""
         try:
-            frame = self.child.frames.next(wait)
+            frame = self.child.frames.next(wait, read)
         except EOFError:
             self._lost()
             return False
@@ -618,17 +619,21 @@ class _ProcessWorker:
                 self._send_failed()
 
     def _receive_until(self, limit: int) -> None:
-        """Results until fewer than ``limit`` steps are in flight, then those waiting."""
+        """Results until fewer than ``limit`` steps are in flight, then those already read.
+
+        ``submit`` calls it only when the ring is full (each read costs the training thread
+        a system call; jumps wait that long, which the checkpoint buffer's length allows
+        for), so one read usually brings ``queue_size`` results."""
         self._send_unsent()  # a step waited for must have been handed over
         while self.error is None and len(self.pending) >= limit:
             self._receive(wait=True)
-        while self.error is None and self.pending and self._receive(wait=False):
+        while self.error is None and self.pending and self._receive(wait=False, read=False):
             pass
 
     # -------------------------------------------------------------- steps
     def _slot_views(self, slot: int, layout: tuple) -> list[Tensor]:
         cached = self.views.get(slot)
-        if cached is not None and cached[0] == layout:
+        if cached is not None and (cached[0] is layout or cached[0] == layout):
             return cached[1]
         views, offset = [], self.data_base + slot * self.slot_bytes
         for dtype, shape in layout:
@@ -670,15 +675,9 @@ class _ProcessWorker:
         else:
             self.unsent.append(_frame(b"S", body))
         self.pending.append((step, extra))
-        if len(self.unsent) >= self.batch or (
-            self.mail and len(self.pending) >= max(self.batch, self.queue_size // 2)
-        ):
+        if len(self.unsent) >= self.batch:
             try:
                 self._send_unsent()
-                # results are read once half the ring is in flight (each read costs the
-                # training thread a system call; its jumps wait that long)
-                if len(self.pending) >= max(self.batch, self.queue_size // 2):
-                    self._receive_until(self.queue_size)
             except BaseException:
                 self.interrupted = True
                 raise
