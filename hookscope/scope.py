@@ -204,6 +204,17 @@ class _Forward:
             return self.fn(*args, **kwargs)
         return self.below(*args, **kwargs)
 
+    def __deepcopy__(self, memo: dict) -> _Forward:
+        """A copied model (``copy.deepcopy`` while the scope is open) gets an inert
+        pass-through to its own forward: the copy is not the module this scope changed."""
+        import copy
+
+        module = memo.get(id(self.module), self.module)
+        inert = _Forward(self.owner, None, module)  # type: ignore[arg-type]
+        inert.original = copy.deepcopy(self.original, memo)
+        inert.active = False
+        return inert
+
     def below(self, *args: Any, **kwargs: Any) -> Any:
         """The forward this one replaced (read at call time: a replacement below may go)."""
         if self.original is not None:
@@ -386,7 +397,18 @@ class Scope:
         """Give ``module`` the instance ``forward`` ``fn(below, *args, **kwargs)`` in this
         thread, ``below`` being the forward it replaced. Unlike a torch hook it keeps the
         module on torch's fast call path (no hook dispatch: what a recorder called on
-        every training step wants); hooks still run. :meth:`suspend_hooks` takes it off."""
+        every training step wants); hooks still run. :meth:`suspend_hooks` takes it off.
+
+        For modules without parameters or buffers only: ``nn.DataParallel`` replicas copy
+        the instance dict, and a replica's call in another thread runs ``below`` on the
+        original module, which only a stateless module makes the same computation."""
+        if next(module.parameters(), None) is not None or next(module.buffers(), None) is not None:
+            from hookscope.errors import HookError
+
+            raise HookError(
+                f"wrap_forward needs a module without parameters or buffers; "
+                f"{type(module).__name__} has them (use a forward hook)"
+            )
         wrapper = _Forward(self.owner, fn, module)
         wrapper.fn = partial(fn, wrapper.below)
         self._undo.append(partial(_restore_forward, module, wrapper))

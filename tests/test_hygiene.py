@@ -1,5 +1,7 @@
 """No hookscope hook, handler or attention switch is left on a model after any call, however it ends."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -282,9 +284,12 @@ def test_suspended_hooks_are_off_the_module_and_resume_in_their_place():
 def test_wrapped_forwards_suspend_resume_nest_and_act_in_their_thread_only():
     import threading
 
+    from hookscope.errors import HookError
     from hookscope.scope import Scope
 
-    lin = nn.Linear(3, 3)
+    with Scope() as scope, pytest.raises(HookError, match="Linear has them"):
+        scope.wrap_forward(nn.Linear(3, 3), lambda below, x: below(x))  # state: refused
+    lin = nn.Softplus()
     x = torch.randn(2, 3)
     plain = lin(x).detach()
     seen: list[str] = []
@@ -318,6 +323,8 @@ def test_wrapped_forwards_suspend_resume_nest_and_act_in_their_thread_only():
         lin.forward = user  # the user's own instance forward, set meanwhile
         scope.resume_hooks()
         assert torch.allclose(lin(x), 2 * (plain - 1))
+        twin = copy.deepcopy(nn.Sequential(lin))  # a copy made meanwhile: inert, its own
+        assert torch.equal(twin(x), lin.forward.original(x)) and len(seen) == 4
     assert lin.__dict__["forward"] is user  # closing restores what was there
     del lin.forward
     with Scope() as scope:  # closed while suspended: nothing comes back

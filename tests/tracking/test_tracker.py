@@ -4,6 +4,7 @@ bitwise equal to the model's state, hooks gone after close/errors/interrupts."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -392,6 +393,25 @@ def test_no_autograd_graph_is_kept(digits):
         loss.backward()
         tracker.log(0, loss=loss)
     assert recorded and all(not t.requires_grad and t.grad_fn is None for t in recorded.values())
+
+
+def test_a_copy_of_the_model_made_during_tracking_is_not_recorded(digits):
+    X, y, _ = digits
+    model = _model("mlp")
+    relus = [m for m in model if isinstance(m, nn.ReLU)]
+    tracker = hs.Tracker(model, background=False, jumps=False)
+    with tracker:
+        twin = copy.deepcopy(model)  # e.g. an inner-loop copy trained alongside
+        model(X[:64])
+        twin(X[64:128]).sum().backward()  # with gradients, in the tracker's thread
+        tracker.log(0)
+        assert _hooks_left(model) > 0
+    assert _hooks_left(twin) == 0 or all(
+        not m.__dict__["forward"].active for m in twin.modules() if "forward" in m.__dict__
+    )
+    expected = dimensionality_report(relus[0](model[1](model[0](X[:64]))).detach()).metrics()
+    got = tracker.results().query("site == 'neuron.0'").set_index("metric")["value"]
+    assert got["stable_rank"] == pytest.approx(expected["stable_rank"], rel=1e-9)
 
 
 def test_a_worker_error_reaches_the_training_loop(digits):
