@@ -289,9 +289,15 @@ def _records_only(event: str, plans: list[SlotPlan]) -> bool:
     )
 
 
-def _stateless(module: nn.Module) -> bool:
-    """No parameters or buffers (see :meth:`Scope.wrap_forward`: activations, dropout...)."""
-    return next(module.parameters(), None) is None and next(module.buffers(), None) is None
+def _wrappable(module: nn.Module) -> bool:
+    """No parameters or buffers (see :meth:`Scope.wrap_forward`: activations, dropout...) and
+    no forward hooks of its own, whose changes a wrapped forward would not see."""
+    return (
+        next(module.parameters(), None) is None
+        and next(module.buffers(), None) is None
+        and not module._forward_hooks
+        and not module._forward_pre_hooks
+    )
 
 
 def _recorder(plans: list[SlotPlan], run: Run, module: nn.Module, event: str) -> Callable:
@@ -346,8 +352,8 @@ class installed:
     :mod:`hookscope.scope`). The block gets ``value`` if given, else ``run``.
 
     ``wrap_recorders``: a module event that only records (no user hook, no gradient) on a
-    module without parameters or buffers (an activation function: what the neuron sites of
-    MLPs and CNNs read) is read by a wrapped ``forward`` instead of a torch hook, which keeps
+    module without parameters, buffers or torch hooks (an activation function: what the
+    neuron sites of MLPs and CNNs read) is read by a wrapped ``forward`` instead of a torch hook, which keeps
     the module on torch's fast call path; it records the module's own input/output, before
     other forward hooks run (the training-loop tracker's choice: its recording runs on every
     training step). Other events keep torch hooks."""
@@ -380,7 +386,7 @@ class installed:
         pattern: dict[nn.Module, Callable[[Tensor], Tensor]] = {}
         for path, event, group in self.wiring:
             module = submodule(self.root, path)
-            if self.wrap_recorders and _records_only(event, group) and _stateless(module):
+            if self.wrap_recorders and _records_only(event, group) and _wrappable(module):
                 scope.wrap_forward(module, _recorder(group, self.run, module, event))
             elif event == "output":
                 scope.forward_hook(module, partial(_forward_hook, group, self.run))

@@ -210,16 +210,25 @@ class _Forward:
         import copy
 
         module = memo.get(id(self.module), self.module)
-        inert = _Forward(self.owner, None, module)  # type: ignore[arg-type]
-        inert.original = copy.deepcopy(self.original, memo)
-        inert.active = False
-        return inert
+        return _inert_forward(self.owner, module, copy.deepcopy(self.original, memo))
+
+    def __reduce__(self) -> tuple:
+        """Pickled (``torch.save(model)`` while the scope is open): the same inert
+        pass-through a deep copy gets."""
+        return (_inert_forward, (self.owner, self.module, self.original))
 
     def below(self, *args: Any, **kwargs: Any) -> Any:
         """The forward this one replaced (read at call time: a replacement below may go)."""
         if self.original is not None:
             return self.original(*args, **kwargs)
         return type(self.module).forward(self.module, *args, **kwargs)
+
+
+def _inert_forward(owner: int, module: nn.Module, original: Callable | None) -> _Forward:
+    """A pass-through to ``module``'s own forward (what an unpickled copy gets)."""
+    inert = _Forward(owner, None, module)  # type: ignore[arg-type]
+    inert.original, inert.active = original, False
+    return inert
 
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks")

@@ -4,15 +4,18 @@ Two ways to get the activations it measures at a logged step ``s`` (``s % every 
 ``log(s, force=True)``):
 
 * ``inputs=None``: the training forward itself. While the tracker is entered, a recorder
-  per tracked layer (a wrapped ``forward``, which unlike a torch hook keeps the module on
-  torch's fast call path; :meth:`hookscope.scope.Scope.wrap_forward`) records the layer's
-  own tensor, before any forward hooks of others (detached: no autograd graph is kept) on
-  the forwards before a due ``log``; for the other forwards the recorders are taken off the
-  model and put back before the next due step,
-  and forwards under ``torch.no_grad`` (an evaluation pass) are never recorded. The activations of step ``s`` come from the forward of step ``s``, i.e. from
-  the weights before that step's update, while the checkpoint of step ``s`` is the state
-  after it: the state that produced a jump's first new value is the checkpoint one step
-  earlier.
+  per tracked layer records the layer's tensor (detached: no autograd graph is kept) on the
+  forwards before a due ``log``: on a module without parameters, buffers or forward hooks
+  when the tracker starts (the activation modules that MLP and CNN ``neuron`` sites read) a
+  wrapped ``forward``, which unlike a torch hook keeps the module on torch's fast call path
+  and records the module's own output (a forward hook registered on it later, while the
+  tracker runs, does not change what is measured; start the tracker after registering it);
+  elsewhere a torch hook. For the other forwards the recorders are taken off the model and
+  put back before the next due step, and forwards under ``torch.no_grad`` (an evaluation
+  pass) are never recorded. The activations of step ``s`` come from the forward of step
+  ``s``, i.e. from the weights before that step's update, while the checkpoint of step
+  ``s`` is the state after it: the state that produced a jump's first new value is the
+  checkpoint one step earlier.
 * ``inputs=probe_batch``: a fixed batch, run at every due ``log`` under ``torch.no_grad`` in
   eval mode (the model's mode is restored after), so steps are comparable; no hook is on the
   model in between. The activations of step ``s`` come from the weights after its update.

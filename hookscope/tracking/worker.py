@@ -11,8 +11,8 @@ path) and one push to the online jump detector. Three places to run it:
   once, into a shared-memory ring, and hands the step over (a few bytes saying where: in
   the ring's mailbox on x86-64, which the polling worker reads without any system call;
   elsewhere a few steps at a time over a socket); the worker measures with one BLAS thread
-  and sends the values back, which the training thread reads once half the ring is in
-  flight (no thread of its own: a Python thread takes the interpreter lock that the
+  and sends the values back, which the training thread reads when the ring is full and
+  at flush/close (no thread of its own: a Python thread takes the interpreter lock that the
   training loop's many small torch calls wait on). Nothing is pickled.
 * ``"thread"``: a background thread (where there is no fork).
 * ``"inline"`` (``background=False``): in the training thread, at ``log``.
@@ -274,9 +274,10 @@ IDLE_TIMEOUT = 300.0
 
 
 #: seconds a worker with a tracker polls every 0.1 ms, then every 0.5 ms until
-#: POLL_WINDOW; later every 5 ms (mailboxes) or blocked on the socket (frames)
+#: POLL_WINDOW; later (mailboxes) every 5 ms, and every 50 ms after a second without a
+#: step (the first step after a long pause waits that long), or blocked on the socket (frames)
 POLL_WINDOW = 0.05
-_NAPS = ((0.01, 1e-4), (POLL_WINDOW, 5e-4), (math.inf, 5e-3))
+_NAPS = ((0.01, 1e-4), (POLL_WINDOW, 5e-4), (1.0, 5e-3), (math.inf, 5e-2))
 
 # Where stores become visible to another core in program order (x86-64's total store order),
 # the training thread hands a step over through the shared buffer itself: it writes the
@@ -528,8 +529,8 @@ def worker_processes() -> list[int]:
 
 class _ProcessWorker:
     """The training thread's side: write each step into the shared ring at once and hand
-    it over (mailbox, or socket frames in batches of ``batch``), read back the results once
-    half the ring is in flight (no thread); ``submit`` waits for the worker only when
+    it over (mailbox, or socket frames in batches of ``batch``), read back the results when
+    the ring is full (no thread); ``submit`` waits for the worker only when
     ``queue_size`` steps are in flight."""
 
     def __init__(self, spec: dict, on_result: Callable, queue_size: int, batch: int | None = None):
@@ -584,8 +585,11 @@ class _ProcessWorker:
             step, n_json = _RESULT.unpack_from(body)
             values = np.frombuffer(body, np.float64, self.n_values, _RESULT.size)
             found = json.loads(body[len(body) - n_json :]) if n_json else []
-            expected, extra = self.pending.popleft()
-            assert step == expected, (step, expected)
+            if not self.pending or self.pending[0][0] != step:
+                # a step handed over by a submit that an interrupt stopped before it was
+                # counted as pending: its result is not the caller's
+                return True
+            _, extra = self.pending.popleft()
             self.on_result(step, values, [TrackedJump(**j) for j in found], extra)
         elif kind == b"F":
             self.final = [TrackedJump(**j) for j in json.loads(body)]
@@ -660,6 +664,15 @@ class _ProcessWorker:
             if described is None:
                 return
         layout, arrays = described[1], described[2]
+        try:  # interrupted inside the handover, the worker is not reused (close() ends it)
+            self._hand_over(step, rows, extra, layout, arrays)
+        except BaseException:
+            self.interrupted = True
+            raise
+
+    def _hand_over(
+        self, step: int, rows: list[Tensor], extra: tuple, layout: tuple, arrays: bytes
+    ) -> None:
         # the slot's last step was queue_size steps ago; fewer are in flight: it is done
         slot = self.next_slot
         self.next_slot = (slot + 1) % self.queue_size
@@ -676,11 +689,7 @@ class _ProcessWorker:
             self.unsent.append(_frame(b"S", body))
         self.pending.append((step, extra))
         if len(self.unsent) >= self.batch:
-            try:
-                self._send_unsent()
-            except BaseException:
-                self.interrupted = True
-                raise
+            self._send_unsent()
 
     def _describe(self, key: tuple) -> tuple[tuple, tuple, bytes] | None:
         """Layout and frame bytes of the arrays ``key`` describes; a larger ring first if

@@ -414,6 +414,40 @@ def test_a_copy_of_the_model_made_during_tracking_is_not_recorded(digits):
     assert got["stable_rank"] == pytest.approx(expected["stable_rank"], rel=1e-9)
 
 
+def test_a_model_saved_whole_during_tracking_loads_without_the_recorders(digits, tmp_path):
+    X, y, _ = digits
+    model = _model("mlp")
+    with hs.Tracker(model, jumps=False) as tracker:
+        model(X[:64]).sum().backward()  # the recorders are on (step 0 is due)
+        torch.save(model, tmp_path / "whole.pt")
+        tracker.log(0)
+    loaded = torch.load(tmp_path / "whole.pt", weights_only=False)
+    assert torch.equal(loaded(X[:8]), model(X[:8]))
+    assert all(
+        not m.__dict__["forward"].active for m in loaded.modules() if "forward" in m.__dict__
+    )
+
+
+def test_a_forward_hook_on_a_tracked_module_is_part_of_what_is_measured(digits):
+    X, y, _ = digits
+    model = _model("mlp")
+    relu = next(m for m in model if isinstance(m, nn.ReLU))
+    mask = torch.zeros(64)
+    mask[:8] = 1
+    user = relu.register_forward_hook(lambda m, i, out: out * mask)  # e.g. pruning
+    try:
+        with hs.Tracker(model, sites=["neuron.0"], jumps=False, background=False) as tracker:
+            model(X[:64]).sum().backward()
+            tracker.log(0)
+        masked = relu(model[1](model[0](X[:64]))).detach()  # the user's hook applies
+    finally:
+        user.remove()
+    got = tracker.results().set_index("metric")["value"]
+    expected = dimensionality_report(masked).metrics()
+    assert got["participation_ratio"] == pytest.approx(expected["participation_ratio"], rel=1e-9)
+    assert expected["participation_ratio"] < 8.5  # 8 units left, not the unmasked 64
+
+
 def test_a_worker_error_reaches_the_training_loop(digits):
     X, y, _ = digits
     model = _model("mlp")

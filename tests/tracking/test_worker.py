@@ -252,6 +252,35 @@ def test_an_interrupt_while_talking_to_the_worker_ends_it(digits, monkeypatch):
     _check(again.results(), captured)
 
 
+def test_an_interrupt_inside_the_handover_stays_an_interrupt(digits, monkeypatch):
+    if not worker.MAILBOX:
+        pytest.skip("mailboxes are used on x86-64 only")
+    X, y = digits
+    model = _model("mlp")
+    tracker = hs.Tracker(model, every=1, jumps=False)
+    calls = []
+
+    class Counter:  # the counter store of step 2 happens, then Ctrl-C arrives
+        size = worker._COUNTER.size
+
+        def pack_into(self, *args):
+            worker._COUNTER_REAL.pack_into(*args)
+            calls.append(args)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(worker, "_COUNTER_REAL", worker._COUNTER, raising=False)
+    monkeypatch.setattr(worker, "_COUNTER", Counter())
+    with pytest.raises(KeyboardInterrupt) as raised:
+        with tracker:
+            for step in range(10):
+                model(X[:64]).sum().backward()
+                tracker.log(step)
+    assert raised.type is KeyboardInterrupt  # not an error about the step handed over
+    assert sorted(tracker.results()["step"].unique()) == [0, 1]  # the steps logged are kept
+    assert _hooks_left(model) == 0 and tracker._worker.proc.pid not in worker.worker_processes()
+
+
 def test_a_worker_killed_mid_run_is_an_error_at_the_next_log(digits, handover):
     X, y = digits
     model = _model("mlp")
