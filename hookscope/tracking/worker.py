@@ -226,21 +226,13 @@ class _Frames:
         """Read what has arrived into the buffer (waiting for something if ``wait``);
         False if nothing had."""
         flags = 0 if wait else socket.MSG_DONTWAIT
-        if self.scratch is not None:
-            try:
+        ancillary: list = []
+        try:
+            if self.scratch is not None:
                 n = self.sock.recv_into(self.scratch, len(self.scratch), flags)
-            except BlockingIOError:
-                return False
-            except ConnectionError as err:
-                raise EOFError(str(err)) from None
-            if not n:
-                raise EOFError("the other side closed the socket")
-            self.data += memoryview(self.scratch)[:n]
-            return True
-        try:  # (socket.recv_fds ignores its flags before Python 3.12: recvmsg directly)
-            data, ancillary, _, _ = self.sock.recvmsg(
-                1 << 16, _FD_SPACE, 0 if wait else socket.MSG_DONTWAIT
-            )
+                data = memoryview(self.scratch)[:n]
+            else:  # (socket.recv_fds ignores its flags before Python 3.12: recvmsg directly)
+                data, ancillary, _, _ = self.sock.recvmsg(1 << 16, _FD_SPACE, flags)
         except BlockingIOError:
             return False
         except ConnectionError as err:
