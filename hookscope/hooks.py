@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from hookscope.adapters.base import Tap, output_tensor, submodule
 from hookscope.addresses import SLOT_ORDER, Address, Slot
 from hookscope.errors import HookError
-from hookscope.scope import Scope, protected
+from hookscope.scope import Scope, protected, stateless
 
 __all__ = ["HookFn", "SlotPlan", "Run", "Wiring", "wire", "installed"]
 
@@ -292,12 +292,7 @@ def _records_only(event: str, plans: list[SlotPlan]) -> bool:
 def _wrappable(module: nn.Module) -> bool:
     """No parameters or buffers (see :meth:`Scope.wrap_forward`: activations, dropout...) and
     no forward hooks of its own, whose changes a wrapped forward would not see."""
-    return (
-        next(module.parameters(), None) is None
-        and next(module.buffers(), None) is None
-        and not module._forward_hooks
-        and not module._forward_pre_hooks
-    )
+    return stateless(module) and not module._forward_hooks and not module._forward_pre_hooks
 
 
 def _recorder(plans: list[SlotPlan], run: Run, module: nn.Module, event: str) -> Callable:
@@ -353,10 +348,9 @@ class installed:
 
     ``wrap_recorders``: a module event that only records (no user hook, no gradient) on a
     module without parameters, buffers or torch hooks (an activation function: what the
-    neuron sites of MLPs and CNNs read) is read by a wrapped ``forward`` instead of a torch hook, which keeps
-    the module on torch's fast call path; it records the module's own input/output, before
-    other forward hooks run (the training-loop tracker's choice: its recording runs on every
-    training step). Other events keep torch hooks."""
+    neuron sites of MLPs and CNNs read) is read by a wrapped ``forward`` instead of a torch
+    hook, which keeps the module on torch's fast call path (the training-loop tracker's
+    choice: its recording runs on every training step). Other events keep torch hooks."""
 
     def __init__(
         self,

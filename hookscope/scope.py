@@ -31,7 +31,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["Scope", "protected", "open_scopes"]
+__all__ = ["Scope", "protected", "open_scopes", "stateless"]
 
 _SIGNALS = tuple(
     s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None)) if s
@@ -224,6 +224,11 @@ class _Forward:
         return type(self.module).forward(self.module, *args, **kwargs)
 
 
+def stateless(module: nn.Module) -> bool:
+    """``module`` has no parameters or buffers (what :meth:`Scope.wrap_forward` needs)."""
+    return next(module.parameters(), None) is None and next(module.buffers(), None) is None
+
+
 def _inert_forward(owner: int, module: nn.Module, original: Callable | None) -> _Forward:
     """A pass-through to ``module``'s own forward (what an unpickled copy gets)."""
     inert = _Forward(owner, None, module)  # type: ignore[arg-type]
@@ -411,7 +416,7 @@ class Scope:
         For modules without parameters or buffers only: ``nn.DataParallel`` replicas copy
         the instance dict, and a replica's call in another thread runs ``below`` on the
         original module, which only a stateless module makes the same computation."""
-        if next(module.parameters(), None) is not None or next(module.buffers(), None) is not None:
+        if not stateless(module):
             from hookscope.errors import HookError
 
             raise HookError(
