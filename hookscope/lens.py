@@ -44,7 +44,7 @@ class LogitLens:
             return torch.stack([self.model.unembed(r) for r in self.resid])
 
     def _ids(self, token: Any) -> Tensor:
-        from hookscope.interventions._metric_args import parse_tokens, resolve
+        from hookscope.tokens import parse_tokens, resolve
 
         ids = resolve(parse_tokens(token, "token"), "token", self.model, "LogitLens")
         batch, vocab = self.top_ids.shape[1], self.model.W_U.shape[1]

@@ -28,6 +28,7 @@ from hookscope.inputs import call_arguments, need_tokenizer, tokenize
 from hookscope.model_inputs import token_ids
 from hookscope.model_weights import WeightAccess
 from hookscope.planning import HookPlanner, HookSpec
+from hookscope.tokens import TokenText
 
 __all__ = ["HookedModel"]
 
@@ -67,60 +68,48 @@ class HookedModel(WeightAccess):
         offload_folder: str | None = None,  # or a pathlib.Path
         **hf_kwargs: Any,
     ) -> HookedModel:
-        """Load a Hugging Face model (hub name or local folder) through transformers.
+        """Load a Hugging Face model (hub name or local folder) through transformers, in eval mode.
 
-        The model is put in eval mode. ``dtype`` is a torch dtype or one of float32, float16,
-        bfloat16, float64; ``device`` a device this torch can use (``"cpu"``, ``"cuda:0"``, ...).
-        ``head`` picks the model class: ``causal_lm``, ``masked_lm``, ``none`` (the bare
-        encoder/decoder, no logits) or ``auto`` (from the config's ``architectures``; causal LM
-        if unnamed).
+        ``dtype``: a torch dtype or float32, float16, bfloat16, float64; ``device``: one this torch
+        can use (``"cpu"``, ``"cuda:0"``, ...). ``head`` picks the model class: ``causal_lm``,
+        ``masked_lm``, ``none`` (bare encoder/decoder, no logits) or ``auto`` (from the config's
+        ``architectures``; causal LM if unnamed).
 
-        Tokenizer: a folder without tokenizer files gives ``tokenizer=None`` (transformers
-        would build an empty one from the config alone; a tokenizer holding only special
-        tokens counts as none for hub names too); ``tokenizer=False`` skips it. Tokenizer
-        files in a folder that do not load raise ModelLoadError naming them; a hub repo whose
-        tokenizer files cannot be found or read (OSError, ValueError) gives ``tokenizer=None``
-        with a UserWarning saying why, and any other tokenizer failure is a ModelLoadError.
+        Tokenizer (``tokenizer=False`` skips it): None for a folder without tokenizer files (where
+        transformers would build an empty one from the config) and for one holding only special
+        tokens (hub names too); a ModelLoadError naming a folder's tokenizer files that do not load;
+        None and a UserWarning saying why for a hub repo whose tokenizer files cannot be found or
+        read (OSError, ValueError); a ModelLoadError for any other tokenizer failure.
 
-        ``hf_kwargs`` go to transformers' ``from_pretrained`` (config, model and tokenizer),
-        with these rules: hookscope never unpickles arbitrary objects, so ``weights_only=False``
-        raises InputError (convert the checkpoint to safetensors; ``.bin`` files are read only
-        through torch's restricted ``weights_only`` loader); ``torch_dtype=`` raises InputError
-        (use ``dtype=``); ``trust_remote_code=True`` is allowed, because some architectures
-        need it, but it runs the repository's own Python code with your privileges, so it
-        warns (``UserWarning``) on every call.
+        ``hf_kwargs`` go to transformers' ``from_pretrained`` (config, model, tokenizer), except:
+        ``weights_only=False`` is an InputError (hookscope never unpickles arbitrary objects:
+        convert the checkpoint to safetensors; ``.bin`` files are read only through torch's
+        restricted ``weights_only`` loader), as is ``torch_dtype=`` (use ``dtype=``);
+        ``trust_remote_code=True`` (some architectures need it) runs the repository's own Python
+        code with your privileges, so it warns (UserWarning) on every call. Errors are
+        ModelLoadError saying what to do: a zoo name (``"digits-cnn"``) points to
+        ``hookscope.zoo.load``; a path that does not exist, or a missing, truncated or corrupt
+        config, weights or tokenizer file, is named.
 
-        Errors are ModelLoadError saying what to do: a zoo name (``"digits-cnn"``) points to
-        ``hookscope.zoo.load``; a path that does not exist says so; a missing, truncated or
-        corrupt config, weights or tokenizer file is named.
+        Bigger than one device: ``device_map`` is ``"auto"``, ``"balanced"``, ``"balanced_low_0"``
+        or ``"sequential"`` (accelerate places the modules within ``max_memory``, e.g.
+        ``{0: "20GiB", "cpu": "60GiB"}``: GPU indices, ``"cpu"``, ``"mps"``, ``"disk"``), a dict
+        ``{module name: device}`` (``"cpu"`` offload next to GPUs and ``"disk"`` allowed), or one
+        device to load straight onto; ``"disk"`` needs ``offload_folder``. All is checked before any
+        weight is read (InputError naming the argument and the choices): ``device`` with
+        ``device_map``; a device this machine lacks; a key naming no module (with the closest
+        name); parameters the map leaves without a device; disk offload (also when ``"auto"``
+        computes it from ``max_memory``) without ``offload_folder``; ``max_memory`` without a
+        strategy; ``offload_folder`` without ``device_map``. ``model.model.hf_device_map`` holds
+        the resolved map. Caching, hooks, gradients and the interventions give the values of the
+        model loaded whole; :mod:`hookscope.loading` says what works and its limits.
 
-        Models bigger than one device: ``device_map`` spreads the model over devices
-        through transformers and accelerate: ``"auto"`` (or ``"balanced"``,
-        ``"balanced_low_0"``, ``"sequential"``) lets accelerate place the modules within
-        ``max_memory`` (``{0: "20GiB", 1: "20GiB", "cpu": "60GiB"}``; GPU indices, ``"cpu"``,
-        ``"mps"``, ``"disk"``); a dict ``{module name: device}`` places them yourself, with
-        ``"cpu"`` (CPU offload next to GPUs) and ``"disk"`` allowed; a single device loads
-        straight onto it. Weights mapped to ``"disk"`` need ``offload_folder``. Everything
-        is checked before any weight is read (InputError naming the wrong argument and the
-        choices): ``device`` together with ``device_map``; a device this machine lacks; a
-        key naming no module (with the closest name); parameters the map leaves without a
-        device; disk offload (also when ``"auto"`` computes it from ``max_memory``) without
-        ``offload_folder``; ``max_memory`` without a strategy, ``offload_folder`` without
-        ``device_map``. ``model.model.hf_device_map`` holds the resolved map.
-
-        >>> model = HookedModel.from_pretrained(folder, device_map="auto",
-        ...                                     max_memory={0: "10GiB", "cpu": "30GiB"},
-        ...                                     offload_folder="offload")
-
-        On such a model caching, hooks, gradients and the interventions give the values of
-        the model loaded whole; :mod:`hookscope.loading` says what works and its limits.
+        >>> model = HookedModel.from_pretrained(folder, device_map="auto", offload_folder="offload")
         """
         from hookscope.loading import load_pretrained
 
-        model, tok = load_pretrained(
-            name_or_path, device, dtype, tokenizer, head, hf_kwargs,
-            device_map, max_memory, offload_folder,
-        )  # fmt: skip
+        model, tok = load_pretrained(name_or_path, device, dtype, tokenizer, head, hf_kwargs,
+                                     device_map, max_memory, offload_folder)  # fmt: skip
         return cls(model, make_adapter(model, adapter), tok)
 
     # ------------------------------------------------------------------ facts
@@ -195,8 +184,6 @@ class HookedModel(WeightAccess):
     def to_single_token(self, text: str) -> int:
         """The id of ``text``, which must be exactly one token (mind the leading space:
         ``" Mary"``); an InputError shows the pieces otherwise."""
-        from hookscope.interventions._metric_args import TokenText
-
         if not isinstance(text, str):
             raise InputError(f"to_single_token takes a string, got {type(text).__name__}")
         return int(TokenText((text,), True).ids(self.tokenizer, "text", "to_single_token"))

@@ -353,7 +353,7 @@ def _has_pos(cache: ActivationCache, model: Any, stack: Tensor, pos: Pos) -> boo
 
 
 def _directions(model: Any, tokens: Any, what: str) -> Tensor:
-    from hookscope.interventions._metric_args import parse_tokens, resolve
+    from hookscope.tokens import parse_tokens, resolve
 
     if isinstance(tokens, Tensor) and tokens.ndim == 2 and not tokens.is_floating_point():
         ids = tokens.long()  # one token per row and position

@@ -1,87 +1,24 @@
-"""What a metric reads: answer tokens (ids or one-token strings) and positions, parsed
-when the metric is built and checked against an output shape before any forward."""
+"""What a metric reads: positions, parsed when the metric is built, and answer tokens
+(parsed by :mod:`hookscope.tokens`) with them checked against an output shape before any
+forward."""
 
 from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from hookscope.errors import InputError
+from hookscope.tokens import TokenText, as_integers
 
-TokenIds = int | str | Sequence[int] | Sequence[str] | Tensor
 Position = int | Sequence[int] | Tensor | None
 
-_TOKEN_CHOICES = (
-    "a token id (int), a token string (one token of the model's tokenizer, e.g. ' Mary'), "
-    "or a list / 1-D integer tensor of them with one per row"
-)
 _POSITION_CHOICES = (
     "an int (the same position in every row; negative counts from the end), a list / 1-D "
     "integer tensor with one position per row, or None for [batch, classes] outputs"
 )
-
-
-@dataclass(frozen=True)
-class TokenText:
-    """Answer tokens given as text (``" Mary"``), each to be exactly one token of the
-    model's tokenizer; :meth:`Metric.bind` turns them into ids."""
-
-    texts: tuple[str, ...]
-    one: bool  #: a single string: the same answer in every row
-
-    def __str__(self) -> str:
-        return repr(self.texts[0]) if self.one else repr(list(self.texts))
-
-    def ids(self, tokenizer: Any, what: str, name: str) -> Tensor:
-        """The token id of each text (a 0-d tensor for a single string)."""
-        if tokenizer is None:
-            raise InputError(
-                f"{name}: {what} {self} is text, but this model has no tokenizer; pass token "
-                "ids (ints), or wrap the model with tokenizer=..."
-            )
-        found = tokenizer(list(self.texts), add_special_tokens=False)["input_ids"]
-        for text, ids in zip(self.texts, found, strict=True):
-            if len(ids) != 1:
-                pieces = [tokenizer.decode([i]) for i in ids]
-                raise InputError(
-                    f"{name}: {what} {text!r} is {len(ids)} tokens with this tokenizer "
-                    f"({pieces}); an answer must be exactly one token: pass a text that is one "
-                    "token (mind the leading space) or its token id"
-                )
-        return torch.tensor(found[0][0] if self.one else [ids[0] for ids in found])
-
-
-def _integers(value: Any, what: str, choices: str, note: str = "") -> Tensor:
-    """``value`` as a 0-d or non-empty 1-D integer tensor (never rounded), or an InputError
-    naming ``choices``."""
-    try:
-        t = torch.as_tensor(value)
-    except (TypeError, ValueError, RuntimeError):
-        raise InputError(f"{what} must be {choices}; got {value!r}") from None
-    if t.ndim == 1 and t.numel() == 0:
-        raise InputError(f"{what} is empty; it must be {choices}")
-    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool or t.ndim > 1:
-        raise InputError(f"{what} must be {choices}; got shape {tuple(t.shape)} {t.dtype}{note}")
-    return t
-
-
-def parse_tokens(ids: TokenIds, what: str) -> Tensor | TokenText:
-    """Answer tokens as a LongTensor (0-d or 1-D) of ids >= 0, or as :class:`TokenText`."""
-    if isinstance(ids, str):
-        return TokenText((ids,), True)
-    if isinstance(ids, (list, tuple)) and ids and all(isinstance(t, str) for t in ids):
-        return TokenText(tuple(ids), False)
-    if isinstance(ids, (bool, float, complex, dict, set)) or ids is None:
-        raise InputError(f"{what} must be {_TOKEN_CHOICES}; got {ids!r}")
-    t = _integers(ids, what, _TOKEN_CHOICES)
-    if t.numel() and int(t.min()) < 0:
-        raise InputError(f"{what} token ids must be >= 0; got {int(t.min())}")
-    return t.long()
 
 
 def parse_position(position: Position, what: str = "position") -> int | Tensor | None:
@@ -93,7 +30,7 @@ def parse_position(position: Position, what: str = "position") -> int | Tensor |
     if isinstance(position, (bool, str, float, dict, set)):
         raise InputError(f"{what} must be {_POSITION_CHOICES}; got {position!r}")
     note = " (positions are never rounded)"
-    return _integers(position, what, _POSITION_CHOICES, note).long()
+    return as_integers(position, what, _POSITION_CHOICES, note).long()
 
 
 def check_read(
@@ -156,9 +93,3 @@ def check_read(
 
 def show_position(position: int | Tensor) -> str:
     return str(position) if isinstance(position, int) else str(position.tolist())
-
-
-def resolve(ids: Tensor | TokenText, what: str, model: Any, name: str) -> Tensor:
-    if isinstance(ids, TokenText):
-        return ids.ids(getattr(model, "tokenizer", None), what, name)
-    return ids

@@ -45,13 +45,20 @@ from torch import Tensor
 
 from hookscope._choices import CRITERIA, LOCALIZE_METHODS
 from hookscope.addresses import Address
-from hookscope.errors import InputError, format_choices
 from hookscope.interventions._arguments import (
     check_choice,
     check_count,
     check_fraction,
     check_model,
     check_reference,
+)
+from hookscope.interventions._localize_steps import (
+    Component,
+    confirm,
+    label,
+    refuse_nan,
+    set_scorer,
+    smallest_circuit,
 )
 from hookscope.interventions.ablation import KNOCKOUT_METHODS, Knockout, knockout
 from hookscope.interventions.attribution import attribution_patching
@@ -64,12 +71,6 @@ from hookscope.modes import EvalMode
 __all__ = ["CircuitResult", "localize_circuit"]
 
 METHODS = LOCALIZE_METHODS
-Component = tuple[Address, int | None]
-
-
-def _label(component: Component) -> str:
-    address, pos = component
-    return str(address) if pos is None else f"{address}@{pos}"
 
 
 @dataclass
@@ -110,7 +111,7 @@ class CircuitResult:
         return [
             {
                 "rank": rank,
-                "component": _label(c),
+                "component": label(c),
                 "address": str(c[0]),
                 "position": c[1],
                 "screen_effect": screen[c],
@@ -132,7 +133,7 @@ class CircuitResult:
         """Everything as JSON-serialisable values."""
         knock = self.faithfulness
         return {
-            "circuit": [_label(c) for c in self.components],
+            "circuit": [label(c) for c in self.components],
             "score": self.score,
             "reached": self.reached,
             "threshold": self.threshold,
@@ -183,7 +184,7 @@ class CircuitResult:
         ks = list(range(1, len(self.curve) + 1))
         ax_curve.plot(ks, self.curve, marker="o")
         ax_curve.axhline(self.threshold, ls="--", c="grey", label=f"threshold {self.threshold}")
-        ax_curve.set_xticks(ks, [_label(c) for c in self.ranking], rotation=90, fontsize=7)
+        ax_curve.set_xticks(ks, [label(c) for c in self.ranking], rotation=90, fontsize=7)
         ax_curve.set_ylabel(f"set score ({self.criterion}, {self.direction})")
         ax_curve.set_title(f"circuit: {len(self.components)} components")
         ax_curve.legend(loc="lower right")
@@ -195,7 +196,7 @@ class CircuitResult:
         lines = [
             f"CircuitResult({self.method} screen, {self.criterion} criterion, {self.direction}, "
             f"metric {self.metric})",
-            f"  circuit of {len(self.components)}: {', '.join(_label(c) for c in self.components)}",
+            f"  circuit of {len(self.components)}: {', '.join(label(c) for c in self.components)}",
             f"  set score {self.score:.4f} {status} threshold {self.threshold}",
         ]
         if self.faithfulness is not None:
@@ -274,14 +275,14 @@ def _localize(
     else:  # the exact screen on the same baselines
         screen = patcher.sweep(positions)
     jobs: list[Component] = screen.jobs
-    _refuse_nan(screen.effects, jobs, f"the {screen.method} screening score")
+    refuse_nan(screen.effects, jobs, f"the {screen.method} screening score")
     k = min(len(jobs), candidates or 20)
-    confirmed = _confirm(patcher, screen, k, method, direction, metric)
+    confirmed = confirm(patcher, screen, k, method, direction, metric)
     ranking = [confirmed.jobs[i] for i in rank(confirmed.effects)]
 
-    set_score = _set_scorer(model, clean, corrupted, metric, sites, patcher, jobs, criterion,
+    set_score = set_scorer(model, clean, corrupted, metric, sites, patcher, jobs, criterion,
                             chunk_size, progress)  # fmt: skip
-    curve, circuit, score, reached = _smallest_circuit(set_score, ranking, k, threshold)
+    curve, circuit, score, reached = smallest_circuit(set_score, ranking, k, threshold)
 
     faithfulness = knockout(
         model,
@@ -310,97 +311,8 @@ def _localize(
     )
 
 
-def _confirm(patcher: Patcher, screen: PatchingResult, k: int, method: str, direction: str,
-             metric) -> PatchingResult:  # fmt: skip
-    """The exact (normalised) patching score of the screen's top ``k`` components: read
-    from an exact screen, else one patched run each."""
-    jobs: list[Component] = screen.jobs
-    picked = [jobs[i] for i in rank(screen.effects)[:k]]
-    if method == "exact":
-        exact = dict(zip(jobs, screen.flat.tolist(), strict=True))
-        fractions = torch.tensor([exact[c] for c in picked], dtype=torch.float64)
-        if not screen.normalised:
-            fractions = patcher.fraction(fractions)
-    else:
-        fractions = patcher.fraction(torch.tensor(patcher.run(picked), dtype=torch.float64))
-    confirmed = PatchingResult(
-        scores=fractions.clone(),
-        dims=("candidate",),
-        jobs=picked,
-        flat=fractions,
-        method="activation_patching",
-        direction=direction,
-        metric=metric_name(metric),
-        normalised=True,
-        baselines={"clean": patcher.m_clean, "corrupted": patcher.m_corrupted},
-    )
-    _refuse_nan(confirmed.effects, picked, "the exact (confirmed) score")
-    return confirmed
-
-
-def _smallest_circuit(set_score, ranking: list, k: int, threshold: float):
-    """``(curve, circuit, score, reached)``: the set score of each top-``n`` prefix of
-    ``ranking``, the shortest prefix reaching ``threshold`` (else all ``k``) with members
-    the threshold does not need dropped, its score, and whether it reached it."""
-    curve = set_score([ranking[:n] for n in range(1, k + 1)])
-    _refuse_nan(torch.tensor(curve), [f"top {n}" for n in range(1, k + 1)], "the set score", "sets")
-    size = next((n for n, s in enumerate(curve, 1) if s >= threshold), None)
-    reached = size is not None
-    circuit = ranking[: size or k]
-    score = curve[(size or k) - 1]
-    if reached:
-        for member in reversed(list(circuit)):  # drop members the threshold does not need
-            if len(circuit) == 1:
-                break
-            trial = [c for c in circuit if c != member]
-            value = set_score([trial])[0]
-            _refuse_nan(torch.tensor([value]), [f"circuit without {_label(member)}"],
-                        "the set score", "sets")  # fmt: skip
-            if value >= threshold:
-                circuit, score = trial, value
-    return curve, circuit, score, reached
-
-
-def _refuse_nan(values: Tensor, items: list, what: str, kind: str = "components") -> None:
-    """InputError naming the ``items`` whose value is NaN (an undefined rank)."""
-    bad = [items[i] for i in torch.isnan(values).nonzero().flatten().tolist()]
-    if bad:
-        labels = [i if isinstance(i, str) else _label(i) for i in bad]
-        raise InputError(
-            f"{what} is NaN for {len(bad)} of {len(items)} {kind} ({format_choices(labels, 8)}): "
-            "the metric returned NaN on their patched runs, so they cannot be ranked or "
-            "judged against the threshold. Check the metric (a log, a division or a softmax "
-            "that patched activations push out of range) or leave those sites out"
-        )
-
-
 def _nan_to_none(value: Any) -> Any:
     """Nested lists of floats with NaN as None."""
     if isinstance(value, list):
         return [_nan_to_none(v) for v in value]
     return None if isinstance(value, float) and value != value else value
-
-
-def _set_scorer(
-    model, clean, corrupted, metric, sites, patcher: Patcher, jobs, criterion, chunk_size, progress
-) -> Callable[[list[list[Component]]], list[float]]:
-    """A function scoring sets of components (each set one patched run, stacked)."""
-    if criterion == "patch":
-
-        def score(sets: list[list[Component]]) -> list[float]:
-            fractions = patcher.fraction(torch.tensor(patcher.run(sets), dtype=torch.float64))
-            kept = fractions if patcher.direction == "denoise" else 1.0 - fractions
-            return kept.tolist()
-
-        return score
-    noiser = (
-        patcher
-        if patcher.direction == "noise"
-        else Patcher(model, clean, corrupted, metric, sites, "noise", chunk_size, progress, True)
-    )
-
-    def keep_only(sets: list[list[Component]]) -> list[float]:
-        complements = [[c for c in jobs if c not in set(s)] for s in sets]
-        return noiser.fraction(torch.tensor(noiser.run(complements), dtype=torch.float64)).tolist()
-
-    return keep_only

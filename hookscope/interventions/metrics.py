@@ -27,15 +27,8 @@ from torch import Tensor, nn
 
 from hookscope import dispatch
 from hookscope.errors import InputError
-from hookscope.interventions._metric_args import (
-    Position,
-    TokenIds,
-    TokenText,
-    check_read,
-    parse_position,
-    parse_tokens,
-    resolve,
-)
+from hookscope.interventions._metric_args import Position, check_read, parse_position
+from hookscope.tokens import TokenIds, TokenText, parse_tokens, resolve
 
 if TYPE_CHECKING:
     from hookscope.model import HookedModel
