@@ -25,7 +25,7 @@ from hookscope.adapters.base import submodule
 from hookscope.addresses import Slot
 from hookscope.cache import ActivationCache, Layout
 from hookscope.errors import InputError
-from hookscope.interventions._forward_edits import DISPATCHED_ONEDNN
+from hookscope.interventions._onednn import DISPATCHED_ONEDNN
 from hookscope.interventions.patching import Patcher
 from hookscope.scope import open_scopes
 
@@ -390,7 +390,7 @@ def test_only_onednn_is_off_on_a_dispatched_model(pairs, arch):
     assert got.shortcuts() == ref.shortcuts() - {"onednn"}
     assert {"replay", "readout", "prefix", "read_position"} <= got.shortcuts()
     assert got.shortcuts_off == {"onednn": DISPATCHED_ONEDNN} and ref.shortcuts_off == {}
-    assert got.structure.linears == {}
+    assert got.structure.fast == {}
 
 
 def test_no_hook_left_and_accelerate_hooks_untouched(pairs):

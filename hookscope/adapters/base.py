@@ -224,9 +224,10 @@ class Adapter:
 
     def block_part(self, layer: int, part: str) -> nn.Module | None:
         """A module of block ``layer``: ``"mlp"`` (the whole MLP), ``"out_proj"`` (the
-        attention output projection, whose input is ``z``) or ``"post_attn_norm"`` (a norm
-        between the output projection and the residual addition, as in Gemma); None where
-        the block has no such module."""
+        attention output projection, whose input is ``z``), ``"post_attn_norm"`` (a norm
+        between the output projection and the residual addition, as in Gemma), or a gated
+        MLP's ``"gate"``, ``"up"`` and ``"down"`` projections and ``"act"`` activation
+        (``mlp(x) = down(act(gate(x)) * up(x))``); None where the block has no such module."""
         check_choice_part(part)
         return None
 
@@ -242,7 +243,7 @@ class Adapter:
         return self.name
 
 
-BLOCK_PARTS = ("mlp", "out_proj", "post_attn_norm")
+BLOCK_PARTS = ("mlp", "out_proj", "post_attn_norm", "gate", "up", "down", "act")
 
 
 def check_choice_part(part: str) -> None:

@@ -43,6 +43,7 @@ SPEC = TransformerSpec(
     mlp_post="mlp.down_proj",
     dims=_dims,
     mlp_up="mlp.up_proj",
+    mlp_act="mlp.act_fn",
     readout=Readout(
         final_norm=("model.norm", "norm", "model.language_model.norm"),
         norm="rms",

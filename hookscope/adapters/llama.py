@@ -38,5 +38,6 @@ SPEC = TransformerSpec(
     mlp_post="mlp.down_proj",
     dims=_dims,
     mlp_up="mlp.up_proj",
+    mlp_act="mlp.act_fn",
     readout=Readout(final_norm=("model.norm", "norm"), norm="rms"),
 )

@@ -92,6 +92,7 @@ class TransformerSpec:
     token_input: bool = True
     missing_note: str = ""  # appended to the error for resid_mid when absent
     mlp_up: str | None = None  # gated MLPs: the up projection (multiplied by act(gate))
+    mlp_act: str | None = None  # gated MLPs: the activation module applied to the gate
     readout: Readout = Readout(final_norm=None)  # final norm, positions, soft-cap
 
 
@@ -102,6 +103,10 @@ def _first_existing(root: nn.Module, paths: str | tuple[str, ...]) -> str:
         if p in names:
             return p
     raise AdapterError(f"none of the modules {', '.join(options)} exist in {type(root).__name__}")
+
+
+#: a gated MLP's parts (block_part names) and the spec fields holding their paths
+_GATED_PARTS = {"gate": "mlp_pre", "up": "mlp_up", "down": "mlp_post", "act": "mlp_act"}
 
 
 class TransformerAdapter(Adapter):
@@ -180,8 +185,11 @@ class TransformerAdapter(Adapter):
             if post is None or post == spec.attn_out_proj:
                 return None
             return submodule(self.root, self.layer_path(layer, post))
-        rel = spec.mlp if part == "mlp" else spec.attn_out_proj
-        return submodule(self.root, self.layer_path(layer, rel))
+        if part in _GATED_PARTS:
+            rel = getattr(spec, _GATED_PARTS[part]) if spec.mlp_up and spec.mlp_act else None
+        else:
+            rel = spec.mlp if part == "mlp" else spec.attn_out_proj
+        return None if rel is None else submodule(self.root, self.layer_path(layer, rel))
 
     @property
     def linear_head_tail(self) -> bool:

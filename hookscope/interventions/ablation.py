@@ -47,8 +47,9 @@ from hookscope.interventions._arguments import (
     check_reference,
     resolve_sites,
 )
-from hookscope.interventions._forward_edits import forward_replaced, model_linears, shortcuts_off
+from hookscope.interventions._forward_edits import forward_replaced
 from hookscope.interventions._inputs import copies_per_forward, fit_metric
+from hookscope.interventions._onednn import fast_forwards, shortcuts_off
 from hookscope.interventions.engine import Engine, Write, Writer, needs_logits
 from hookscope.interventions.metrics import Metric
 from hookscope.interventions.result import PatchingResult, metric_name, sweep_result
@@ -109,13 +110,13 @@ def _run_jobs(
     batch = inputs_t.shape[0]
     found: list[Any] = []
     chunks = range(0, len(jobs), k)
-    linears, _ = model_linears(model.model)  # (the output is a tensor: nothing to report)
+    fast, _ = fast_forwards(model)  # (the output is a tensor: nothing to report)
     writer = Writer(model.adapter, {})
     for start in tqdm(chunks, desc="ablation", disable=not progress or len(chunks) < 2):
         part = [_writes(values, job) for job in jobs[start : start + k]]
         stacked = inputs_t.repeat(len(part), *([1] * (inputs_t.ndim - 1)))
         hooks = writer.hooks(list(enumerate(part)), batch)
-        with torch.no_grad(), forward_replaced(linears):
+        with torch.no_grad(), forward_replaced(fast):
             out = model.run_with_hooks(stacked, hooks=hooks)
         if len(part) == 1:
             found.append(out)

@@ -155,8 +155,19 @@ class Metric(ABC):
         copy at a time, which reports the mismatch)."""
         return None
 
+    def rows(self, index: Tensor, position: Tensor) -> Metric | None:
+        """The same metric on rows ``index`` of its batch, read at ``position`` (one
+        absolute position per kept row); None where a metric cannot say (sweeps then run
+        every row in each forward)."""
+        return None
+
     def __repr__(self) -> str:
         return self.name
+
+
+def _take_rows(ids: Sequence[Tensor], index: Tensor) -> list[Tensor]:
+    """Answer ``ids`` of rows ``index`` (one per row taken, one for all kept)."""
+    return [t[index.to(t.device)] if t.ndim == 1 else t for t in ids]
 
 
 def _repeat_rows(ids: Sequence[Tensor], position: int | Tensor | None, n: int, rows: int):
@@ -238,6 +249,9 @@ class _LogitDiff(Metric):
         stacked = _repeat_rows([self.correct, self.incorrect], self.position, n, rows)  # type: ignore[list-item]
         return None if stacked is None else _LogitDiff(*stacked[0], stacked[1])
 
+    def rows(self, index: Tensor, position: Tensor) -> Metric:
+        return _LogitDiff(*_take_rows([self.correct, self.incorrect], index), position)  # type: ignore[list-item]
+
 
 class _Logit(Metric):
     def __init__(self, token: TokenIds, position: Position, probability: bool):
@@ -278,6 +292,9 @@ class _Logit(Metric):
             return None
         stacked = _repeat_rows([self.token], self.position, n, rows)  # type: ignore[list-item]
         return None if stacked is None else _Logit(*stacked[0], stacked[1], False)
+
+    def rows(self, index: Tensor, position: Tensor) -> Metric:
+        return _Logit(*_take_rows([self.token], index), position, self.probability)  # type: ignore[list-item]
 
 
 class _Loss(Metric):

@@ -11,14 +11,14 @@ from torch import nn
 import hookscope as hs
 from hookscope import interventions as iv
 from hookscope.addresses import AttentionHead
-from hookscope.interventions import _forward_edits as edits
+from hookscope.interventions import _onednn as onednn
 from hookscope.interventions.engine import Write, Writer
 from hookscope.interventions.metrics import Unembed
 
 import builders
 
 needs_onednn = pytest.mark.skipif(
-    edits._onednn_linear() is None, reason="no oneDNN linear in this torch build or CPU"
+    onednn.onednn_linear() is None, reason="no oneDNN linear in this torch build or CPU"
 )
 
 
@@ -37,12 +37,12 @@ def test_onednn_linears_equal_a_float64_reference_and_skip_what_they_cannot_take
     wrapped.forward = lambda x: x  # an instance-level forward (e.g. an offloading wrapper)
     strided = nn.Linear(4, 6)
     strided.bias = nn.Parameter(torch.randn(6, 2)[:, 0])  # a non-contiguous bias
-    found = edits.fast_linears([plain, no_bias, half, doubled, wrapped, strided, nn.ReLU()])
+    found = onednn.fast_linears([plain, no_bias, half, doubled, wrapped, strided, nn.ReLU()])
     assert set(found) == {plain, no_bias}
     with warnings.catch_warnings():  # torch warns about Intel GPUs when the flags change
         warnings.simplefilter("ignore")
         with torch.backends.mkldnn.flags(enabled=False):  # the user turned oneDNN off
-            assert edits.fast_linears([plain]) == {}
+            assert onednn.fast_linears([plain]) == {}
 
     x = torch.randn(3, 7, 64)
     for module in (plain, no_bias):
@@ -70,7 +70,7 @@ def test_onednn_linears_fall_back_where_they_would_compute_something_else():
     calls work as on nn.Linear."""
     torch.manual_seed(0)
     layer = nn.Linear(16, 6)
-    forward = edits.fast_linears([layer])[layer]
+    forward = onednn.fast_linears([layer])[layer]
     x = torch.randn(5, 16)
     with torch.no_grad():
         torch.testing.assert_close(
@@ -117,7 +117,7 @@ def test_sweeps_compute_block_linears_with_onednn_and_restore_them(monkeypatch):
     corrupted[:, 2] = (clean[:, 2] + 5) % 500
     metric = iv.logit_diff(3, 8)
     calls = {"n": 0}
-    real = edits._onednn_linear()
+    real = onednn.onednn_linear()
 
     def counting(*args):
         calls["n"] += 1
@@ -128,14 +128,14 @@ def test_sweeps_compute_block_linears_with_onednn_and_restore_them(monkeypatch):
             model, clean, corrupted, metric, sites=["head.*.*", "resid_pre.*"], progress=False
         )
 
-    monkeypatch.setattr(edits, "_onednn_linear", lambda: counting)
+    monkeypatch.setattr(onednn, "onednn_linear", lambda: counting)
     fast = sweep()
     assert calls["n"] > 0
-    monkeypatch.setattr(edits, "_onednn_linear", lambda: None)
+    monkeypatch.setattr(onednn, "onednn_linear", lambda: None)
     plain_torch = sweep()
     torch.testing.assert_close(fast.scores, plain_torch.scores, atol=1e-5, rtol=1e-5)
 
-    monkeypatch.setattr(edits, "_onednn_linear", lambda: counting)
+    monkeypatch.setattr(onednn, "onednn_linear", lambda: counting)
     block = hf.gpt_neox.layers[1]
 
     def fail_in_sweeps(module, args, kwargs):

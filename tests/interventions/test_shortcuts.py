@@ -13,7 +13,7 @@ import torch
 
 import hookscope as hs
 import hookscope.interventions as iv
-from hookscope.interventions._forward_edits import _onednn_linear
+from hookscope.interventions._onednn import onednn_linear
 from hookscope.interventions.patching import Patcher
 
 import builders
@@ -63,7 +63,7 @@ def test_every_shortcut_is_on_where_it_applies(arch):
         model, clean, corrupted, iv.logit_diff(5, 9), "head.*.*", "denoise", None, False
     )
     expected = ALL - set(off)
-    if _onednn_linear() is None:  # this build or CPU has no usable oneDNN kernel
+    if onednn_linear() is None:  # this build or CPU has no usable oneDNN kernel
         expected.discard("onednn")
     assert patcher.engine.shortcuts() == expected, {
         "missing": expected - patcher.engine.shortcuts(),

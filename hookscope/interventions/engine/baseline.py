@@ -64,12 +64,12 @@ def record(
         if probe is not None:
             for module, fn in engine.read_position_only(slots):
                 scope.pre_hook(module, fn, with_kwargs=True, prepend=True)
-        edits = {**engine.structure.linears, **({probe.module: probe} if probe else {})}
+        edits = {**engine.structure.fast, **({probe.module: probe} if probe else {})}
         with forward_replaced(edits):
             out, cache = _forward(engine, inputs, names, kwargs)
         if probe is not None and not probe.matches(out):
             engine.unembed = None  # the logits are post-processed: read full logits
-            with forward_replaced(engine.structure.linears):
+            with forward_replaced(engine.structure.fast):
                 out, cache = _forward(engine, inputs, names, kwargs)
     rec = Recorded()
     if blocks and all(r is not None for r in outputs + block_inputs):

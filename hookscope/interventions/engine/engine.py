@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy as _copy
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -15,7 +16,14 @@ from hookscope.errors import InputError
 from hookscope.interventions.engine import baseline as _baseline
 from hookscope.interventions.engine.execute import read_position_only, run_forward
 from hookscope.interventions.engine.jobs import Job, Writer, touches_logits
-from hookscope.interventions.engine.plan import Facts, Forward, plan
+from hookscope.interventions.engine.plan import Copy, Facts, Forward, plan
+from hookscope.interventions.engine.rows import (
+    copies_for,
+    restrict_jobs,
+    restrict_recorded,
+    restrict_value,
+    row_groups,
+)
 from hookscope.interventions.engine.structure import Structure
 from hookscope.interventions.metrics import Metric, Unembed
 from hookscope.model import HookedModel
@@ -106,8 +114,10 @@ class Engine:
         """The shortcuts this engine's forwards take (after :meth:`baseline`): ``replay``
         (blocks below a copy), ``readout`` (only the metric's logits), ``prefix`` (positions
         before the first change), ``linear_tail`` (head writes added after their block),
-        ``read_position`` (the last block's MLP at the read position only) and ``onednn``
-        (oneDNN matrix products). What cannot run on a model, with why:
+        ``read_position`` (the last block's MLP at the read position only), ``onednn``
+        (oneDNN matrix products and gated MLPs) and ``row_groups`` (rows of different
+        read positions run in groups, each to its last read position, where that saves
+        work for the jobs at hand). What cannot run on a model, with why:
         :attr:`shortcuts_off`."""
         facts = self.facts()
         on = {
@@ -116,16 +126,29 @@ class Engine:
             "prefix": facts.skip_prefix,
             "linear_tail": facts.linear_head_tail,
             "read_position": self.read_position is not None and bool(self.read_position_only([])),
-            "onednn": bool(self.structure.linears),
+            "onednn": bool(self.structure.fast),
+            "row_groups": self._trims_rows() and len(set(self.read_position.tolist())) > 1,  # type: ignore[union-attr]
         }
         return {name for name, taken in on.items() if taken}
 
-    def plan(self, jobs: Sequence[Job], k: int) -> list[Forward]:
-        """The forwards that score ``jobs``, at most ``k`` copies each."""
+    def plan(self, jobs: Sequence[Job], k: int, writer: Writer | None = None) -> list[Forward]:
+        """The forwards that score ``jobs``, at most ``k`` copies each (``writer``: given,
+        jobs that write back the base run's values are left out)."""
         facts = self.facts()
-        writer = Writer(self.model.adapter, self.base_acts)
-        firsts = [writer.first_change(job) for job in jobs] if facts.skip_prefix else None
-        return plan(jobs, facts, k, firsts)
+        if writer is None:
+            writer, live = Writer(self.model.adapter, self.base_acts), range(len(jobs))
+        else:
+            live = [i for i, job in enumerate(jobs) if not writer.is_noop(job)]
+        todo = [jobs[i] for i in live]
+        firsts = [writer.first_change(job) for job in todo] if facts.skip_prefix else None
+        forwards = plan(todo, facts, k, firsts)
+        if isinstance(live, range):
+            return forwards
+        return [
+            Forward(f.prefix, tuple(Copy(tuple(live[i] for i in c.jobs), c.start, c.tail)
+                                    for c in f.copies))
+            for f in forwards
+        ]  # fmt: skip
 
     def run(
         self, jobs: Sequence[Job], k: int, base_value: float | None = None,
@@ -133,20 +156,95 @@ class Engine:
     ) -> list[float]:  # fmt: skip
         """The metric of each job's copy, ``k`` copies per forward. With ``base_value``
         (the base run's metric), a job that writes back the base run's own values bit for
-        bit is not run: its value is ``base_value``."""
+        bit is not run: its value is ``base_value``. Rows of different read positions run
+        in groups (:func:`~.rows.row_groups`), each to its own last read position; a job's
+        value is then the row-weighted mean of its groups' values."""
         writer = Writer(self.model.adapter, self.base_acts)
         found = [base_value] * len(jobs)
         todo = list(range(len(jobs)))
         if base_value is not None:
             todo = [i for i in todo if not writer.is_noop(jobs[i])]
         part = [jobs[i] for i in todo]
-        forwards = self.plan(part, k)
-        with tqdm(total=len(part), desc=desc, disable=not progress or len(forwards) < 2) as bar:
-            for forward in forwards:
-                values = self.execute(forward, part, writer)
-                for i, value in zip(forward.jobs, values, strict=True):
-                    found[todo[i]] = value
-                bar.update(len(forward.jobs))
+        runs = [self._group(part, k, writer, *group) for group in self._row_groups(part, k)]
+        n_forwards = sum(len(forwards) for _, _, _, forwards, _ in runs)
+        total = sum(len(f.jobs) for *_, forwards, _ in runs for f in forwards)
+        values = [0.0] * len(part)
+        with tqdm(total=total, desc=desc, disable=not progress or n_forwards < 2) as bar:
+            for engine, share, group_jobs, forwards, group_writer in runs:
+                for i, value in enumerate(engine._score(group_jobs, forwards, group_writer, bar)):
+                    values[i] += share * value
+        for i, value in zip(todo, values, strict=True):
+            found[i] = value
+        return found  # type: ignore[return-value]
+
+    def _row_groups(self, jobs: Sequence[Job], k: int) -> list[tuple[Tensor | None, int]]:
+        """``(rows, length)`` groups the jobs run in (``[(None, n_pos)]``: all rows)."""
+        whole: list[tuple[Tensor | None, int]] = [(None, int(self.base.shape[-1]))]
+        read = self.read_position
+        if read is None or not self._trims_rows() or touches_logits(jobs):
+            return whole
+        slots = {w.slot for job in jobs for w in job}
+        if any(s.kind == "pattern" or s not in self.base_acts for s in slots):
+            return whole  # (a pattern has a second position axis, the keys')
+        groups = row_groups(read, len(jobs), k)
+        return whole if len(groups) == 1 else groups  # type: ignore[return-value]
+
+    def _trims_rows(self) -> bool:
+        """Whether rows may stop at their read position: a causal model whose metric reads
+        one position per row from the unembedding's input, recorded block by block."""
+        read, rec = self.read_position, self.recorded
+        return (
+            read is not None
+            and self.model.adapter.causal
+            and self.readout()
+            and rec.hidden is not None
+            and self.facts().n_blocks is not None
+            and self.metric.rows(torch.arange(self.batch), read) is not None  # type: ignore[union-attr]
+        )
+
+    def _group(
+        self, jobs: Sequence[Job], k: int, writer: Writer, index: Tensor | None, length: int
+    ) -> tuple[Engine, float, list[Job], list[Forward], Writer]:
+        """What one row group runs: ``(engine, share of the rows, jobs, forwards, writer)``."""
+        if index is None:
+            return self, 1.0, list(jobs), self.plan(jobs, k), writer
+        n_pos = int(self.base.shape[-1])
+        group = self.restricted(index, length)
+        adapter = self.model.adapter
+        group_jobs = restrict_jobs(jobs, writer.full, adapter, index, length, n_pos)
+        group_writer = Writer(adapter, group.base_acts)
+        k_group = copies_for(k, self.batch, len(index), len(jobs))
+        forwards = group.plan(group_jobs, k_group, group_writer)
+        return group, len(index) / self.batch, group_jobs, forwards, group_writer
+
+    def restricted(self, index: Tensor, length: int) -> Engine:
+        """This engine on base rows ``index`` and positions ``..length`` (recorded
+        baseline, written activations, metric and read positions cut to them)."""
+        read = self.read_position[index]  # type: ignore[index]
+        group = _copy.copy(self)
+        group.base, group.batch = self.base[index, :length], len(index)
+        group.read_position = read
+        group.metric = self.metric.rows(index, read)  # type: ignore[union-attr, assignment]
+        group.recorded = restrict_recorded(self.recorded, index, length)
+        group.base_acts = {
+            slot: restrict_value(act, self.model.adapter.position_axis(slot), index, length)
+            for slot, act in self.base_acts.items()
+        }
+        return group
+
+    def _score(
+        self, jobs: Sequence[Job], forwards: Sequence[Forward], writer: Writer, bar: Any
+    ) -> list[float]:
+        """Each job's metric: the planned ``forwards``; jobs they leave out (writing back
+        the base run's values) have the base run's."""
+        found: list[float | None] = [None] * len(jobs)
+        for forward in forwards:
+            for i, value in zip(forward.jobs, self.execute(forward, jobs, writer), strict=True):
+                found[i] = value
+            bar.update(len(forward.jobs))
+        if None in found:
+            base = self.values(self.recorded.hidden, 1, hidden=True)[0]  # type: ignore[arg-type]
+            found = [base if v is None else v for v in found]
         return found  # type: ignore[return-value]
 
     def execute(self, forward: Forward, jobs: Sequence[Job], writer: Writer) -> list[float]:

@@ -60,7 +60,7 @@ def run_forward(
     blocks: list[nn.Module] = structure.blocks  # type: ignore[assignment]
     n_blocks, prefix = len(rec.outputs), forward.prefix
     cut, first = slice(prefix, None), int(starts[0])  # type: ignore[arg-type]
-    replace: dict[nn.Module, Callable] = dict(structure.linears)
+    replace: dict[nn.Module, Callable] = dict(structure.fast)
     for i in range(first):  # below every copy: the base run, recorded
         replace[blocks[i]] = partial(replay, positions(rec.outputs[i], cut))
     pre_hooks, out_hooks = _joins(engine, groups, cut, first)
@@ -129,7 +129,7 @@ def read_position_only(engine: Engine, slots: Sequence[Slot], prefix: int = 0) -
 
 def _plain(engine: Engine, hooks: list, n: int, uses_logits: bool) -> Tensor:
     """``n`` copies of the whole input written by ``hooks`` (no shortcut but the readout)."""
-    replace = dict(engine.structure.linears)
+    replace = dict(engine.structure.fast)
     if engine.readout(uses_logits):
         replace[engine.unembed.module] = identity  # type: ignore[union-attr]
     with forward_replaced(replace), torch.no_grad():

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from hookscope.hf_compat import kv_cache_candidates
-from hookscope.interventions._forward_edits import model_linears
+from hookscope.interventions._onednn import fast_forwards
 from hookscope.model import HookedModel
 
 __all__ = ["Structure"]
@@ -26,16 +26,16 @@ class Structure:
     last_out_proj: nn.Module | None
     linear_head_tail: bool
     kv_keywords: tuple[str, ...]  #: keywords to try for a key/value cache (causal models)
-    linears: dict  #: forwards computing plain fp32 linear layers with oneDNN
+    fast: dict  #: oneDNN forwards of plain fp32 linear layers and gated MLPs
     shortcuts_off: dict[str, str]  #: shortcuts that cannot run on this model, with why
 
     @classmethod
     def of(cls, model: HookedModel) -> Structure:
         adapter = model.adapter
         blocks = adapter.blocks()
-        linears, off = model_linears(model.model)
+        fast, off = fast_forwards(model)
         if not blocks:
-            return cls(None, None, None, None, False, (), linears, off)
+            return cls(None, None, None, None, False, (), fast, off)
         head = adapter.unembed_module()
         last = len(blocks) - 1
         return cls(
@@ -45,6 +45,6 @@ class Structure:
             last_out_proj=adapter.block_part(last, "out_proj"),
             linear_head_tail=adapter.linear_head_tail,
             kv_keywords=kv_cache_candidates(model.model) if adapter.causal else (),
-            linears=linears,
+            fast=fast,
             shortcuts_off=off,
         )
