@@ -10,14 +10,15 @@ forwards and runs them with every shortcut, exactly.
       │                         input/output, keys/values, the unembedding's input
       ├─ plan(jobs, facts, k)   → [Forward(prefix, copies=[Copy(jobs, start, tail)])]
       │                           copies grouped by the block they join; cut by the
-      │                           first changed position (causal models)
+      │                           first changed position (causal models); rows read at
+      │                           different positions: one plan per row group (rows.py)
       └─ Engine.execute(fwd)    replay blocks below, join copies at their block (or
                                 after it, with a linear tail's change), skip the prefix
                                 (key/value cache), read only the metric's logits
                                 → one metric value per job
 
-See :mod:`.plan` (the plan), :mod:`.jobs` (writes), :mod:`.baseline`, :mod:`.execute`
-and :mod:`.structure` (what the engine reads off the adapter).
+See :mod:`.plan` (the plan), :mod:`.jobs` (writes), :mod:`.baseline`, :mod:`.execute`,
+:mod:`.rows` (row groups) and :mod:`.structure` (what the engine reads off the adapter).
 """
 
 from hookscope.interventions.engine.engine import Engine, metric_value
