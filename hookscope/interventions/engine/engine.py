@@ -181,7 +181,9 @@ class Engine:
         """``(rows, length)`` groups the jobs run in (``[(None, n_pos)]``: all rows)."""
         whole: list[tuple[Tensor | None, int]] = [(None, int(self.base.shape[-1]))]
         read = self.read_position
-        if read is None or not self._trims_rows() or touches_logits(jobs):
+        if read is None or bool((read == read[0]).all()):
+            return whole  # (one read position: nothing to trim)
+        if not self._trims_rows() or touches_logits(jobs):
             return whole
         slots = {w.slot for job in jobs for w in job}
         if any(s.kind == "pattern" or s not in self.base_acts for s in slots):
