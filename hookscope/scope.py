@@ -31,7 +31,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["Scope", "protected", "open_scopes", "stateless"]
+__all__ = ["Scope", "protected", "open_scopes", "replacement", "stateless"]
 
 _SIGNALS = tuple(
     s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None)) if s
@@ -222,6 +222,18 @@ class _Forward:
         if self.original is not None:
             return self.original(*args, **kwargs)
         return type(self.module).forward(self.module, *args, **kwargs)
+
+
+def replacement(module: nn.Module) -> Callable | None:
+    """What runs as ``module``'s forward in this thread instead of its class's: the function
+    a :class:`Scope` gave it (:meth:`Scope.replace_forward`, :meth:`Scope.wrap_forward`), any
+    other instance ``forward``, or None."""
+    forward = module.__dict__.get("forward")
+    while isinstance(forward, _Forward):
+        if forward.active and threading.get_ident() == forward.owner:
+            return forward.fn
+        forward = forward.original
+    return forward
 
 
 def stateless(module: nn.Module) -> bool:

@@ -358,3 +358,35 @@ def test_wrapped_recorders_record_what_torch_hooks_record():
         assert torch.equal(runs[True][slot], runs[False][slot])
         assert not runs[True][slot].requires_grad
     assert torch.equal(runs[True][slots[0]], torch.relu(model[0](x)).detach())
+
+
+def test_replacement_says_what_runs_as_a_modules_forward_in_this_thread():
+    import threading
+
+    from hookscope.scope import Scope, replacement
+
+    layer = nn.Linear(3, 3)
+    act = nn.ReLU()
+    assert replacement(layer) is None
+
+    def doubled(x):
+        return 2 * x
+
+    seen = {}
+    with Scope() as scope:
+        scope.replace_forward(layer, doubled)
+        scope.wrap_forward(act, lambda below, x: below(x) + 1)
+        assert replacement(layer) is doubled
+        assert replacement(act) is not None  # the wrapper, holding the forward it wraps
+        other = threading.Thread(target=lambda: seen.update(other=replacement(layer)))
+        other.start()
+        other.join()
+        inner = Scope()
+        with inner:  # a replacement on top of another: the top one runs
+            inner.replace_forward(layer, abs)
+            assert replacement(layer) is abs
+        assert replacement(layer) is doubled
+    assert seen["other"] is None  # another thread runs the class's forward
+    assert replacement(layer) is None and replacement(act) is None
+    layer.forward = doubled  # a user's own instance forward
+    assert replacement(layer) is doubled

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from hookscope import dispatch
+from hookscope.scope import replacement
 
 if TYPE_CHECKING:
     from hookscope.model import HookedModel
@@ -233,9 +234,8 @@ def _hooked(modules: Sequence[nn.Module]) -> bool:
     for m in modules:
         if m._forward_hooks or m._forward_pre_hooks:
             return True
-        forward = m.__dict__.get("forward")  # (a Scope's replacement holds its fn)
-        fn = getattr(forward, "fn", None)
-        if forward is not None and not (isinstance(fn, partial) and fn.func is _onednn_forward):
+        fn = replacement(m)
+        if fn is not None and not (isinstance(fn, partial) and fn.func is _onednn_forward):
             return True
     return False
 

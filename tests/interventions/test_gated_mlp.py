@@ -82,6 +82,14 @@ def test_a_hooked_part_or_gradients_fall_back_to_the_mlps_own_forward():
             torch.testing.assert_close(fast[mlp](x), mlp(x), atol=0, rtol=0)
     finally:
         handle.remove()
+    from hookscope.scope import Scope
+
+    with Scope() as scope:  # a forward a scope replaced on a part
+        scope.replace_forward(
+            mlp.up_proj, lambda t: nn.functional.linear(t, mlp.up_proj.weight) * 3
+        )
+        with torch.no_grad():
+            torch.testing.assert_close(fast[mlp](x), mlp(x), atol=0, rtol=0)
     with torch.enable_grad():  # gradients: the module's own autograd graph
         out = fast[mlp](x.requires_grad_())
     assert out.grad_fn is not None
