@@ -64,7 +64,8 @@ def activation_patching(
     positions. Structured metrics (:mod:`hookscope.interventions.metrics`) are normalised
     (corrupted 0, clean 1); a plain callable ``metric(output) -> scalar`` is reported raw.
     ``chunk_size``: patched runs stacked per forward (memory grows with it; default keeps
-    a forward under ~4096 tokens). Scores are shaped by the sweep: e.g. ``[layer, head]``
+    a forward under ~4096 tokens; where rows read at different positions run in groups, a
+    group of fewer rows stacks proportionally more runs). Scores are shaped by the sweep: e.g. ``[layer, head]``
     for ``head.*.*``, ``[layer, pos]`` for ``resid_pre.*`` with ``positions="each"``;
     layers of different widths (a CNN's 16 and 32 channels) give a ``[layer, max width]``
     grid with NaN past each layer's width and the widths in ``result.widths``.
