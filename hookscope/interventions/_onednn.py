@@ -103,14 +103,8 @@ def fast_linears(modules: Iterable[nn.Module]) -> dict[nn.Module, Callable]:
         return {}
     out: dict[nn.Module, Callable] = {}
     for module in modules:
-        if (
-            isinstance(module, nn.Linear)
-            and type(module).forward is nn.Linear.forward
-            and "forward" not in module.__dict__
-            and _plain_fp32(module.weight)
-            and (module.bias is None or _plain_fp32(module.bias))
-        ):
-            out[module] = partial(_onednn_forward, op, module)
+        if _plain_linear(module) and "forward" not in module.__dict__:
+            out[module] = partial(_onednn_forward, op, module)  # type: ignore[arg-type]
     return out
 
 
@@ -217,6 +211,7 @@ def _takes_binary_arguments() -> bool:
 
 
 def _plain_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` with torch's own forward and plain fp32 CPU weight and bias."""
     return (
         isinstance(module, nn.Linear)
         and type(module).forward is nn.Linear.forward
