@@ -239,6 +239,14 @@ def parse(text: str | Address | Selection) -> Address | Selection:
         if kind == "mlp_out":
             return MLPOut(layer)
         return Residual(layer, kind[len("resid_") :])
+    return _unit_address(kind, layers, rest, text)
+
+
+def _unit_address(
+    kind: str, layers: _Index, rest: list[str], text: str
+) -> AttentionHead | MLPNeuron | Selection:
+    """The ``head``/``neuron`` address after its layer index: ``rest`` holds an optional
+    unit index and an optional site (``text``: the whole address, for errors)."""
     sites = HEAD_SITES if kind == "head" else NEURON_SITES
     units: _Index | None = None
     site = sites[0]
