@@ -43,7 +43,10 @@ the job's first changed one to each row's read position, found from a clean and 
 corrupted cached run), divided by the fp32 matrix-product rate measured in the same run
 (``flops.gemm_rate``: one block's linear layers on 4096 rows, the better of torch and
 oneDNN, the best sample before and after the sweep's timings), and each variant's time /
-limit (1.0x would be the matrix products at full rate and nothing else).
+limit (1.0x would be the matrix products at full rate and nothing else). For SmolLM2 it then
+lists the matrix products hookscope's sweep runs (a profiled call) and times each alone at
+its shape (``flops.alone_seconds``): what those products need with nothing else running,
+and what the rest of the sweep (attention, norms, rotary embeddings, copies) takes.
 
 First, a table of the matrix products behind the sweeps: GFLOP/s of ``nn.functional.linear``
 (MKL's sgemm in this torch build) and of oneDNN's ``mkldnn._linear_pointwise``, which
@@ -71,7 +74,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_forward import cpu_name, timed  # noqa: E402
-from flops import Limit, onednn_linear  # noqa: E402
+from flops import Limit, alone_seconds, matrix_products, onednn_linear  # noqa: E402
 
 import hookscope as hs  # noqa: E402
 from hookscope import interventions as iv  # noqa: E402
@@ -220,6 +223,15 @@ def smollm2(quick: bool, repeats: int) -> None:
     limit.measure()
     print(f"  head sweep: {limit}")
     report(title, times, limit.seconds)
+    products = matrix_products(ours)
+    alone, flop = alone_seconds(products)
+    rest = statistics.median(times["hookscope activation_patching"]) - alone
+    print(
+        f"  hookscope's matrix products: {sum(products.values())} calls, {flop / 1e12:.2f} TFLOP;"
+        f" timed one by one at their shapes (the faster of torch and oneDNN, no post-ops):"
+        f" {alone:.2f} s = {alone / limit.seconds:.2f}x the limit; the rest of its median"
+        f" time: {rest:.2f} s = {rest / limit.seconds:.2f}x the limit\n"
+    )
 
 
 def main() -> None:

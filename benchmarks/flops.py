@@ -9,13 +9,16 @@ enters the model and the first position at which it writes a value the base run 
 matrix products and attention the exact results need, on causal decoder-only transformers
 (GPT-NeoX, Llama-style with grouped-query attention and a gated MLP); :func:`gemm_rate`
 measures the fp32 matrix-product rate at a model's layer shapes and :class:`Limit` puts
-the two together.
+the two together. :func:`matrix_products` lists the products a sweep actually runs and
+:func:`alone_seconds` times them one by one outside it (the part of the sweep's time its
+matrix products alone need at their own shapes).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -249,6 +252,60 @@ def gemm_rate(shape: Shape, rows: int = 4096, samples: int = 7) -> tuple[float, 
     rates = {k: flop / t / 1e9 for k, t in best_s.items()}
     best = max(rates, key=rates.__getitem__)
     return rates[best], best
+
+
+def matrix_products(fn: Callable[[], object]) -> Counter:
+    """The fp32 matrix products one call of ``fn`` runs, ``{(rows, in, out): count}``, read
+    from a profile of the call (torch's ``aten::addmm``/``aten::mm`` and oneDNN's
+    ``mkldnn::_linear_pointwise``, with or without post-ops; the products inside the
+    attention kernel are not among them)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    out: Counter = Counter()
+    for event in prof.events():
+        shapes = event.input_shapes
+        if event.name == "mkldnn::_linear_pointwise":  # (X, W, ...) or (X, other, W, ...)
+            x, w = shapes[0], shapes[1] if len(shapes) == 6 else shapes[2]
+            out[(_rows(x), w[1], w[0])] += 1
+        elif event.name in ("aten::addmm", "aten::mm"):  # ([bias,] X [rows, in], W^T [in, out]...)
+            x, wt = shapes[1:3] if event.name == "aten::addmm" else shapes[:2]
+            if len(x) == 2 and len(wt) == 2:
+                out[(x[0], wt[0], wt[1])] += 1
+    return out
+
+
+def _rows(shape: Sequence[int]) -> int:
+    rows = 1
+    for n in shape[:-1]:
+        rows *= n
+    return rows
+
+
+def alone_seconds(products: Counter, samples: int = 3) -> tuple[float, float]:
+    """``(seconds, FLOPs)``: each product of ``products`` (see :func:`matrix_products`) timed
+    alone, the fastest of ``samples`` runs of the faster of torch's and oneDNN's linear
+    (without post-ops), times its count: what the sweep's matrix products need at their
+    own shapes with nothing else running."""
+    g = torch.Generator().manual_seed(0)
+    fns = [lambda x, w: torch.nn.functional.linear(x, w)]
+    if (onednn := onednn_linear()) is not None:
+        fns.append(lambda x, w: onednn(x, w, None, "none", [], ""))
+    seconds = flop = 0.0
+    with torch.no_grad():
+        for (rows, n_in, n_out), count in products.items():
+            x, w = torch.randn(rows, n_in, generator=g), torch.randn(n_out, n_in, generator=g)
+            best = float("inf")
+            for fn in fns:
+                fn(x, w)  # warm-up
+                for _ in range(samples):
+                    start = time.perf_counter()
+                    fn(x, w)
+                    best = min(best, time.perf_counter() - start)
+            seconds += count * best
+            flop += count * 2.0 * rows * n_in * n_out
+    return seconds, flop
 
 
 class Limit:
